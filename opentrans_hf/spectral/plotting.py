@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..io import atomic_write_with
+from .estimators import EVALS_THRESH
 
 
 def _pyplot():
@@ -63,7 +64,7 @@ def plot_report(report, path: Path, frozen: Iterable[str] | None = None, num_esd
 
     for j, l in enumerate(picks):
         a = fig.add_subplot(rows, len(picks), len(picks) + j + 1)
-        ev = [e for e in l.eigenvalues if e > 0]
+        ev = [e for e in l.eigenvalues if e > EVALS_THRESH]
         lo, hi = math.log10(min(ev)), math.log10(max(ev))
         bins = [10 ** (lo + (hi - lo) * t / 60) for t in range(61)]
         a.hist(ev, bins=bins, density=True, color="tab:blue", alpha=0.6)
