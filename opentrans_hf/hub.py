@@ -32,3 +32,85 @@ def load_or_explain(name_or_path: str | os.PathLike, loader: Callable[[], T], wh
             f"could not load the {what} {str(name_or_path)!r}: it is not a local directory, and loading it as a "
             f"Hugging Face Hub id failed ({hint}). Original error: {err}"
         ) from err
+
+
+MODEL_CARDS_DIR = Path(__file__).parent / "model_cards"
+
+
+def resolve_pretrained_dir(
+    name_or_path: str | os.PathLike,
+    filenames: list[str],
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    optional: tuple[str, ...] = ("README.md",),
+    what: str = "adapter",
+) -> Path:
+    """Return a local directory holding ``filenames``: ``name_or_path`` itself when it is a directory
+    (a missing file is an error naming it), otherwise the files downloaded from the Hub repo of that id
+    (offline or unreachable: an error saying so). Files in ``optional`` may be absent."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        missing = [f for f in filenames if f not in optional and not (p / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{what} directory {p} lacks {missing}; expected {filenames}")
+        return p
+    if p.exists():
+        raise NotADirectoryError(f"{what} path {p} is a file; pass the directory that holds {filenames}")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    local = None
+    for f in filenames:
+        try:
+            local = Path(hf_hub_download(str(name_or_path), f, revision=revision, token=token))
+        except EntryNotFoundError:
+            if f in optional:
+                continue
+            raise FileNotFoundError(f"Hub repo {name_or_path!r} has no file {f!r} (expected {filenames})") from None
+        except Exception as err:  # offline, unreachable, unknown repo, bad id
+            hint = "HF_HUB_OFFLINE is set" if is_offline() else "the Hub may be unreachable or the id wrong"
+            raise OSError(
+                f"{str(name_or_path)!r} is not a local {what} directory, and downloading {f!r} from the Hugging Face "
+                f"Hub failed ({hint}): {err}"
+            ) from err
+    if local is None:
+        raise FileNotFoundError(f"no file of {filenames} found in Hub repo {name_or_path!r}")
+    return local.parent
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str = "Upload with opentrans-hf",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+) -> str:
+    """``create_repo(exist_ok=True)`` + ``upload_folder``; returns the commit URL. Offline: a clear error."""
+    if is_offline():
+        raise OSError(f"cannot push to the Hub repo {repo_id!r}: HF_HUB_OFFLINE is set (unset it to push)")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, commit_message=commit_message, revision=revision, repo_type="model"
+        )
+    except Exception as err:
+        raise OSError(f"pushing {folder} to the Hub repo {repo_id!r} failed: {err}") from err
+    return str(getattr(info, "commit_url", info))
+
+
+def render_model_card(template: str, card_data: dict, **variables) -> str:
+    """Render ``opentrans_hf/model_cards/<template>`` (Jinja) with YAML metadata ``card_data``
+    (``huggingface_hub.ModelCardData`` fields: library_name, tags, base_model, model-index, ...)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = MODEL_CARDS_DIR / template
+    if not path.is_file():
+        raise FileNotFoundError(f"model card template {path} does not exist")
+    card = ModelCard.from_template(ModelCardData(**card_data), template_path=str(path), **variables)
+    return str(card)
