@@ -24,7 +24,7 @@ def load_model_for_analysis(name: str, tower: str = "vision", revision: str | No
     if name in CLIP_SIZES and not Path(name).exists():
         if tower == "vision":
             return build_random_clip_vision(name, seed)
-        config = random_clip_config(name, vocab_size=1000)
+        config = random_clip_config(name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return CLIPTextModel(config.text_config) if tower == "text" else CLIPModel(config)

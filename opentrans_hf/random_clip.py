@@ -180,7 +180,7 @@ def build_random_clip_vision(size: str, seed: int = 0):
     """An in-memory random-initialised ``CLIPVisionModel`` of a named size (no disk round trip)."""
     from transformers import CLIPVisionModel
 
-    config = random_clip_config(size, vocab_size=1000).vision_config
+    config = random_clip_config(size).vision_config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return CLIPVisionModel(config)

@@ -84,12 +84,74 @@ def analyze_spectra(
     bar = tqdm(total=len(specs), disable=not progress, desc=f"alpha ({estimator})", unit="layer")
     bar.update(len(specs) - len(todo))
     with torch.no_grad():
-        for chunk in _chunks(specs, todo, dtype.itemsize, max_batch_bytes):
-            for i, evals in _chunk_eigenvalues(specs, chunk, dtype, device, results):
-                results[i] = _layer_result(specs[i], evals, fit_fn, keep_eigenvalues)
-            bar.update(len(chunk))
+        for i, evals in layer_eigenvalues(specs, todo, dtype, device, max_batch_bytes):
+            s = specs[i]
+            if isinstance(evals, str):
+                results[i] = LayerSpectrum(s.name, s.kind, s.shape, status="invalid", warning=evals)
+            else:
+                results[i] = _layer_result(s, evals, fit_fn, keep_eigenvalues)
+            bar.update(1)
     bar.close()
     return SpectralReport(results, estimator, type(model).__name__, precision)
+
+
+def layer_eigenvalues(specs, todo, dtype=torch.float64, device=None, max_batch_bytes=DEFAULT_MAX_BATCH_BYTES):
+    """Yield ``(i, eigenvalues (k, m) float64 CPU tensor)`` -- or ``(i, reason)`` for an invalid weight --
+    for every index ``i`` in ``todo``. The eigenvalue computation of ``analyze_spectra``, also used
+    alone as the benchmark's floor.
+
+    CPU weights (no ``device``): one layer per task on a pool of ``torch.get_num_threads()`` threads,
+    each running single-threaded BLAS/LAPACK (NumPy: ``A @ A.T`` uses SYRK, ``eigvalsh`` uses SYEVD).
+    The symmetric eigensolver scales poorly over threads, independent layers scale perfectly.
+    Otherwise (``device="cuda"``, or weights on an accelerator): same-shape layers are batched on the
+    device, at most ``max_batch_bytes`` at a time.
+    """
+    on_cpu = (device is None or torch.device(device).type == "cpu") and all(
+        specs[i].weight.device.type == "cpu" for i in todo
+    )
+    if on_cpu:
+        yield from _cpu_eigenvalues(specs, todo, dtype)
+        return
+    for chunk in _chunks(specs, todo, dtype.itemsize, max_batch_bytes):
+        yield from _chunk_eigenvalues(specs, chunk, dtype, device)
+
+
+def _cpu_eigenvalues(specs, todo, dtype):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    def one(i):
+        w = specs[i].matrices()
+        reason = _invalid_reason(w)
+        if reason is not None:
+            return i, reason
+        return i, numpy_eigenvalues(w.to(dtype).numpy())
+
+    workers = max(1, torch.get_num_threads())
+    torch.set_num_threads(1)  # each worker is single-threaded; restored below
+    try:
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            yield from pool.map(one, todo)  # in order; the caller fits layer i while later layers compute
+    finally:
+        torch.set_num_threads(workers)
+
+
+def numpy_eigenvalues(mats) -> torch.Tensor:
+    """CPU twin of :func:`matrix_eigenvalues` for a ``(k, r, c)`` NumPy array: float64 ``(k, m)``.
+
+    The Gram matrices are 2-D NumPy products (``m @ m.T`` dispatches to SYRK, half a GEMM). The
+    symmetric eigensolver is NumPy's (OpenBLAS) in float64 and torch's (MKL) in float32: each is the
+    faster of the two for its precision on single-threaded CPU (measured in scripts/bench_spectral.py).
+    """
+    import numpy as np
+
+    grams = np.stack([m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m for m in mats])
+    if grams.dtype == np.float32:
+        evals = torch.linalg.eigvalsh(torch.from_numpy(grams))
+    else:
+        evals = torch.from_numpy(np.linalg.eigvalsh(grams))
+    return evals.to(torch.float64).clamp_min_(0)
 
 
 def _chunks(specs: list[LayerMatrices], todo: list[int], itemsize: int, budget: int):
@@ -110,15 +172,14 @@ def _chunks(specs: list[LayerMatrices], todo: list[int], itemsize: int, budget: 
             yield chunk
 
 
-def _chunk_eigenvalues(specs, chunk, dtype, device, results):
+def _chunk_eigenvalues(specs, chunk, dtype, device):
     """Yield ``(i, eigenvalues (k, m))`` for the layers of one chunk, one batched eigensolve."""
     mats, owners = [], []
     for i in chunk:
-        s = specs[i]
-        w = s.matrices()
+        w = specs[i].matrices()
         reason = _invalid_reason(w)
         if reason is not None:
-            results[i] = LayerSpectrum(s.name, s.kind, s.shape, status="invalid", warning=reason)
+            yield i, reason
             continue
         mats.append(w.to(device=device if device is not None else w.device, dtype=dtype))
         owners.append(i)
