@@ -58,25 +58,31 @@ def resolve_pretrained_dir(
     if p.exists():
         raise NotADirectoryError(f"{what} path {p} is a file; pass the directory that holds {filenames}")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     local = None
     for f in filenames:
         try:
             local = Path(hf_hub_download(str(name_or_path), f, revision=revision, token=token))
-        except EntryNotFoundError:
+        except EntryNotFoundError as err:
+            if isinstance(err, LocalEntryNotFoundError):  # offline / unreachable and not cached
+                _raise_download_error(name_or_path, f, what, err)
             if f in optional:
                 continue
             raise FileNotFoundError(f"Hub repo {name_or_path!r} has no file {f!r} (expected {filenames})") from None
         except Exception as err:  # offline, unreachable, unknown repo, bad id
-            hint = "HF_HUB_OFFLINE is set" if is_offline() else "the Hub may be unreachable or the id wrong"
-            raise OSError(
-                f"{str(name_or_path)!r} is not a local {what} directory, and downloading {f!r} from the Hugging Face "
-                f"Hub failed ({hint}): {err}"
-            ) from err
+            _raise_download_error(name_or_path, f, what, err)
     if local is None:
         raise FileNotFoundError(f"no file of {filenames} found in Hub repo {name_or_path!r}")
     return local.parent
+
+
+def _raise_download_error(name_or_path, filename: str, what: str, err: Exception):
+    hint = "HF_HUB_OFFLINE is set" if is_offline() else "the Hub may be unreachable or the id wrong"
+    raise OSError(
+        f"{str(name_or_path)!r} is not a local {what} directory, and downloading {filename!r} from the Hugging Face "
+        f"Hub failed ({hint}): {err}"
+    ) from err
 
 
 def push_folder_to_hub(
