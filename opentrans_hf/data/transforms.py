@@ -1,0 +1,132 @@
+"""Segmentation transforms in plain torch (no torchvision): resize, random scale + crop, flip, CLIP
+normalisation, label reduction and label validation."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_image_tensor(image) -> torch.Tensor:
+    """PIL image, ``(H, W, 3)`` uint8 array or ``(3, H, W)`` float tensor in [0, 1] -> ``(3, H, W)`` float."""
+    if isinstance(image, torch.Tensor):
+        t = image.float()
+        if t.ndim != 3 or t.shape[0] != 3:
+            raise ValueError(f"image tensor must have shape (3, H, W), got {tuple(t.shape)}")
+        return t
+    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W, 3) RGB, got an array of shape {arr.shape}")
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 255.0
+
+
+def to_label_tensor(label) -> torch.Tensor:
+    """PIL label map (mode L/P/I), ``(H, W)`` array or tensor -> ``(H, W)`` int64."""
+    if isinstance(label, torch.Tensor):
+        t = label
+    else:
+        arr = np.asarray(label)
+        if arr.ndim == 3:  # an RGB-saved label map: all channels carry the class index
+            arr = arr[..., 0]
+        t = torch.from_numpy(np.array(arr))
+    if t.ndim != 2:
+        raise ValueError(f"label map must be 2-D (H, W), got shape {tuple(t.shape)}")
+    return t.long()
+
+
+@dataclass
+class SegmentationTransform:
+    """Turn one ``(image, label)`` pair into ``(pixel_values (3, S, S), labels (S, S))``.
+
+    Training: random scale in ``scale_range`` of the shorter side relative to ``size``, random
+    ``size x size`` crop (padding with 0 / ``ignore_index``), random horizontal flip. Evaluation: resize
+    to ``size x size``. Images are bilinear, labels nearest. ``reduce_labels`` maps 0 to ``ignore_index``
+    and subtracts 1 from the others (ADE20K's convention). With ``num_labels`` set, a label value
+    outside ``[0, num_labels)`` other than ``ignore_index`` is an error naming the example and value.
+    """
+
+    size: int
+    train: bool = False
+    scale_range: tuple[float, float] = (0.75, 1.5)
+    flip: bool = True
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    ignore_index: int = 255
+    reduce_labels: bool = False
+    num_labels: int | None = None
+
+    def __call__(self, image, label=None, index: int | None = None, rng: random.Random | None = None):
+        rng = rng or random
+        img = to_image_tensor(image)
+        lab = to_label_tensor(label) if label is not None else None
+        if lab is not None:
+            if lab.shape != img.shape[1:]:
+                raise ValueError(f"example {index}: image is {tuple(img.shape[1:])} but its label map is {tuple(lab.shape)}")
+            if self.reduce_labels:
+                lab = torch.where(lab == 0, self.ignore_index, lab - 1)
+                lab = torch.where(lab == self.ignore_index - 1, self.ignore_index, lab)
+            self.check_labels(lab, index)
+        if self.train:
+            img, lab = self._random_scale_crop_flip(img, lab, rng)
+        else:
+            img = _resize(img, (self.size, self.size), "bilinear")
+            lab = _resize(lab, (self.size, self.size), "nearest") if lab is not None else None
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (img - mean) / std, lab
+
+    def check_labels(self, lab: torch.Tensor, index: int | None) -> None:
+        if self.num_labels is None:
+            return
+        bad = (lab != self.ignore_index) & ((lab < 0) | (lab >= self.num_labels))
+        if bool(bad.any()):
+            value = int(lab[bad][0])
+            raise ValueError(
+                f"example {index}: label value {value} is outside the {self.num_labels} classes "
+                f"[0, {self.num_labels - 1}] and is not the ignore index {self.ignore_index}"
+            )
+
+    def _random_scale_crop_flip(self, img, lab, rng):
+        h, w = img.shape[1:]
+        scale = rng.uniform(*self.scale_range) * self.size / min(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        img = _resize(img, (nh, nw), "bilinear")
+        lab = _resize(lab, (nh, nw), "nearest") if lab is not None else None
+        ph, pw = max(0, self.size - nh), max(0, self.size - nw)
+        if ph or pw:
+            img = F.pad(img, (0, pw, 0, ph), value=0.0)
+            if lab is not None:
+                lab = F.pad(lab, (0, pw, 0, ph), value=self.ignore_index)
+        top = rng.randint(0, img.shape[1] - self.size)
+        left = rng.randint(0, img.shape[2] - self.size)
+        img = img[:, top : top + self.size, left : left + self.size]
+        lab = lab[top : top + self.size, left : left + self.size] if lab is not None else None
+        if self.flip and rng.random() < 0.5:
+            img = img.flip(-1)
+            lab = lab.flip(-1) if lab is not None else None
+        return img.contiguous(), (lab.contiguous() if lab is not None else None)
+
+
+def _resize(t: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    if mode == "nearest":
+        return F.interpolate(t[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return F.interpolate(t[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def collate_segmentation(batch):
+    """``[(pixel_values, labels), ...]`` -> ``{"pixel_values": (B, 3, S, S), "labels": (B, S, S)}``."""
+    pixel_values = torch.stack([b[0] for b in batch])
+    if batch[0][1] is None:
+        return {"pixel_values": pixel_values}
+    return {"pixel_values": pixel_values, "labels": torch.stack([b[1] for b in batch])}
