@@ -122,3 +122,23 @@ def test_batching_budget_does_not_change_results():
     b = analyze_spectra(model, estimator="ww", max_batch_bytes=1).alphas  # one layer per batch
     assert a.keys() == b.keys()
     np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("estimator", ["ww", "opentrans"])
+def test_batched_torch_path_agrees_with_cpu_engine(monkeypatch, estimator):
+    """The path accelerators take (same-shape layers batched, eigvalsh in torch) gives the CPU
+    engine's alphas; run on CPU here (no GPU in CI)."""
+    import opentrans_hf.spectral.analyze as an
+
+    torch.manual_seed(0)
+    model = Mixed()
+    with torch.no_grad():
+        model.dense.weight[0, 0] = float("nan")
+    cpu = analyze_spectra(model, estimator=estimator)
+    monkeypatch.setattr(an, "CPU_THREAD_ENGINE", False)
+    batched = analyze_spectra(model, estimator=estimator, device="cpu", max_batch_bytes=40_000)
+    assert [l.status for l in batched.layers] == [l.status for l in cpu.layers]
+    assert batched["dense"].status == "invalid"
+    assert batched.alphas.keys() == cpu.alphas.keys()
+    for name, a in cpu.alphas.items():
+        assert abs(batched.alphas[name] - a) <= 1e-6, name

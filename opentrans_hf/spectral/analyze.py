@@ -15,6 +15,7 @@ from .report import LayerSpectrum, SpectralReport
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 DEFAULT_MAX_BATCH_BYTES = 256 * 2**20
+CPU_THREAD_ENGINE = True  # False: CPU weights take the batched torch path too (what accelerators use)
 RANK_TOL = 1e-10  # an eigenvalue below RANK_TOL * (largest of its matrix) counts as zero for the rank check
 
 
@@ -106,7 +107,7 @@ def layer_eigenvalues(specs, todo, dtype=torch.float64, device=None, max_batch_b
     Otherwise (``device="cuda"``, or weights on an accelerator): same-shape layers are batched on the
     device, at most ``max_batch_bytes`` at a time.
     """
-    on_cpu = (device is None or torch.device(device).type == "cpu") and all(
+    on_cpu = CPU_THREAD_ENGINE and (device is None or torch.device(device).type == "cpu") and all(
         specs[i].weight.device.type == "cpu" for i in todo
     )
     if on_cpu:
