@@ -46,3 +46,29 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], object]) -> Pat
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+def json_safe(obj):
+    """Replace non-finite floats (never valid JSON) by None, recursively."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def read_json(path: str | Path, what: str = "file"):
+    """``json.loads`` of a file, with errors that name the file and what it was meant to be."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None

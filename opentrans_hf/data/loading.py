@@ -3,8 +3,9 @@ finding their image and label columns and their class names."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..io import read_json
 
 IMAGE_COLUMNS = ("image", "pixel_values", "img")
 LABEL_COLUMNS = ("label", "annotation", "semantic_segmentation", "segmentation", "mask", "labels")
@@ -91,13 +92,7 @@ def resolve_class_names(dataset=None, *, class_names: list[str] | None = None, i
         return names
     if id2label is not None:
         if not isinstance(id2label, dict):
-            path = Path(id2label)
-            try:
-                id2label = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise FileNotFoundError(f"id2label file {path} does not exist") from None
-            except json.JSONDecodeError as err:
-                raise ValueError(f"id2label file {path} is not valid JSON: {err}") from None
+            id2label = read_json(id2label, "id2label file")
         try:
             ids = sorted(int(k) for k in id2label)
         except ValueError:

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, json_safe, read_json
 
 STATUSES = ("ok", "skipped", "degenerate", "invalid")
 REPORT_FORMAT_VERSION = 1
@@ -129,19 +128,14 @@ class SpectralReport:
     def to_json(self, path: str | Path, with_eigenvalues: bool = False) -> Path:
         """Write the report as JSON (atomically). Eigenvalues are left out unless asked for."""
         path = Path(path)
-        text = json.dumps(_jsonable(self.to_dict(with_eigenvalues)), indent=2, allow_nan=False)
+        text = json.dumps(json_safe(self.to_dict(with_eigenvalues)), indent=2, allow_nan=False)
         atomic_write_text(path, text + "\n")
         return path
 
     @classmethod
     def from_json(cls, path: str | Path) -> SpectralReport:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"spectral report {path} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"spectral report {path} is not valid JSON: {err}") from None
+        data = read_json(path, "spectral report")
         if not isinstance(data, dict) or "layers" not in data or "estimator" not in data:
             raise ValueError(f"{path} is not a spectral report: expected a JSON object with 'estimator' and 'layers'")
         layers = [LayerSpectrum.from_dict(d, where=f"{path}: ") for d in data["layers"]]
@@ -164,13 +158,3 @@ class SpectralReport:
 
         return plot_report(self, Path(path), frozen=frozen, num_esds=num_esds)
 
-
-def _jsonable(obj):
-    """Replace non-finite floats (never valid JSON) by None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
