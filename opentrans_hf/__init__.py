@@ -4,12 +4,26 @@ __version__ = "0.1.0"
 
 from .random_clip import CLIP_SIZES, make_random_clip
 from .spectral import LayerSpectrum, SpectralReport, analyze_spectra
+from .tuning import (
+    SpectralModel,
+    SpectralTuningConfig,
+    estimate_training_flops,
+    freeze_unused_parameters,
+    get_spectral_model,
+    spectral_param_groups,
+)
 
 __all__ = [
     "CLIP_SIZES",
     "LayerSpectrum",
+    "SpectralModel",
     "SpectralReport",
+    "SpectralTuningConfig",
     "__version__",
     "analyze_spectra",
+    "estimate_training_flops",
+    "freeze_unused_parameters",
+    "get_spectral_model",
     "make_random_clip",
+    "spectral_param_groups",
 ]

@@ -1,0 +1,146 @@
+"""``SpectralTuningConfig``: a PEFT-style configuration for spectral tuning (OpenTrans step 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..io import atomic_write_text, read_json
+from ..matching import normalize_patterns
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_TYPE = "SPECTRAL_TUNING"
+FREEZE_RULES = ("median", "ratio", "threshold", "top_k")
+GRANULARITIES = ("layer", "block")
+ESTIMATORS = ("opentrans", "ww")
+
+
+@dataclass
+class SpectralTuningConfig:
+    """Which layers to fine-tune, decided by the heavy-tail exponent alpha of their weights.
+
+    Well-trained layers (small alpha, heavy-tailed spectrum) are frozen, the others are fine-tuned.
+    The default is the OpenTrans paper's rule: alpha from the ``opentrans`` estimator, computed once on
+    the loaded backbone; every analysed layer with alpha below the median is frozen; normalisation
+    layers and everything that is not analysed stay as they are (trainable).
+    """
+
+    peft_type: str = field(default=PEFT_TYPE, metadata={"help": "always 'SPECTRAL_TUNING'"})
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "the base model this adapter was made on"})
+    revision: str | None = field(default=None, metadata={"help": "revision of the base model"})
+    inference_mode: bool = field(default=False, metadata={"help": "freeze every parameter (loading for inference)"})
+    target_modules: str | list[str] | None = field(
+        default=None,
+        metadata={"help": "layers spectral tuning decides on: a full-match regex or a list of exact names / dotted "
+                          "suffixes (PEFT's rules). None: every Linear/Conv layer of the model"},
+    )
+    exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "layers never analysed (same rules)"})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "modules always trainable and saved in the adapter, e.g. a segmentation head"}
+    )
+    estimator: str = field(default="opentrans", metadata={"help": f"alpha estimator: one of {ESTIMATORS}"})
+    freeze_rule: str = field(
+        default="median",
+        metadata={"help": "median: freeze alpha < median (the paper); ratio: freeze the freeze_ratio share with the "
+                          "smallest alpha; threshold: freeze alpha < alpha_threshold; top_k: train only the k largest-alpha"},
+    )
+    freeze_ratio: float = field(default=0.5, metadata={"help": "share of layers frozen by the 'ratio' rule, in [0, 1]"})
+    alpha_threshold: float | None = field(default=None, metadata={"help": "alpha below which the 'threshold' rule freezes"})
+    k: int | None = field(default=None, metadata={"help": "number of layers (or blocks) the 'top_k' rule trains"})
+    granularity: str = field(
+        default="layer",
+        metadata={"help": "layer: decide per layer; block: mean alpha per transformer block / residual stage, decided per block"},
+    )
+    train_norms: bool = field(default=True, metadata={"help": "keep normalisation layers trainable (the paper does)"})
+    train_biases: bool = field(default=False, metadata={"help": "keep the biases of frozen layers trainable"})
+    layer_alphas: dict[str, float] | None = field(
+        default=None, metadata={"help": "filled by get_spectral_model: alpha per analysed layer (no re-analysis when set)"}
+    )
+    trainable_layers: list[str] | None = field(
+        default=None, metadata={"help": "filled by get_spectral_model: the analysed layers that are fine-tuned"}
+    )
+    library_version: str | None = field(default=None, metadata={"help": "opentrans-hf version that wrote this"})
+
+    def __post_init__(self):
+        if self.peft_type != PEFT_TYPE:
+            raise ValueError(f"peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {ESTIMATORS}")
+        if self.freeze_rule not in FREEZE_RULES:
+            raise ValueError(f"unknown freeze_rule {self.freeze_rule!r}; choose one of {FREEZE_RULES}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
+        if not 0.0 <= float(self.freeze_ratio) <= 1.0:
+            raise ValueError(f"freeze_ratio must be in [0, 1], got {self.freeze_ratio}")
+        if self.freeze_rule == "threshold" and self.alpha_threshold is None:
+            raise ValueError("freeze_rule='threshold' needs alpha_threshold (e.g. 4.0)")
+        if self.freeze_rule == "top_k" and (self.k is None or int(self.k) < 0):
+            raise ValueError(f"freeze_rule='top_k' needs k >= 0, got k={self.k}")
+        self.target_modules = normalize_patterns(self.target_modules)
+        self.exclude_modules = normalize_patterns(self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = normalize_patterns(list(self.modules_to_save))
+        if self.layer_alphas is not None:
+            bad = {k: v for k, v in self.layer_alphas.items() if not isinstance(v, (int, float))}
+            if bad:
+                raise ValueError(f"layer_alphas must map layer names to numbers; got {bad}")
+
+    # ---- PEFT-style I/O ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``adapter_config.json`` (atomically) into ``save_directory``."""
+        from .. import __version__
+
+        self.library_version = __version__
+        path = Path(save_directory) / CONFIG_NAME
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "") -> SpectralTuningConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}unknown SpectralTuningConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, token=None) -> SpectralTuningConfig:
+        """From a directory or a Hub repo holding ``adapter_config.json`` (or the JSON file itself)."""
+        from ..hub import resolve_pretrained_dir
+
+        p = Path(name_or_path)
+        if p.is_file():
+            cfg_path = p
+        else:
+            cfg_path = resolve_pretrained_dir(name_or_path, [CONFIG_NAME], revision=revision, token=token,
+                                              what="spectral adapter") / CONFIG_NAME
+        data = read_json(cfg_path, "adapter config")
+        if not isinstance(data, dict) or data.get("peft_type") != PEFT_TYPE:
+            got = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{cfg_path} is not a spectral tuning adapter config (peft_type {got!r}, expected {PEFT_TYPE!r})")
+        return cls.from_dict(data, where=f"{cfg_path}: ")
+
+    # ---- beyond the paper ---------------------------------------------------------------------
+    def to_lora_config(self, r: int = 8, lora_alpha: int | None = None, lora_dropout: float = 0.0, **kwargs):
+        """A ``peft.LoraConfig`` whose ``target_modules`` are exactly the layers this rule trains, as a
+        full-match regex of their names
+        (alpha-guided LoRA). Needs ``trainable_layers`` (call :func:`get_spectral_model` first, or load a
+        saved adapter config). ``modules_to_save`` carries over; other kwargs go to ``LoraConfig``."""
+        from peft import LoraConfig
+
+        if self.trainable_layers is None:
+            raise ValueError("to_lora_config needs trainable_layers: run get_spectral_model(model, config) first")
+        if not self.trainable_layers:
+            raise ValueError("the freeze rule trains no analysed layer: there is nothing for LoRA to target")
+        kwargs.setdefault("modules_to_save", self.modules_to_save)
+        return LoraConfig(
+            r=r, lora_alpha=lora_alpha if lora_alpha is not None else 2 * r, lora_dropout=lora_dropout,
+            target_modules="|".join(re.escape(n) for n in self.trainable_layers), **kwargs,  # exact names
+        )

@@ -1,0 +1,254 @@
+"""``get_spectral_model`` and ``SpectralModel``: spectral tuning applied to a model, PEFT-style."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..io import atomic_write_text, atomic_write_with
+from ..matching import name_matches
+from ..spectral import LayerSpectrum, SpectralReport, analyze_spectra
+from .config import CONFIG_NAME, WEIGHTS_NAME, SpectralTuningConfig
+from .selection import frozen_units, module_of, units_and_alphas
+
+NORM_CLASSES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_CLASSES) or "norm" in type(module).__name__.lower()
+
+
+def get_spectral_model(model: nn.Module, config: SpectralTuningConfig, *, device=None, progress: bool = False) -> SpectralModel:
+    """Apply spectral tuning to ``model``: measure alpha (or reuse ``config.layer_alphas``), freeze the
+    analysed layers the rule picks, and return a :class:`SpectralModel` wrapping the same module.
+
+    Only ``requires_grad`` changes; no weight is copied or modified. Parameters that are not in an
+    analysed layer keep their ``requires_grad`` (normalisation layers are frozen only with
+    ``train_norms=False``); ``modules_to_save`` are made trainable. ``config`` is filled in place with
+    ``layer_alphas`` and ``trainable_layers`` so that it states exactly what was measured and trained.
+    Call this before ``accelerator.prepare`` (DDP needs the final ``requires_grad`` at wrap time).
+    """
+    if isinstance(model, SpectralModel):
+        raise TypeError("the model is already a SpectralModel; pass its base_model to apply another config")
+    if not isinstance(config, SpectralTuningConfig):
+        raise TypeError(f"config must be a SpectralTuningConfig, got {type(config).__name__}")
+    module_names = {n for n, _ in model.named_modules()}
+    report = None
+    if config.layer_alphas is None:
+        report = analyze_spectra(model, estimator=config.estimator, target_modules=config.target_modules,
+                                 exclude_modules=config.exclude_modules, device=device, progress=progress)
+        config.layer_alphas = dict(report.alphas)
+        if not config.layer_alphas:
+            raise ValueError(f"no layer of {type(model).__name__} got a valid alpha: {report.counts()}")
+    else:
+        missing = [n for n in config.layer_alphas if not _resolvable(n, module_names)]
+        if missing:
+            raise ValueError(
+                f"config.layer_alphas names layers that {type(model).__name__} does not have, e.g. {missing[:3]} "
+                "(was the adapter made for another model?)"
+            )
+        report = SpectralReport([LayerSpectrum(n, "linear", (), alpha=a) for n, a in config.layer_alphas.items()],
+                                config.estimator, type(model).__name__)
+    if config.trainable_layers is None:
+        config.trainable_layers = select_trainable_layers(config, module_names)
+    else:
+        missing = [n for n in config.trainable_layers if n not in module_names]
+        if missing:
+            raise ValueError(f"config.trainable_layers names modules {type(model).__name__} does not have: {missing[:3]}")
+    if config.modules_to_save:
+        found = [n for n, _ in model.named_modules() if name_matches(n, config.modules_to_save)]
+        if not found:
+            raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module of {type(model).__name__}")
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    wrapped = SpectralModel(model, config, report)
+    wrapped._apply_requires_grad()
+    return wrapped
+
+
+def _resolvable(layer: str, module_names: set[str]) -> bool:
+    try:
+        module_of(layer, module_names)
+        return True
+    except KeyError:
+        return False
+
+
+def select_trainable_layers(config: SpectralTuningConfig, module_names: set[str]) -> list[str]:
+    """Module names of the analysed layers that stay trainable under ``config``'s rule."""
+    alphas, unit_of = units_and_alphas(config.layer_alphas, config.granularity)
+    frozen = frozen_units(alphas, config.freeze_rule, freeze_ratio=config.freeze_ratio,
+                          alpha_threshold=config.alpha_threshold, k=config.k)
+    trainable: list[str] = []
+    for layer in config.layer_alphas:
+        mod = module_of(layer, module_names)
+        if unit_of[layer] not in frozen and mod not in trainable:
+            trainable.append(mod)  # a fused q/k/v module trains if any of its parts does
+    return trainable
+
+
+class SpectralModel(nn.Module):
+    """A model with spectral tuning applied; forwards to ``base_model`` (attributes too, like PEFT)."""
+
+    def __init__(self, base_model: nn.Module, config: SpectralTuningConfig, report: SpectralReport | None = None):
+        super().__init__()
+        self.base_model = base_model
+        self.spectral_config = config
+        self.spectral_report = report
+
+    # ---- delegation -------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- what is trained ------------------------------------------------------------------------
+    @property
+    def analysed_layers(self) -> list[str]:
+        names = {n for n, _ in self.base_model.named_modules()}
+        out: list[str] = []
+        for layer in self.spectral_config.layer_alphas:
+            mod = module_of(layer, names)
+            if mod not in out:
+                out.append(mod)
+        return out
+
+    @property
+    def trainable_layers(self) -> list[str]:
+        return list(self.spectral_config.trainable_layers)
+
+    @property
+    def frozen_layers(self) -> list[str]:
+        trainable = set(self.spectral_config.trainable_layers)
+        return [m for m in self.analysed_layers if m not in trainable]
+
+    def _apply_requires_grad(self) -> None:
+        cfg = self.spectral_config
+        modules = dict(self.base_model.named_modules())
+        if cfg.inference_mode:
+            for p in self.base_model.parameters():
+                p.requires_grad_(False)
+            return
+        trainable = set(cfg.trainable_layers)
+        for name in self.analysed_layers:
+            mod = modules[name]
+            train = name in trainable
+            for pname, p in mod.named_parameters(recurse=False):
+                p.requires_grad_(train or (pname == "bias" and cfg.train_biases))
+        if not cfg.train_norms:
+            for mod in modules.values():
+                if _is_norm(mod):
+                    for p in mod.parameters(recurse=False):
+                        p.requires_grad_(False)
+        if cfg.modules_to_save:
+            for name, mod in modules.items():
+                if name_matches(name, cfg.modules_to_save):
+                    mod.requires_grad_(True)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), as PEFT."""
+        trainable = sum(p.numel() for p in self.base_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.base_model.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's one-line summary, plus how many analysed layers are frozen."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(f"spectral tuning ({self.spectral_config.freeze_rule}, {self.spectral_config.estimator}): "
+              f"{len(self.frozen_layers)} of {len(self.analysed_layers)} analysed layers frozen")
+
+    # ---- adapter I/O ------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that are trainable (``requires_grad``), by their base-model state-dict names."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.base_model.named_parameters() if p.requires_grad}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **card_kwargs) -> Path:
+        """``adapter_config.json`` + ``adapter_model.safetensors`` (only the trainable tensors) + README.md."""
+        from safetensors.torch import save_file
+
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = self.adapter_state_dict()
+        if not tensors:
+            raise ValueError("no trainable parameter to save (inference_mode, or every layer frozen)")
+        atomic_write_with(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        self.spectral_config.save_pretrained(out)
+        atomic_write_text(out / "README.md", self._model_card(tensors, **card_kwargs))
+        return out
+
+    def _model_card(self, tensors, **kwargs) -> str:
+        from .. import __version__
+        from ..hub import render_model_card
+
+        cfg = self.spectral_config
+        trainable, total = self.get_nb_trainable_parameters()
+        alphas = list(cfg.layer_alphas.values())
+        return render_model_card(
+            "spectral_adapter.md",
+            {"library_name": "opentrans-hf", "tags": ["spectral-tuning", "opentrans", "heavy-tailed-self-regularization"],
+             "base_model": cfg.base_model_name_or_path},
+            config=cfg, trainable=trainable, total=total, frozen_layers=self.frozen_layers,
+            trainable_layers=cfg.trainable_layers, num_tensors=len(tensors), version=__version__,
+            alpha_min=min(alphas), alpha_max=max(alphas), **kwargs,
+        )
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, model_id: str | os.PathLike, *, is_trainable: bool = False,
+                        revision: str | None = None, token=None) -> SpectralModel:
+        """Re-apply a saved adapter to ``base_model`` (no re-analysis) and load its tensors.
+
+        As PEFT: ``is_trainable=False`` loads for inference (every parameter frozen); ``True`` restores
+        the adapter's trainable/frozen split to continue training.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from ..hub import resolve_pretrained_dir
+
+        d = resolve_pretrained_dir(model_id, [CONFIG_NAME, WEIGHTS_NAME, "README.md"], revision=revision,
+                                   token=token, what="spectral adapter")
+        config = SpectralTuningConfig.from_pretrained(d)
+        if config.layer_alphas is None or config.trainable_layers is None:
+            raise ValueError(f"{d / CONFIG_NAME} lacks layer_alphas/trainable_layers: it was not written by save_pretrained")
+        config.inference_mode = not is_trainable
+        try:
+            tensors = load_file(str(d / WEIGHTS_NAME))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"cannot read {d / WEIGHTS_NAME}: {err}") from None
+        params = dict(base_model.named_parameters())
+        unknown = [n for n in tensors if n not in params]
+        if unknown:
+            raise ValueError(f"{d / WEIGHTS_NAME} holds tensors {type(base_model).__name__} does not have, e.g. {unknown[:3]}")
+        for n, t in tensors.items():
+            if tuple(t.shape) != tuple(params[n].shape):
+                raise ValueError(f"{d / WEIGHTS_NAME}: tensor {n!r} has shape {tuple(t.shape)} but the model's is "
+                                 f"{tuple(params[n].shape)}")
+        model = get_spectral_model(base_model, config)
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t)
+        return model
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,
+                    commit_message: str = "Upload spectral tuning adapter") -> str:
+        """Save to a temporary directory and upload it (``create_repo(exist_ok=True)`` + ``upload_folder``)."""
+        from ..hub import push_folder_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_folder_to_hub(tmp, repo_id, private=private, token=token, commit_message=commit_message)
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain base model with the tuned weights (they were trained in place: nothing to merge)."""
+        return self.base_model
