@@ -248,3 +248,25 @@ def test_find_and_freeze_unused_parameters(vision):
     assert freeze_unused_parameters(model, batch, head_loss) == unused
     assert not vision.post_layernorm.weight.requires_grad
     assert all(p.grad is None for p in vision.parameters())
+
+
+def test_any_conv_model_with_resnet_blocks():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.stem = nn.Conv2d(3, 16, 3)
+    for i in (1, 2):
+        st = nn.Module()
+        for j in (0, 1):
+            blk = nn.Module()
+            blk.conv1 = nn.Conv2d(16, 16, 3, padding=1)
+            blk.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+            blk.bn = nn.BatchNorm2d(16)
+            st.add_module(str(j), blk)
+        model.add_module(f"layer{i}", st)
+    spec = get_spectral_model(model, SpectralTuningConfig(granularity="block", train_norms=False))
+    blocks = {block_of(n) for n in spec.analysed_layers}
+    assert blocks == {"stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1"}
+    for name in spec.analysed_layers:  # a block is frozen or trained as a whole
+        same_block = [m for m in spec.analysed_layers if block_of(m) == block_of(name)]
+        assert len({m in spec.frozen_layers for m in same_block}) == 1
+    assert not model.layer1._modules["0"].bn.weight.requires_grad  # train_norms=False freezes norms
