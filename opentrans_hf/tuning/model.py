@@ -178,13 +178,14 @@ class SpectralModel(nn.Module):
         from safetensors.torch import save_file
 
         out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
         tensors = self.adapter_state_dict()
         if not tensors:
             raise ValueError("no trainable parameter to save (inference_mode, or every layer frozen)")
+        card = self._model_card(tensors, **card_kwargs)  # everything that can fail happens before the first write
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_with(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         self.spectral_config.save_pretrained(out)
-        atomic_write_text(out / "README.md", self._model_card(tensors, **card_kwargs))
+        atomic_write_text(out / "README.md", card)
         return out
 
     def _model_card(self, tensors, **kwargs) -> str:

@@ -1,0 +1,127 @@
+"""Magnitude pruning criteria: global (the paper), layer-wise, and AlphaPruning's alpha allocation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..matching import Patterns, is_selected, normalize_patterns
+from .mask import _BUFFER, SparseMask, canonical_name
+
+SCOPES = ("global", "layerwise", "alpha")
+CLIP_ENCODER_TARGETS = r"(.*vision_model\.)?encoder\.layers\.\d+\..*"
+"""Every Linear of the CLIP image encoder's blocks: the patch embedding (the stem) and the text tower are spared."""
+
+
+def prunable_layers(model: nn.Module, target_modules: Patterns = None, exclude_modules: Patterns = None) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the Linear/Conv layers to prune, in ``named_modules()`` order.
+
+    Default (``target_modules=None``): the CLIP image encoder's blocks when the model has them;
+    otherwise every Linear/Conv layer except the first convolution (the stem, as the paper)."""
+    target_modules = normalize_patterns(target_modules)
+    exclude_modules = normalize_patterns(exclude_modules)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    if target_modules is None:
+        clip = [(n, m) for n, m in layers if is_selected(n, CLIP_ENCODER_TARGETS, exclude_modules)]
+        if clip:
+            return clip
+        first_conv = next((n for n, m in layers if isinstance(m, (nn.Conv1d, nn.Conv2d))), None)
+        return [(n, m) for n, m in layers if n != first_conv and is_selected(n, None, exclude_modules)]
+    chosen = [(n, m) for n, m in layers if is_selected(n, target_modules, exclude_modules)]
+    if not chosen:
+        raise ValueError(f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no "
+                         f"Linear/Conv layer of {type(model).__name__}")
+    return chosen
+
+
+def _current_mask(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, _BUFFER.format("weight"), None)
+
+
+def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global", target_modules: Patterns = None,
+                    exclude_modules: Patterns = None, alphas: dict[str, float] | None = None,
+                    epsilon: float = 0.3) -> SparseMask:
+    """L1-magnitude masks reaching ``sparsity`` (fraction of the target weights pruned, overall).
+
+    * ``"global"``: one threshold over all target weights, as the paper: the ``round(sparsity * N)``
+      smallest magnitudes go, chosen exactly as ``torch.nn.utils.prune.global_unstructured(...,
+      L1Unstructured, amount=sparsity)`` chooses them (``torch.topk`` over the concatenation).
+    * ``"layerwise"``: the same sparsity in every layer.
+    * ``"alpha"``: AlphaPruning's allocation: per-layer sparsity linear in the layer's alpha within
+      ``[s(1-eps), s(1+eps)]`` and rescaled so that the global sparsity is met (higher alpha, more
+      pruned); ``alphas`` by module name, or measured with ``analyze_spectra``.
+
+    Weights already masked (a SparseMask applied to ``model``) stay pruned and count towards
+    ``sparsity``: pruning a masked model prunes among the survivors. The model is not changed.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    layers = prunable_layers(model, target_modules, exclude_modules)
+    scores, current = [], []
+    for name, m in layers:
+        s = m.weight.detach().abs().float().cpu()
+        cur = _current_mask(m)
+        if cur is not None:  # already pruned: always below every survivor
+            cur = cur.cpu()
+            s = torch.where(cur, s, torch.full_like(s, -1.0))
+        scores.append(s)
+        current.append(cur)
+    if scope == "global":
+        keep = _global_keep(scores, sparsity)
+    else:
+        if scope == "layerwise":
+            ratios = [sparsity] * len(layers)
+        else:
+            ratios = alpha_allocation(model, layers, sparsity, alphas, epsilon)
+        keep = [_keep_smallest_pruned(s, r) for s, r in zip(scores, ratios)]
+    keep = [k if c is None else k & c for k, c in zip(keep, current)]  # what was pruned stays pruned
+    masks = {canonical_name(f"{n}.weight"): k for (n, _), k in zip(layers, keep)}
+    return SparseMask(masks, base_model_name_or_path=getattr(model, "name_or_path", None) or None,
+                      method=f"magnitude-{scope}", target_sparsity=sparsity,
+                      extra={"epsilon": epsilon} if scope == "alpha" else None)
+
+
+def _global_keep(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    k = round(sparsity * flat.numel())  # torch.nn.utils.prune._compute_nparams_toprune
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if k:
+        keep[torch.topk(flat, k=k, largest=False).indices] = False
+    out, start = [], 0
+    for s in scores:
+        out.append(keep[start : start + s.numel()].reshape(s.shape))
+        start += s.numel()
+    return out
+
+
+def _keep_smallest_pruned(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    k = round(min(max(ratio, 0.0), 1.0) * score.numel())
+    keep = torch.ones(score.numel(), dtype=torch.bool)
+    if k:
+        keep[torch.topk(score.reshape(-1), k=k, largest=False).indices] = False
+    return keep.reshape(score.shape)
+
+
+def alpha_allocation(model, layers, sparsity: float, alphas: dict[str, float] | None, epsilon: float) -> list[float]:
+    """AlphaPruning (Lu et al. 2024): per-layer sparsities from the layers' alphas."""
+    if alphas is None:
+        from ..spectral import analyze_spectra
+
+        report = analyze_spectra(model, target_modules=[n for n, _ in layers])
+        alphas = {}
+        for layer, a in report.alphas.items():  # fused q/k/v parts -> mean per module
+            mod = layer if layer in dict(layers) else layer.rsplit("_", 1)[0]
+            alphas.setdefault(mod, []).append(a)
+        alphas = {k: sum(v) / len(v) for k, v in alphas.items()}
+    missing = [n for n, _ in layers if n not in alphas]
+    if missing:
+        raise ValueError(f"no alpha for layer(s) {missing[:3]} (alpha allocation needs one per pruned layer)")
+    a = torch.tensor([float(alphas[n]) for n, _ in layers], dtype=torch.float64)
+    sizes = torch.tensor([m.weight.numel() for _, m in layers], dtype=torch.float64)
+    lo, hi = 1.0 - epsilon, 1.0 + epsilon
+    scores = torch.full_like(a, 1.0) if float(a.max() - a.min()) == 0 else (a - a.min()) * (hi - lo) / (a.max() - a.min()) + lo
+    ratios = scores * sparsity
+    ratios = ratios * (sizes.sum() * sparsity) / (sizes * ratios).sum()
+    return ratios.clamp(0.0, 1.0).tolist()

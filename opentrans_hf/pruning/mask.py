@@ -1,0 +1,324 @@
+"""``SparseMask``: a binary weight mask stored as a small adapter, transferable between models that
+contain the same CLIP image encoder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..io import atomic_write_text, atomic_write_with, read_json
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_TYPE = "SPARSE_MASK"
+VISION_PREFIXES = ("", "vision_model.", "clip.vision_model.")
+_BUFFER = "_sparse_mask_{}"  # non-persistent buffer on the owning module: state_dict keys do not change
+_HOOK_ATTR = "_sparse_mask_hooks"
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name relative to the CLIP vision tower: everything up to the first
+    ``vision_model.`` is dropped (``CLIPModel``: ``vision_model.``, CLIPSeg: ``clip.vision_model.``, our
+    frameworks); other names (``CLIPVisionModel`` in transformers 5, non-CLIP models) stay as they are."""
+    head, sep, tail = name.partition("vision_model.")
+    return tail if sep else name
+
+
+def resolve_parameter(model: nn.Module, name: str, params: dict[str, nn.Parameter] | None = None) -> str | None:
+    """The model's own name for canonical ``name``: as is, then with the ``vision_model.`` /
+    ``clip.vision_model.`` prefixes, then any parameter ending in ``vision_model.<name>`` (must be unique)."""
+    params = params if params is not None else dict(model.named_parameters())
+    for prefix in VISION_PREFIXES:
+        if prefix + name in params:
+            return prefix + name
+    hits = [n for n in params if n.endswith("vision_model." + name)]
+    if len(hits) > 1:
+        raise ValueError(f"mask entry {name!r} matches several parameters of {type(model).__name__}: {hits}")
+    return hits[0] if hits else None
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 tensor of ceil(numel / 8) bytes (``numpy.packbits``, big-endian bit order)."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy().astype(np.uint8)))
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape)
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool)).reshape(shape)
+
+
+class SparseMask:
+    """Boolean masks (True = kept) by canonical weight name, plus what made them.
+
+    ``apply(model)`` zeroes the masked weights and keeps them zero through training: their gradients
+    are masked, and a forward pre-hook re-applies the mask before every forward. The mask lives in
+    non-persistent buffers of the owning modules, so ``state_dict`` keys are unchanged, ``deepcopy``
+    copies it, and ``.to(device)`` moves it.
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor], *, base_model_name_or_path: str | None = None,
+                 method: str = "", target_sparsity: float | None = None, extra: dict | None = None):
+        self.masks = {}
+        for name, m in masks.items():
+            if not isinstance(m, torch.Tensor):
+                raise TypeError(f"mask {name!r} must be a tensor, got {type(m).__name__}")
+            self.masks[name] = m.detach().to("cpu", torch.bool)
+        self.base_model_name_or_path = base_model_name_or_path
+        self.method = method
+        self.target_sparsity = target_sparsity
+        self.extra = dict(extra or {})
+
+    # ---- statistics ---------------------------------------------------------------------------
+    @property
+    def num_weights(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the masked tensors' weights that are pruned."""
+        n = self.num_weights
+        return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / n if n else 0.0
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {n: 1.0 - int(m.sum()) / m.numel() for n, m in self.masks.items()}
+
+    def summary(self) -> str:
+        lines = [f"SparseMask(method={self.method!r}, {len(self.masks)} tensors, {self.num_weights:,d} weights, "
+                 f"sparsity {100 * self.sparsity:.2f}%" + (f", target {100 * self.target_sparsity:.2f}%" if self.target_sparsity is not None else "") + ")"]
+        width = max((len(n) for n in self.masks), default=10)
+        for n, s in self.layer_sparsity().items():
+            lines.append(f"{n:<{width}}  {str(tuple(self.masks[n].shape)):<16} {100 * s:6.2f}%")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"SparseMask(method={self.method!r}, tensors={len(self.masks)}, sparsity={self.sparsity:.4f})"
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, SparseMask) and self.masks.keys() == other.masks.keys()
+                and all(torch.equal(self.masks[k], other.masks[k]) for k in self.masks))
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """PNG: sparsity per layer (needs matplotlib)."""
+        from ..spectral.plotting import _pyplot
+
+        plt = _pyplot()
+        names = list(self.masks)
+        vals = [100 * v for v in self.layer_sparsity().values()]
+        fig, ax = plt.subplots(figsize=(max(8, 0.18 * len(names) + 3), 4.5))
+        ax.bar(range(len(names)), vals, color="tab:purple")
+        ax.axhline(100 * self.sparsity, color="k", ls="--", lw=1, label=f"overall {100 * self.sparsity:.1f}%")
+        ax.set_ylabel("pruned weights (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"Sparsity per layer ({self.method or 'mask'})")
+        if len(names) <= 80:
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels(names, rotation=90, fontsize=6)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out = atomic_write_with(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
+        plt.close(fig)
+        return out
+
+    # ---- applying -------------------------------------------------------------------------------
+    def resolve(self, model: nn.Module, strict: bool = True) -> tuple[dict[str, str], list[str]]:
+        """(canonical name -> model parameter name, skipped entries). strict: a missing layer or a shape
+        mismatch is an error naming the layer (and both shapes)."""
+        params = dict(model.named_parameters())
+        found, skipped = {}, []
+        for name, m in self.masks.items():
+            target = resolve_parameter(model, name, params)
+            if target is None:
+                if strict:
+                    raise KeyError(f"mask entry {name!r} matches no parameter of {type(model).__name__} (tried the "
+                                   f"prefixes {[p for p in VISION_PREFIXES if p]} and '*vision_model.'); "
+                                   "use strict=False to apply the rest")
+                skipped.append(name)
+                continue
+            if tuple(params[target].shape) != tuple(m.shape):
+                if strict:
+                    raise ValueError(f"mask entry {name!r} has shape {tuple(m.shape)} but {type(model).__name__}."
+                                     f"{target} has shape {tuple(params[target].shape)}")
+                skipped.append(name)
+                continue
+            found[name] = target
+        return found, skipped
+
+    def apply(self, model: nn.Module, strict: bool = True, keep_pruned: bool = False) -> list[str]:
+        """Zero the masked weights of ``model`` and keep them zero; returns the skipped entries
+        (always empty with ``strict=True``). Masks already applied to a weight are combined (AND).
+        ``keep_pruned=True`` remembers the pruned values so ``remove(bake=False)`` can restore them."""
+        found, skipped = self.resolve(model, strict)
+        modules = dict(model.named_modules())
+        for name, target in found.items():
+            mod_name, _, pname = target.rpartition(".")
+            module = modules[mod_name]
+            param = getattr(module, pname)
+            key = _BUFFER.format(pname)
+            mask = self.masks[name].to(param.device)
+            existing = getattr(module, key, None)
+            if existing is not None:
+                mask = mask & existing
+            with torch.no_grad():
+                if keep_pruned and not hasattr(module, key + "_pruned"):
+                    module.register_buffer(key + "_pruned", param.detach().clone(), persistent=False)
+                param.mul_(mask)
+            module.register_buffer(key, mask, persistent=False)
+            _install_hooks(module, pname)
+        return skipped
+
+    @staticmethod
+    def remove(model: nn.Module, bake: bool = True) -> int:
+        """Take every applied mask off ``model``; returns how many weights were unmasked. ``bake=True``
+        keeps the pruned weights at zero (a plain sparse model); ``bake=False`` restores the values they
+        had when the mask was applied (needs ``apply(..., keep_pruned=True)``)."""
+        count = 0
+        for mod_name, module in model.named_modules():
+            hooks = getattr(module, _HOOK_ATTR, None)
+            if not hooks:
+                continue
+            for pname, hook_id in list(hooks.items()):
+                key = _BUFFER.format(pname)
+                if not bake:
+                    if not hasattr(module, key + "_pruned"):
+                        raise ValueError(f"cannot restore {mod_name}.{pname}: apply the mask with keep_pruned=True")
+                    with torch.no_grad():
+                        getattr(module, pname).copy_(getattr(module, key + "_pruned"))
+                if hasattr(module, key + "_pruned"):
+                    delattr(module, key + "_pruned")
+                delattr(module, key)
+                module._forward_pre_hooks.pop(hook_id, None)
+                count += 1
+            delattr(module, _HOOK_ATTR)
+        return count
+
+    @classmethod
+    def from_model(cls, model: nn.Module, **kwargs) -> SparseMask:
+        """The masks currently applied to ``model``, under canonical names."""
+        masks = {}
+        for mod_name, module in model.named_modules():
+            for pname in getattr(module, _HOOK_ATTR, {}) or {}:
+                full = f"{mod_name}.{pname}" if mod_name else pname
+                masks[canonical_name(full)] = getattr(module, _BUFFER.format(pname)).cpu()
+        return cls(masks, **kwargs)
+
+    # ---- adapter I/O ----------------------------------------------------------------------------
+    def to_config(self) -> dict:
+        from .. import __version__
+
+        return {
+            "peft_type": PEFT_TYPE,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "method": self.method,
+            "target_sparsity": self.target_sparsity,
+            "sparsity": self.sparsity,
+            "num_weights": self.num_weights,
+            "shapes": {n: list(m.shape) for n, m in self.masks.items()},
+            "layer_densities": {n: 1.0 - s for n, s in self.layer_sparsity().items()},
+            "extra": self.extra,
+            "library_version": __version__,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """``adapter_config.json`` + ``adapter_model.safetensors`` (bit-packed masks) + README.md."""
+        from safetensors.torch import save_file
+
+        if not self.masks:
+            raise ValueError("the mask is empty: nothing to save")
+        out = Path(save_directory)
+        packed = {n: pack_bits(m) for n, m in self.masks.items()}
+        config = self.to_config()
+        card = self._model_card(config)  # everything that can fail happens before the first write
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_with(out / WEIGHTS_NAME, lambda p: save_file(packed, str(p), metadata={"format": "packbits"}))
+        atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+        atomic_write_text(out / "README.md", card)
+        return out
+
+    def _model_card(self, config: dict) -> str:
+        from ..hub import render_model_card
+
+        return render_model_card(
+            "sparse_mask.md",
+            {"library_name": "opentrans-hf", "tags": ["sparse-mask", "pruning", "opentrans", "open-vocabulary-segmentation"],
+             "base_model": self.base_model_name_or_path},
+            config=config, layers=self.layer_sparsity(), num_tensors=len(self.masks),
+        )
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, token=None) -> SparseMask:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from ..hub import resolve_pretrained_dir
+
+        d = resolve_pretrained_dir(name_or_path, [CONFIG_NAME, WEIGHTS_NAME, "README.md"], revision=revision,
+                                   token=token, what="sparse mask adapter")
+        cfg = read_json(d / CONFIG_NAME, "adapter config")
+        if not isinstance(cfg, dict) or cfg.get("peft_type") != PEFT_TYPE:
+            got = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
+            raise ValueError(f"{d / CONFIG_NAME} is not a sparse mask adapter (peft_type {got!r}, expected {PEFT_TYPE!r})")
+        shapes = cfg.get("shapes")
+        if not isinstance(shapes, dict) or not shapes:
+            raise ValueError(f"{d / CONFIG_NAME} lacks the 'shapes' of the masks")
+        try:
+            packed = load_file(str(d / WEIGHTS_NAME))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"cannot read {d / WEIGHTS_NAME}: {err}") from None
+        if set(packed) != set(shapes):
+            missing, extra = sorted(set(shapes) - set(packed)), sorted(set(packed) - set(shapes))
+            raise ValueError(f"{d / WEIGHTS_NAME} does not match {CONFIG_NAME}: missing {missing[:3]}, unexpected {extra[:3]}")
+        masks = {}
+        for name, shape in shapes.items():
+            t = packed[name]
+            n = math.prod(shape)
+            if t.dtype != torch.uint8 or t.ndim != 1 or t.numel() != (n + 7) // 8:
+                raise ValueError(f"{d / WEIGHTS_NAME}: entry {name!r} holds {t.numel()} {t.dtype} values; expected "
+                                 f"{(n + 7) // 8} uint8 bytes for shape {tuple(shape)}")
+            masks[name] = unpack_bits(t, tuple(shape))
+        mask = cls(masks, base_model_name_or_path=cfg.get("base_model_name_or_path"), method=cfg.get("method", ""),
+                   target_sparsity=cfg.get("target_sparsity"), extra=cfg.get("extra"))
+        recorded = cfg.get("sparsity")
+        if recorded is not None and abs(recorded - mask.sparsity) > 1e-9:
+            raise ValueError(f"{d}: the masks' sparsity {mask.sparsity:.6f} differs from the recorded {recorded:.6f} (corrupt file?)")
+        return mask
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,
+                    commit_message: str = "Upload sparse mask adapter") -> str:
+        from ..hub import push_folder_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_folder_to_hub(tmp, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+def _install_hooks(module: nn.Module, pname: str) -> None:
+    hooks = module.__dict__.setdefault(_HOOK_ATTR, {})
+    if pname in hooks:
+        return
+    # keep the hook's id, not its handle: a deepcopy copies the module's hook dict with the same ids,
+    # while a handle would keep pointing at the original module
+    hooks[pname] = module.register_forward_pre_hook(_make_pre_hook(pname)).id
+
+
+def _make_pre_hook(pname: str):
+    key = _BUFFER.format(pname)
+
+    def hook(module, args):
+        mask = getattr(module, key)
+        param = getattr(module, pname)
+        with torch.no_grad():
+            param.mul_(mask)
+        if param.requires_grad and torch.is_grad_enabled() and getattr(param, "_sparse_mask_grad_hook", None) is not module:
+            # registered on first use (and again on a deepcopy, whose parameter is a new object)
+            param.register_hook(lambda g, m=module: g * getattr(m, key) if hasattr(m, key) else g)
+            param._sparse_mask_grad_hook = module
+        return None
+
+    return hook
