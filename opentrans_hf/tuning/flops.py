@@ -5,7 +5,8 @@ twice: once with every parameter trainable (full fine-tuning) and once with the 
 ``requires_grad`` (the freezing). Autograd itself then leaves out what freezing saves: a frozen layer
 needs no weight gradient, and below the lowest trainable layer (in the order the forward runs) no
 gradient flows at all, because nothing there requires it. Counted: the matrix-multiply-like ops
-(linear, matmul, bmm, convolution, attention); element-wise ops are not (they are a small share).
+(linear, matmul, bmm, convolution, attention -- the CPU attention kernel included, see
+opentrans_hf.flops); element-wise ops are not (they are a small share).
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from ..flops import flop_counter
 from .training_utils import _loss_of
 
 
 def _count_step(model, inputs, loss_fn) -> tuple[int, int]:
-    with FlopCounterMode(display=False) as fwd:
+    with flop_counter() as fwd:
         out = model(**inputs)
         loss = loss_fn(out) if loss_fn is not None else _loss_of(out)
-    with FlopCounterMode(display=False) as bwd:
+    with flop_counter() as bwd:
         if loss.requires_grad:
             loss.backward()
     return fwd.get_total_flops(), bwd.get_total_flops()
