@@ -1,0 +1,19 @@
+"""Datasets: loading HF segmentation datasets, torch transforms, the embedded synthetic dataset."""
+
+from .loading import find_columns, load_segmentation_dataset, resolve_class_names
+from .synthetic import CLASS_NAMES, HELD_OUT_CLASSES, embedded_dataset, make_synthetic_segmentation_dataset
+from .transforms import CLIP_MEAN, CLIP_STD, SegmentationTransform, collate_segmentation
+
+__all__ = [
+    "CLASS_NAMES",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "HELD_OUT_CLASSES",
+    "SegmentationTransform",
+    "collate_segmentation",
+    "embedded_dataset",
+    "find_columns",
+    "load_segmentation_dataset",
+    "make_synthetic_segmentation_dataset",
+    "resolve_class_names",
+]
