@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .pruning import IMPConfig, SparseMask, count_params_and_flops, iterative_magnitude_prune, magnitude_prune
 from .random_clip import CLIP_SIZES, make_random_clip
 from .spectral import LayerSpectrum, SpectralReport, analyze_spectra
 from .tuning import (
@@ -15,15 +16,20 @@ from .tuning import (
 
 __all__ = [
     "CLIP_SIZES",
+    "IMPConfig",
     "LayerSpectrum",
     "SpectralModel",
     "SpectralReport",
+    "SparseMask",
     "SpectralTuningConfig",
     "__version__",
     "analyze_spectra",
+    "count_params_and_flops",
     "estimate_training_flops",
     "freeze_unused_parameters",
     "get_spectral_model",
+    "iterative_magnitude_prune",
+    "magnitude_prune",
     "make_random_clip",
     "spectral_param_groups",
 ]

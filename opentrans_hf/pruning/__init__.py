@@ -1,6 +1,18 @@
 """Transferable sparsity: semantic-agnostic pruning of the CLIP image encoder, stored as mask adapters."""
 
+from .counting import count_params_and_flops, vision_tower
+from .imp import IMPConfig, distillation_loss, iterative_magnitude_prune
 from .magnitude import magnitude_prune, prunable_layers
 from .mask import SparseMask, canonical_name
 
-__all__ = ["SparseMask", "canonical_name", "magnitude_prune", "prunable_layers"]
+__all__ = [
+    "IMPConfig",
+    "SparseMask",
+    "canonical_name",
+    "count_params_and_flops",
+    "distillation_loss",
+    "iterative_magnitude_prune",
+    "magnitude_prune",
+    "prunable_layers",
+    "vision_tower",
+]
