@@ -1,0 +1,41 @@
+"""Evaluation of an OVS model on a segmentation split, exact under several processes."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import SegmentationMetric
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """Examples ``rank, rank + world, ...``: every example on exactly one process (no padding)."""
+    return list(range(rank, n, world))
+
+
+@torch.no_grad()
+def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: int = 8, accelerator=None,
+                          ignore_index: int = 255, desc: str = "eval", max_examples: int | None = None) -> dict:
+    """mIoU, pixel accuracy and per-class IoU of ``model.predict`` on ``split`` (a SegmentationSplit).
+
+    Each process predicts its own shard of the examples; the confusion matrices are summed across
+    processes, so every process returns the same numbers, equal to a single-process run.
+    """
+    from .data import collate_segmentation
+
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    n = len(split) if max_examples is None else min(len(split), max_examples)
+    idx = shard_indices(n, rank, world)
+    metric = SegmentationMetric(len(class_names), ignore_index=ignore_index, class_names=class_names)
+    was_training = model.training
+    model.eval()
+    show = accelerator is None or accelerator.is_main_process
+    for start in tqdm(range(0, len(idx), batch_size), desc=desc, disable=not show, leave=False):
+        batch = collate_segmentation([split[i] for i in idx[start : start + batch_size]])
+        preds = model.predict(batch["pixel_values"].to(device), class_names)
+        preds = torch.stack([p.to(device) for p in preds]) if isinstance(preds, (list, tuple)) else preds
+        metric.update(preds, batch["labels"].to(device))
+    model.train(was_training)
+    return metric.compute(accelerator)
