@@ -1,0 +1,144 @@
+"""Configurations of the open-vocabulary segmentation frameworks (transformers ``PretrainedConfig``s)."""
+
+from __future__ import annotations
+
+from transformers import CLIPConfig, PretrainedConfig
+
+DEFAULT_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "there is a {} in the scene.", "a photo of many {}."]
+
+
+class OVSConfig(PretrainedConfig):
+    """What every framework shares: the CLIP it is built on and the open-vocabulary classifier.
+
+    Args:
+        clip_config: the ``CLIPConfig`` (as a dict) of the CLIP model inside, so that
+            ``from_pretrained`` rebuilds without the original checkpoint.
+        clip_name_or_path: where the CLIP came from (informative).
+        prompt_templates: prompt ensemble for the class text embeddings.
+        feature_layers: which ViT layers' patch tokens feed the simple feature pyramid, one per level
+            (strides 4/8/16/32 for a patch-16 ViT; index into ``hidden_states``, 1 = first layer,
+            negative from the end). Default: the layers at 1/4, 1/2, 3/4 and the end of the encoder.
+            DeepLabV3 uses the last entry only (its stride-16 map).
+        fpn_channels: channels of every level of the simple feature pyramid.
+        logit_scale_init: initial log of the learned logit scale of the cosine classifier (ln(1/0.07)).
+        learn_void_embedding: learn a "void/background" embedding scored like a class (Mask2Former's
+            "no object"; always on for the Mask2Former and FC-CLIP frameworks).
+        freeze_text_encoder: keep the CLIP text tower frozen (its embeddings are then cached per class list).
+        image_size: input resolution (default: CLIP's).
+        ignore_index: label value ignored by the loss and the metrics.
+    """
+
+    model_type = "opentrans_ovs"
+
+    def __init__(self, clip_config: dict | None = None, clip_name_or_path: str | None = None,
+                 prompt_templates: list[str] | None = None, feature_layers: list[int] | None = None, fpn_channels: int = 64,
+                 logit_scale_init: float = 2.6592600,
+                 learn_void_embedding: bool = False, freeze_text_encoder: bool = True, image_size: int | None = None,
+                 ignore_index: int = 255, **kwargs):
+        if isinstance(clip_config, CLIPConfig):
+            clip_config = clip_config.to_dict()
+        self.clip_config = clip_config if clip_config is not None else CLIPConfig().to_dict()
+        self.clip_name_or_path = clip_name_or_path
+        self.prompt_templates = list(prompt_templates or DEFAULT_TEMPLATES)
+        if not self.prompt_templates or any("{}" not in t for t in self.prompt_templates):
+            raise ValueError(f"every prompt template needs a '{{}}' for the class name; got {self.prompt_templates}")
+        num_layers = CLIPConfig(**self.clip_config).vision_config.num_hidden_layers
+        if feature_layers is None:
+            feature_layers = [max(1, round(num_layers * q)) for q in (0.25, 0.5, 0.75, 1.0)]
+        feature_layers = [int(i) for i in feature_layers]
+        if len(feature_layers) != 4:
+            raise ValueError(f"feature_layers needs 4 entries (one per pyramid level), got {feature_layers}")
+        for i in feature_layers:
+            if not (1 <= i <= num_layers or -num_layers <= i <= -1):
+                raise ValueError(f"feature_layers entry {i} is not a layer of the {num_layers}-layer vision encoder "
+                                 f"(use 1..{num_layers} or -1..-{num_layers})")
+        self.feature_layers = feature_layers
+        self.logit_scale_init = float(logit_scale_init)
+        self.fpn_channels = fpn_channels
+        self.learn_void_embedding = learn_void_embedding
+        self.freeze_text_encoder = freeze_text_encoder
+        self.image_size = image_size or CLIPConfig(**self.clip_config).vision_config.image_size
+        self.ignore_index = ignore_index
+        super().__init__(**kwargs)
+
+    @property
+    def clip(self) -> CLIPConfig:
+        return CLIPConfig(**self.clip_config)
+
+
+class CLIPDeepLabV3Config(OVSConfig):
+    """DeepLabV3-style: ASPP on the stride-16 map, per-pixel embeddings scored against class texts."""
+
+    model_type = "opentrans_clip_deeplabv3"
+
+    def __init__(self, aspp_channels: int = 64, atrous_rates: tuple[int, ...] = (2, 4, 6), **kwargs):
+        self.aspp_channels = aspp_channels
+        self.atrous_rates = list(atrous_rates)
+        super().__init__(**kwargs)
+
+
+class CLIPMask2FormerConfig(OVSConfig):
+    """Mask2Former-style: transformers' Mask2Former pixel decoder, transformer decoder and loss."""
+
+    model_type = "opentrans_clip_mask2former"
+
+    def __init__(self, num_queries: int = 16, hidden_dim: int = 64, mask_feature_size: int = 64,
+                 encoder_layers: int = 1, decoder_layers: int = 3, num_attention_heads: int = 4,
+                 dim_feedforward: int = 128, train_num_points: int = 1024, no_object_weight: float = 0.1,
+                 class_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0, **kwargs):
+        self.num_queries = num_queries
+        self.hidden_dim = hidden_dim
+        self.mask_feature_size = mask_feature_size
+        self.encoder_layers = encoder_layers
+        self.decoder_layers = decoder_layers
+        self.num_attention_heads = num_attention_heads
+        self.dim_feedforward = dim_feedforward
+        self.train_num_points = train_num_points
+        self.no_object_weight = no_object_weight
+        self.class_weight = class_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        if kwargs.get("learn_void_embedding") is False:
+            raise ValueError("Mask2Former-style frameworks need the void ('no object') embedding: "
+                             "learn_void_embedding cannot be False")
+        kwargs["learn_void_embedding"] = True
+        super().__init__(**kwargs)
+
+    def mask2former_config(self, num_labels: int):
+        """The ``Mask2FormerConfig`` for transformers' building blocks (sizes from this config)."""
+        from transformers import Mask2FormerConfig
+
+        if self.fpn_channels % 32 or self.hidden_dim % 32:
+            raise ValueError(f"fpn_channels ({self.fpn_channels}) and hidden_dim ({self.hidden_dim}) must be multiples "
+                             "of 32 (Mask2Former's GroupNorm(32, ...))")
+        return Mask2FormerConfig(
+            feature_size=self.fpn_channels, mask_feature_size=self.mask_feature_size, hidden_dim=self.hidden_dim,
+            encoder_feedforward_dim=self.dim_feedforward, encoder_layers=self.encoder_layers,
+            decoder_layers=self.decoder_layers, num_attention_heads=self.num_attention_heads,
+            dim_feedforward=self.dim_feedforward, num_queries=self.num_queries, num_labels=num_labels,
+            train_num_points=self.train_num_points, no_object_weight=self.no_object_weight,
+            class_weight=self.class_weight, mask_weight=self.mask_weight, dice_weight=self.dice_weight,
+            ignore_value=self.ignore_index, feature_strides=[4, 8, 16, 32], common_stride=4, use_auxiliary_loss=True,
+        )
+
+
+class CLIPFCCLIPConfig(CLIPMask2FormerConfig):
+    """FC-CLIP-style: the Mask2Former variant plus the out-of-vocabulary branch and geometric ensemble.
+
+    Args:
+        ensemble_alpha: weight of the out-of-vocabulary probability for classes seen in training (0.4).
+        ensemble_beta: its weight for unseen classes (0.8).
+        seen_class_names: classes of the training set (set by the trainer); others count as unseen.
+    """
+
+    model_type = "opentrans_clip_fcclip"
+
+    def __init__(self, ensemble_alpha: float = 0.4, ensemble_beta: float = 0.8,
+                 seen_class_names: list[str] | None = None, **kwargs):
+        for name, v in (("ensemble_alpha", ensemble_alpha), ("ensemble_beta", ensemble_beta)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        self.ensemble_alpha = ensemble_alpha
+        self.ensemble_beta = ensemble_beta
+        self.seen_class_names = list(seen_class_names or [])
+        super().__init__(**kwargs)
