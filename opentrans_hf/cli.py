@@ -88,7 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a PNG plot (alpha per layer, ESDs) here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_analyze)
+
+    from .pruning import cli as prune_cli
+    from .training import evaluate_cli, trainer
+    from . import pipeline
+
+    p = sub.add_parser("prune", help="semantic-agnostic iterative magnitude pruning of a CLIP image encoder -> mask adapter")
+    prune_cli.build_parser(p).set_defaults(func=lambda a: _done(prune_cli.run(a)))
+    p = sub.add_parser("train", help="fine-tune an OVS framework (mask + spectral tuning), evaluate zero-shot")
+    trainer.build_parser(p).set_defaults(func=lambda a: _done(trainer.run_training(trainer.args_from_namespace(a))))
+    p = sub.add_parser("evaluate", help="zero-shot evaluation of a trained OVS model on several datasets")
+    evaluate_cli.build_parser(p).set_defaults(func=lambda a: _done(evaluate_cli.run(a)))
+    p = sub.add_parser("demo", help="the whole pipeline: analyse, prune, spectral fine-tuning with the mask, evaluate",
+                       description=pipeline.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pipeline.build_parser(p).set_defaults(func=lambda a: _done(pipeline.run(a)))
     return parser
+
+
+def _done(_result) -> int:
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -120,3 +122,21 @@ def render_model_card(template: str, card_data: dict, **variables) -> str:
         raise FileNotFoundError(f"model card template {path} does not exist")
     card = ModelCard.from_template(ModelCardData(**card_data), template_path=str(path), **variables)
     return str(card)
+
+
+@contextmanager
+def quiet_loading():
+    """Silence transformers' load report and progress bars, e.g. for ``CLIPVisionModel.from_pretrained``
+    on a full ``CLIPModel`` checkpoint, where the text tower's "unexpected" keys are expected."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

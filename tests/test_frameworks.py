@@ -182,7 +182,7 @@ def test_geometric_ensemble_limits(tiny_clip_dir):
 def test_fcclip_without_ood_weight_equals_mask2former(tiny_clip_dir):
     fc = build("fcclip", tiny_clip_dir, ensemble_alpha=0.0, ensemble_beta=0.0).eval()
     m2f = CLIPMask2FormerForOVS(CLIPMask2FormerForOVS.config_class(**{
-        k: v for k, v in fc.config.to_dict().items() if k not in ("ensemble_alpha", "ensemble_beta", "seen_class_names")
+        k: v for k, v in fc.config.to_dict().items() if k not in ("ensemble_alpha", "ensemble_beta")
     }), tokenizer=fc.tokenizer).eval()
     m2f.load_state_dict(fc.state_dict())
     x, _ = batch()

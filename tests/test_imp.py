@@ -75,4 +75,5 @@ def test_prune_script_with_two_processes(tmp_path, tiny_clip_dir):
     assert mask.sparsity == pytest.approx(0.19, abs=1e-3)
     counts = json.loads((tmp_path / "counts.json").read_text())
     assert counts["effective_params"] < counts["params"] and counts["effective_macs"] < counts["macs"]
+    assert counts["num_processes"] == 2  # really distributed (gloo on CPU), not two lone processes
     assert (tmp_path / "sparsity.png").read_bytes()[:4] == b"\x89PNG"

@@ -26,6 +26,8 @@ class OVSConfig(PretrainedConfig):
         freeze_text_encoder: keep the CLIP text tower frozen (its embeddings are then cached per class list).
         image_size: input resolution (default: CLIP's).
         ignore_index: label value ignored by the loss and the metrics.
+        seen_class_names: the classes of the training set (set by the trainer): the others count as
+            unseen in FC-CLIP's ensemble and in the seen/unseen mIoU of evaluations.
     """
 
     model_type = "opentrans_ovs"
@@ -34,7 +36,7 @@ class OVSConfig(PretrainedConfig):
                  prompt_templates: list[str] | None = None, feature_layers: list[int] | None = None, fpn_channels: int = 64,
                  logit_scale_init: float = 2.6592600,
                  learn_void_embedding: bool = False, freeze_text_encoder: bool = True, image_size: int | None = None,
-                 ignore_index: int = 255, **kwargs):
+                 ignore_index: int = 255, seen_class_names: list[str] | None = None, **kwargs):
         if isinstance(clip_config, CLIPConfig):
             clip_config = clip_config.to_dict()
         self.clip_config = clip_config if clip_config is not None else CLIPConfig().to_dict()
@@ -59,6 +61,7 @@ class OVSConfig(PretrainedConfig):
         self.freeze_text_encoder = freeze_text_encoder
         self.image_size = image_size or CLIPConfig(**self.clip_config).vision_config.image_size
         self.ignore_index = ignore_index
+        self.seen_class_names = list(seen_class_names or [])
         super().__init__(**kwargs)
 
     @property
@@ -128,17 +131,15 @@ class CLIPFCCLIPConfig(CLIPMask2FormerConfig):
     Args:
         ensemble_alpha: weight of the out-of-vocabulary probability for classes seen in training (0.4).
         ensemble_beta: its weight for unseen classes (0.8).
-        seen_class_names: classes of the training set (set by the trainer); others count as unseen.
+        (``seen_class_names``, from :class:`OVSConfig`, decide which classes count as seen.)
     """
 
     model_type = "opentrans_clip_fcclip"
 
-    def __init__(self, ensemble_alpha: float = 0.4, ensemble_beta: float = 0.8,
-                 seen_class_names: list[str] | None = None, **kwargs):
+    def __init__(self, ensemble_alpha: float = 0.4, ensemble_beta: float = 0.8, **kwargs):
         for name, v in (("ensemble_alpha", ensemble_alpha), ("ensemble_beta", ensemble_beta)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
         self.ensemble_alpha = ensemble_alpha
         self.ensemble_beta = ensemble_beta
-        self.seen_class_names = list(seen_class_names or [])
         super().__init__(**kwargs)

@@ -205,9 +205,10 @@ class OVSPreTrainedModel(PreTrainedModel):
         return output.logits
 
     @torch.no_grad()
-    def predict(self, images, class_names: list[str], *, batch_size: int = 8) -> list[torch.Tensor]:
+    def predict(self, images, class_names: list[str], *, batch_size: int = 8, allow_void: bool = True) -> list[torch.Tensor]:
         """One (H, W) int64 label map per image, values indexing ``class_names`` (any names, also ones
-        never seen in training); pixels the void/background embedding wins get ``ignore_index``.
+        never seen in training); pixels the void/background embedding wins get ``ignore_index``
+        (with ``allow_void=False`` every pixel gets one of the classes, as benchmark evaluation expects).
 
         ``images``: a (B, 3, H, W) or (3, H, W) tensor of normalised pixel values (as the training
         transform makes), or a list of raw images (PIL, (H, W, 3) uint8 arrays, (3, H, W) tensors in
@@ -243,6 +244,8 @@ class OVSPreTrainedModel(PreTrainedModel):
                 x = batch[s : s + batch_size].to(device=device, dtype=dtype)
                 out = self(pixel_values=x, class_names=names)
                 scores = self.semantic_scores(out, len(names))
+                if not allow_void:
+                    scores = scores[:, : len(names)]
                 pred = scores.argmax(1)
                 if scores.shape[1] > len(names):
                     pred[pred >= len(names)] = self.config.ignore_index

@@ -32,21 +32,21 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args) -> dict:
-    from accelerate import Accelerator
+    from ..distributed import make_accelerator
     from accelerate.utils import set_seed
     from transformers import CLIPVisionModel
 
     from ..data.loading import find_columns, load_segmentation_dataset
     from ..data.synthetic import embedded_dataset
     from ..data.transforms import SegmentationTransform
-    from ..hub import load_or_explain
+    from ..hub import load_or_explain, quiet_loading
     from ..training.data import SegmentationSplit, make_loader
     from .counting import count_params_and_flops
     from .imp import IMPConfig, iterative_magnitude_prune
 
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     set_seed(args.seed)
     out = Path(args.output_dir)
     clip_path = args.model_name_or_path
@@ -57,7 +57,8 @@ def run(args) -> dict:
         if accelerator.is_main_process and not Path(clip_path, "config.json").is_file():
             make_random_clip(clip_path, "small", seed=args.seed)
         accelerator.wait_for_everyone()
-    model = load_or_explain(clip_path, lambda: CLIPVisionModel.from_pretrained(clip_path), "CLIP model")
+    with quiet_loading():
+        model = load_or_explain(clip_path, lambda: CLIPVisionModel.from_pretrained(clip_path), "CLIP model")
     size = model.config.image_size
     if args.dataset == "embedded":
         ds = embedded_dataset(args.split, args.embedded_size, size, args.seed)
@@ -78,7 +79,8 @@ def run(args) -> dict:
     counts = count_params_and_flops(model, mask)
     result = {"sparsity": mask.sparsity, "rounds": config.num_rounds, "mask": str(out / "mask"),
               "params": counts["params"], "effective_params": counts["effective_params"],
-              "macs": counts["macs"], "effective_macs": counts["effective_macs"]}
+              "macs": counts["macs"], "effective_macs": counts["effective_macs"],
+              "num_processes": accelerator.num_processes}
     if accelerator.is_main_process:
         from ..io import atomic_write_text
 

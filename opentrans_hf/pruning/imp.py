@@ -117,11 +117,11 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     (``round_XX/``), the student's weights and ``state.json`` are written to ``output_dir``, so an
     interrupted run resumes from the last finished round. Returns the final mask (applied to ``model``).
     """
-    from accelerate import Accelerator
+    from ..distributed import make_accelerator
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     out = Path(config.output_dir)
     student = vision_tower(model)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)

@@ -34,8 +34,41 @@ def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: i
     show = accelerator is None or accelerator.is_main_process
     for start in tqdm(range(0, len(idx), batch_size), desc=desc, disable=not show, leave=False):
         batch = collate_segmentation([split[i] for i in idx[start : start + batch_size]])
-        preds = model.predict(batch["pixel_values"].to(device), class_names)
+        preds = model.predict(batch["pixel_values"].to(device), class_names, allow_void=False)
         preds = torch.stack([p.to(device) for p in preds]) if isinstance(preds, (list, tuple)) else preds
         metric.update(preds, batch["labels"].to(device))
     model.train(was_training)
     return metric.compute(accelerator)
+
+
+def evaluate_splits(model, splits: dict, *, seen_classes: list[str] | None = None, batch_size: int = 8,
+                    accelerator=None, max_examples: int | None = None) -> dict:
+    """``{name: metrics}`` for several splits (each with its own class names); with ``seen_classes``,
+    also ``mean_iou_seen`` / ``mean_iou_unseen`` over the classes in / not in it (zero-shot)."""
+    import math
+
+    seen_set = set(seen_classes or [])
+    results = {}
+    for name, split in splits.items():
+        res = evaluate_segmentation(model, split, split.class_names, batch_size=batch_size, accelerator=accelerator,
+                                    max_examples=max_examples, desc=f"eval {name}")
+        if seen_set:
+            for key, keep in (("mean_iou_seen", True), ("mean_iou_unseen", False)):
+                vals = [iou for c, iou in zip(split.class_names, res["per_category_iou"])
+                        if (c in seen_set) == keep and not math.isnan(iou)]
+                if any((c in seen_set) == keep for c in split.class_names):
+                    res[key] = sum(vals) / len(vals) if vals else float("nan")
+        results[name] = res
+    return results
+
+
+def results_table(results: dict) -> str:
+    """A markdown table: one row per evaluated dataset."""
+    def fmt(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    lines = ["| dataset | classes | mIoU | pixel acc | mIoU seen | mIoU unseen |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {len(r['per_category_iou'])} | {fmt(r['mean_iou'])} | {fmt(r['overall_accuracy'])} | "
+                     f"{fmt(r.get('mean_iou_seen'))} | {fmt(r.get('mean_iou_unseen'))} |")
+    return "\n".join(lines)

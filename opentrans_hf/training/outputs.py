@@ -1,0 +1,129 @@
+"""Everything a training run leaves in its output directory: model, adapters, metrics, card, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write_text, atomic_write_with, json_safe
+
+
+def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, spectral, eval_splits) -> dict:
+    """Write the run's artefacts under ``out``; returns ``{what: path}`` (also printed by the CLI)."""
+    from dataclasses import asdict
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    plain = spectral.base_model if spectral is not None else model
+    # the model directory is what a Hub repo of the run holds: the framework (+ tokenizer and card),
+    # and the adapters it was made with in subfolders
+    plain.save_pretrained(out / "model")
+    paths["model"] = out / "model"
+    if spectral is not None:
+        paths["spectral_adapter"] = spectral.save_pretrained(out / "model" / "spectral_adapter")
+    if mask is not None:
+        paths["mask_adapter"] = mask.save_pretrained(out / "model" / "mask_adapter")
+    card = render_training_card(args, metrics, spectral, mask)
+    atomic_write_text(out / "model" / "README.md", card)
+    metrics = dict(metrics, args=asdict(args))
+    atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
+    paths["metrics"] = out / "metrics.json"
+    plots = out / "plots"
+    try:
+        paths.update(write_plots(plots, history, plain, spectral, eval_splits))
+    except ImportError as err:  # matplotlib is optional
+        print(f"plots skipped: {err}")
+    atomic_write_text(out / "outputs.json", json.dumps({k: str(v) for k, v in paths.items()}, indent=2) + "\n")
+    return paths
+
+
+def render_training_card(args, metrics: dict, spectral, mask) -> str:
+    from .. import __version__
+    from ..hub import render_model_card
+
+    results = []
+    for name, res in metrics["eval"].items():
+        dataset, _, split = name.partition(":")
+        results.append({
+            "task": {"type": "image-segmentation", "name": "Open-vocabulary semantic segmentation"},
+            "dataset": {"name": dataset, "type": dataset, "split": split},
+            "metrics": [{"type": "mean_iou", "value": round(float(res["mean_iou"]), 4), "name": "mIoU"},
+                        {"type": "accuracy", "value": round(float(res["overall_accuracy"]), 4), "name": "pixel accuracy"}],
+        })
+    model_id = args.hub_model_id or Path(args.output_dir).name
+    card_data = {
+        "library_name": "opentrans-hf",
+        "tags": ["image-segmentation", "open-vocabulary", "opentrans", args.framework],
+        "base_model": args.model_name_or_path if args.model_name_or_path else None,
+        "model-index": [{"name": model_id, "results": results}],
+    }
+    return render_model_card(
+        "segmentation_model.md", card_data, model_id=model_id, args=args, metrics=metrics,
+        frozen=(len(spectral.frozen_layers) if spectral is not None else None),
+        trainable=(len(spectral.trainable_layers) if spectral is not None else None),
+        sparsity=(round(100 * mask.sparsity, 2) if mask is not None else None), version=__version__,
+    )
+
+
+def write_plots(plots: Path, history: dict, model, spectral, eval_splits) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(history["step"], history["loss"], color="tab:blue")
+    axes[0].set(xlabel="step", ylabel="training loss", title="Loss")
+    for key in sorted({k for e in history["eval"] for k in e} - {"step"}):
+        pts = [(e["step"], e[key]) for e in history["eval"] if key in e and e[key] is not None]
+        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    axes[1].set(xlabel="step", ylabel="mIoU", title="Evaluation mIoU")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    paths["curves_plot"] = atomic_write_with(plots / "curves.png", lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    if spectral is not None:
+        paths["alpha_plot"] = spectral.spectral_report.plot(plots / "alpha.png", frozen=_frozen_report_names(spectral))
+    name, split = next(iter(eval_splits.items()))
+    paths["predictions_plot"] = plot_predictions(plots / "predictions.png", model, split, plt)
+    return paths
+
+
+def _frozen_report_names(spectral) -> list[str]:
+    frozen = set(spectral.frozen_layers)
+    return [l.name for l in spectral.spectral_report.layers
+            if l.name in frozen or l.name.rsplit("_", 1)[0] in frozen]
+
+
+@torch.no_grad()
+def plot_predictions(path: Path, model, split, plt, n: int = 4):
+    from ..data.transforms import CLIP_MEAN, CLIP_STD
+
+    n = min(n, len(split))
+    examples = [split[i] for i in range(n)]
+    x = torch.stack([e[0] for e in examples])
+    device = next(model.parameters()).device
+    preds = model.predict(x.to(device), split.class_names)
+    k = len(split.class_names)
+    cmap = plt.get_cmap("tab20", max(k, 2))
+    fig, axes = plt.subplots(3, n, figsize=(3 * n, 9), squeeze=False)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    for j, (img, lab) in enumerate(examples):
+        axes[0, j].imshow((img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
+        for row, m in ((1, lab), (2, preds[j].cpu())):
+            shown = m.float().clone()
+            shown[m == 255] = float("nan")
+            axes[row, j].imshow(shown.numpy(), cmap=cmap, vmin=0, vmax=max(k - 1, 1), interpolation="nearest")
+        for row, title in enumerate(("image", "ground truth", "prediction")):
+            axes[row, j].set_title(title, fontsize=8)
+            axes[row, j].axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(k)]
+    fig.legend(handles, split.class_names, loc="lower center", ncol=min(k, 8), fontsize=7)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    p = atomic_write_with(path, lambda t: fig.savefig(t, format="png", dpi=90))
+    plt.close(fig)
+    return p

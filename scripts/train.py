@@ -1,0 +1,13 @@
+"""Fine-tune an open-vocabulary segmentation framework with a transferred sparse mask and spectral
+tuning, then evaluate zero-shot. Runs under `accelerate launch` (any number of processes) and `python`.
+
+    accelerate launch scripts/train.py --framework deeplabv3 --freeze_rule median --mask runs/prune/mask \
+        --output_dir runs/train
+
+All arguments: `python scripts/train.py --help` (same as `opentrans-hf train`).
+"""
+
+from opentrans_hf.training.trainer import main
+
+if __name__ == "__main__":
+    main()
