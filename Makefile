@@ -15,9 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[plot,test]"
 	touch $@
 
-# Main job on the embedded default: spectral analysis of a random-initialised CLIP ViT-B/16 vision tower.
+# Main job on the embedded default: the whole pipeline (spectral analysis, IMP mask, spectral fine-tuning
+# of a DeepLabV3-style OVS model with the mask, zero-shot evaluation) with a random small CLIP.
 demo: install
-	$(BIN)/opentrans-hf analyze vit-b16 --out runs/demo/spectral_report.json --plot runs/demo/alpha.png
+	$(BIN)/opentrans-hf demo --output_dir runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q
