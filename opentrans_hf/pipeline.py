@@ -51,7 +51,7 @@ def run(args) -> dict:
     from .hub import load_or_explain, quiet_loading
     from .io import atomic_write_text, json_safe
     from .pruning import cli as prune_cli
-    from .random_clip import make_random_clip
+    from .random_clip import clip_or_random
     from .spectral import analyze_spectra
     from .training.evaluation import results_table
     from .training.trainer import TrainArguments, run_training
@@ -59,12 +59,7 @@ def run(args) -> dict:
     state = PartialState(cpu=cpu_only_multiprocess())
     out = Path(args.output_dir)
     t0 = time.time()
-    clip = args.model_name_or_path
-    if clip is None:
-        clip = str(out / "random-clip-small")
-        if state.is_main_process and not Path(clip, "config.json").is_file():
-            make_random_clip(clip, "small", seed=args.seed)
-        state.wait_for_everyone()
+    clip = clip_or_random(args.model_name_or_path, out, args.seed, state)
 
     # 1. spectral analysis of the image encoder
     say = print if state.is_main_process else (lambda *a, **k: None)

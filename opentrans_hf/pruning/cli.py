@@ -40,6 +40,7 @@ def run(args) -> dict:
     from ..data.synthetic import embedded_dataset
     from ..data.transforms import SegmentationTransform
     from ..hub import load_or_explain, quiet_loading
+    from ..random_clip import clip_or_random
     from ..training.data import SegmentationSplit, make_loader
     from .counting import count_params_and_flops
     from .imp import IMPConfig, iterative_magnitude_prune
@@ -49,14 +50,7 @@ def run(args) -> dict:
     accelerator = make_accelerator()
     set_seed(args.seed)
     out = Path(args.output_dir)
-    clip_path = args.model_name_or_path
-    if clip_path is None:
-        from ..random_clip import make_random_clip
-
-        clip_path = str(out / "random-clip-small")
-        if accelerator.is_main_process and not Path(clip_path, "config.json").is_file():
-            make_random_clip(clip_path, "small", seed=args.seed)
-        accelerator.wait_for_everyone()
+    clip_path = clip_or_random(args.model_name_or_path, out, args.seed, accelerator)
     with quiet_loading():
         model = load_or_explain(clip_path, lambda: CLIPVisionModel.from_pretrained(clip_path), "CLIP model")
     size = model.config.image_size

@@ -111,19 +111,6 @@ def framework_class(name: str):
     return FRAMEWORKS[name]
 
 
-def ensure_clip(args: TrainArguments, accelerator) -> str:
-    """The CLIP checkpoint to build on: the given one, or a random 'small' CLIP written once."""
-    if args.model_name_or_path:
-        return args.model_name_or_path
-    from ..random_clip import make_random_clip
-
-    path = Path(args.output_dir) / "random-clip-small"
-    if accelerator.is_main_process and not (path / "config.json").is_file():
-        make_random_clip(path, "small", seed=args.seed)
-    accelerator.wait_for_everyone()
-    return str(path)
-
-
 def load_split(name: str, split: str, image_size: int, *, train: bool = False, seed: int = 0,
                embedded_size: int = 192, class_names=None, id2label=None, image_column=None, label_column=None,
                reduce_labels: bool = False, keep_classes=None):
@@ -224,6 +211,7 @@ def run_training(args: TrainArguments) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    from ..random_clip import clip_or_random
     from .data import make_loader
 
     out = Path(args.output_dir)
@@ -235,7 +223,7 @@ def run_training(args: TrainArguments) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
-    clip_path = ensure_clip(args, accelerator)
+    clip_path = clip_or_random(args.model_name_or_path, out, args.seed, accelerator)
     from transformers import CLIPConfig
 
     image_size = args.image_size or CLIPConfig.from_pretrained(clip_path).vision_config.image_size
