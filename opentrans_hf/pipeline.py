@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -74,7 +75,10 @@ def run(args) -> dict:
             paths["alpha_plot"] = report.plot(out / "spectral" / "alpha.png")
         except ImportError as err:
             say(f"plot skipped: {err}")
-    say(report.summary().splitlines()[0])
+    alphas = sorted(report.alphas.values())
+    if alphas:
+        say(f"{len(alphas)} layers analysed: alpha median {statistics.median(alphas):.2f}, "
+            f"range {alphas[0]:.2f}-{alphas[-1]:.2f}")
     t_spectral = time.time() - t0
 
     # 2. semantic-agnostic IMP of the encoder -> mask adapter
@@ -103,7 +107,7 @@ def run(args) -> dict:
     summary = {
         "clip": clip,
         "spectral": {"estimator": args.estimator, "layers": len(report.alphas),
-                     "median_alpha": sorted(report.alphas.values())[len(report.alphas) // 2] if report.alphas else None},
+                     "median_alpha": statistics.median(alphas) if alphas else None},
         "pruning": pruned,
         "training": {k: metrics[k] for k in ("framework", "steps", "train_seconds", "final_train_loss",
                                              "train_classes", "holdout_classes")},
