@@ -27,6 +27,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--model_name_or_path", default=None, help="CLIP (Hub id or dir); default: random small CLIP built locally")
     p.add_argument("--dataset", default="embedded", help="training dataset (Hub name, save_to_disk dir, image/label folder, 'embedded')")
     p.add_argument("--eval_datasets", nargs="+", default=[], help="extra zero-shot evaluation datasets NAME[:SPLIT]")
+    p.add_argument("--image_column", default=None, help="image column (default: detected)")
+    p.add_argument("--label_column", default=None, help="label-map column (default: detected)")
+    p.add_argument("--class_names", nargs="+", default=None, help="class names of --dataset, index = label value")
+    p.add_argument("--id2label", default=None, help="JSON file {id: name} with the class names of --dataset")
+    p.add_argument("--reduce_labels", action="store_true", help="label 0 -> ignore, others -1 (ADE20K)")
+    p.add_argument("--holdout_classes", nargs="+", default=None,
+                   help="classes left out of training, evaluated zero-shot ('none': train on all)")
     p.add_argument("--framework", default="deeplabv3", choices=["deeplabv3", "mask2former", "fcclip"])
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--estimator", default="opentrans", choices=["opentrans", "ww"])
@@ -89,6 +96,8 @@ def run(args) -> dict:
         "--target_sparsity", str(args.target_sparsity), "--steps_per_round", str(args.prune_steps_per_round),
         "--batch_size", str(args.batch_size), "--learning_rate", "1e-4", "--output_dir", str(out / "prune"),
         "--seed", str(args.seed), "--embedded_size", str(args.embedded_size),
+        *(["--image_column", args.image_column] if args.image_column else []),
+        *(["--label_column", args.label_column] if args.label_column else []),
     ])
     pruned = prune_cli.run(prune_args)
     t_prune = time.time() - t0 - t_spectral
@@ -100,6 +109,8 @@ def run(args) -> dict:
         freeze_rule=args.freeze_rule, mask=pruned["mask"], max_steps=args.max_steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, output_dir=str(out / "train"), seed=args.seed,
         embedded_size=args.embedded_size, max_eval_examples=args.max_eval_examples,
+        image_column=args.image_column, label_column=args.label_column, class_names=args.class_names,
+        id2label=args.id2label, reduce_labels=args.reduce_labels, holdout_classes=args.holdout_classes,
     )
     metrics = run_training(train_args)
     say("[4/4] evaluation (zero-shot on the held-out classes)")

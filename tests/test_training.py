@@ -201,11 +201,31 @@ def test_demo_pipeline_end_to_end(tiny_clip_dir, tmp_path):
 
     rc = cli_main(["demo", "--model_name_or_path", str(tiny_clip_dir), "--output_dir", str(tmp_path),
                    "--target_sparsity", "0.3", "--prune_rate", "0.2", "--prune_steps_per_round", "2",
-                   "--max_steps", "3", "--embedded_size", "12", "--max_eval_examples", "4", "--batch_size", "4"])
+                   "--max_steps", "3", "--embedded_size", "12", "--max_eval_examples", "4", "--batch_size", "4",
+                   "--holdout_classes", "sky", "water"])
     assert rc == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["pruning"]["sparsity"] == pytest.approx(1 - 0.8**2, abs=1e-3)
     assert summary["training"]["steps"] == 3 and "embedded:validation" in summary["eval"]
+    assert summary["training"]["holdout_classes"] == ["sky", "water"]
+    assert "mean_iou_unseen" in summary["eval"]["embedded:validation"]
     assert (tmp_path / "spectral" / "report.json").is_file() and (tmp_path / "spectral" / "alpha.png").is_file()
     mask = SparseMask.from_pretrained(tmp_path / "train" / "model" / "mask_adapter")
     assert mask == SparseMask.from_pretrained(tmp_path / "prune" / "mask")
+
+
+def test_spectral_config_reapplies_without_reanalysis(tiny_clip_dir, tmp_path, monkeypatch):
+    first = tmp_path / "first"
+    train(tiny_clip_dir, first, "--max_steps", "1", "--freeze_rule", "ratio", "--max_eval_examples", "2")
+    saved = SpectralTuningConfig.from_pretrained(first / "model" / "spectral_adapter")
+    import opentrans_hf.tuning.model as tuning_model
+
+    def no_analysis(*a, **k):
+        raise AssertionError("the saved config must be re-applied without a new analysis")
+
+    monkeypatch.setattr(tuning_model, "analyze_spectra", no_analysis, raising=False)
+    for spec in (first / "model" / "spectral_adapter", first / "model" / "spectral_adapter" / "adapter_config.json"):
+        out = tmp_path / f"again-{spec.name}"
+        train(tiny_clip_dir, out, "--max_steps", "1", "--spectral_config", str(spec), "--max_eval_examples", "2")
+        again = SpectralTuningConfig.from_pretrained(out / "model" / "spectral_adapter")
+        assert again.trainable_layers == saved.trainable_layers and again.freeze_rule == "ratio"
