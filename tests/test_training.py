@@ -190,6 +190,9 @@ def test_two_processes_agree_and_adapters_load(tiny_clip_dir, tiny_mask, tmp_pat
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["metrics"]["eval"] == ranks[1]["metrics"]["eval"]
     assert ranks[0]["metrics"]["final_train_loss"] == ranks[1]["metrics"]["final_train_loss"]
+    # the linear schedule spans the 3 optimizer steps (Accelerate steps the scheduler once per process)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history["lr"] == pytest.approx([1e-3 * 2 / 3, 1e-3 / 3, 0.0])
     SparseMask.from_pretrained(tmp_path / "model" / "mask_adapter")
     cfg = SpectralTuningConfig.from_pretrained(tmp_path / "model" / "spectral_adapter")
     assert cfg.trainable_layers

@@ -30,6 +30,7 @@ def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, sp
     metrics = dict(metrics, args=asdict(args))
     atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
     paths["metrics"] = out / "metrics.json"
+    paths["history"] = atomic_write_text(out / "history.json", json.dumps(json_safe(history)) + "\n")
     plots = out / "plots"
     try:
         paths.update(write_plots(plots, history, plain, spectral, eval_splits))

@@ -237,13 +237,16 @@ def run_training(args: TrainArguments) -> dict:
     loader = make_loader(train_split, args.batch_size, shuffle=True, seed=args.seed)
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_steps if args.max_steps > 0 else args.num_epochs * steps_per_epoch
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
-                              num_training_steps=max_steps)
+    # Accelerate's prepared scheduler steps once per process on every optimizer step (its convention),
+    # so the schedule is laid out in process-steps: warmup and decay span the given optimizer steps
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                              num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+                              num_training_steps=max_steps * accelerator.num_processes)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     if args.report_to:
         accelerator.init_trackers("opentrans-hf", config={k: str(v) for k, v in asdict(args).items()})
 
-    step, history = 0, {"step": [], "loss": [], "eval": []}
+    step, history = 0, {"step": [], "loss": [], "lr": [], "eval": []}
     if args.resume_from_checkpoint:
         ckpt = _find_checkpoint(out, args.resume_from_checkpoint)
         accelerator.load_state(str(ckpt))
@@ -279,6 +282,7 @@ def run_training(args: TrainArguments) -> dict:
             running = []
             history["step"].append(step)
             history["loss"].append(loss)
+            history.setdefault("lr", []).append(scheduler.get_last_lr()[0])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if args.report_to:
