@@ -243,3 +243,14 @@ def test_bad_input_errors(tiny_clip_dir):
         model(pixel_values=x, class_names=NAMES)
     with pytest.raises(OSError, match="local directory"):
         CLIPFCCLIPForOVS.from_clip(tiny_clip_dir.parent)
+
+
+def test_spectral_tuning_skips_encoder_layers_no_head_reads(tiny_clip_dir):
+    model = build("deeplabv3", tiny_clip_dir, feature_layers=[1, 1, 1, 1])  # layer 1 (0-based) unused
+    assert not any(p.requires_grad for p in model.clip.vision_model.encoder.layers[1].parameters())
+    spectral = get_spectral_model(model, SpectralTuningConfig(target_modules=model.encoder_target_modules()))
+    assert all(".encoder.layers.0." in n or "patch_embedding" in n for n in spectral.analysed_layers)
+    x, y = batch()
+    spectral(pixel_values=x, labels=y, class_names=NAMES).loss.backward()
+    # DDP-safe: nothing trainable is left without a gradient
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

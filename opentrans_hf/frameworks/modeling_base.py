@@ -94,12 +94,17 @@ class OVSPreTrainedModel(PreTrainedModel):
     @property
     def vision_layers_used(self) -> list[int]:
         """0-based encoder layers whose output some head reads (``hidden_states`` index - 1)."""
-        n = self.config.clip.vision_config.num_hidden_layers
-        return sorted({(i if i > 0 else n + 1 + i) - 1 for i in self.config.feature_layers})
+        return sorted({i - 1 for i in self.hidden_state_indices()})
 
     def hidden_state_indices(self) -> list[int]:
         n = self.config.clip.vision_config.num_hidden_layers
         return [i if i > 0 else n + 1 + i for i in self.config.feature_layers]
+
+    def encoder_target_modules(self) -> str:
+        """:data:`ENCODER_TARGET_MODULES` restricted to the encoder layers the heads train through
+        (layers after the last one read are frozen and must stay so under DDP)."""
+        layers = "|".join(str(i) for i in range(max(self.vision_layers_used) + 1))
+        return rf".*vision_model\.(embeddings\.patch_embedding|encoder\.layers\.({layers})\..*)"
 
     def freeze_unused_clip_parameters(self) -> list[str]:
         """Freeze the CLIP parameters no head trains through; returns their names."""

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from ..frameworks.modeling_base import ENCODER_TARGET_MODULES
 from ..io import atomic_write_text
 
 FRAMEWORKS = ("deeplabv3", "mask2former", "fcclip")
@@ -196,7 +195,7 @@ def build_model(args: TrainArguments, clip_path: str, image_size: int, seen_clas
             else:
                 cfg = SpectralTuningConfig.from_pretrained(args.spectral_config)
         else:
-            cfg = SpectralTuningConfig(freeze_rule=args.freeze_rule, target_modules=ENCODER_TARGET_MODULES)
+            cfg = SpectralTuningConfig(freeze_rule=args.freeze_rule, target_modules=model.encoder_target_modules())
         spectral = get_spectral_model(model, cfg)
         model = spectral
     return model, mask, spectral
