@@ -1,11 +1,12 @@
-"""Atomic file writes: a temporary file in the target directory, then ``os.replace``.
+"""Atomic writes: a temporary file (or directory) beside the target, then a rename.
 
-A crash or an exception mid-write never leaves a half-written file under the final name.
+A crash or an exception mid-write never leaves a half-written file or directory under the final name.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -32,6 +33,28 @@ def atomic_path(path: str | Path):
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def atomic_directory(path: str | Path):
+    """Yield a temporary directory beside ``path`` to fill; on success it replaces ``path`` (an existing
+    directory there is removed only after the new one is complete), on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

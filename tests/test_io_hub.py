@@ -6,7 +6,7 @@ from unittest import mock
 import pytest
 
 from opentrans_hf.hub import push_folder_to_hub, resolve_pretrained_dir
-from opentrans_hf.io import atomic_write_text, atomic_write_with
+from opentrans_hf.io import atomic_directory, atomic_write_text, atomic_write_with
 
 
 def test_failed_write_leaves_previous_file_and_no_temp(tmp_path):
@@ -22,6 +22,25 @@ def test_failed_write_leaves_previous_file_and_no_temp(tmp_path):
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
     assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def test_atomic_directory_replaces_only_when_complete(tmp_path):
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("v1")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "x").write_text("a")
+    assert (target / "weights").read_text() == "v1" and (target / "sub" / "x").read_text() == "a"
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_directory(target) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("killed")
+    assert (target / "weights").read_text() == "v1"  # the previous version is intact
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert sorted(p.name for p in target.iterdir()) == ["weights"]  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporaries left
+    assert oct(target.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
 
 
 def _umask():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_text, atomic_write_with, json_safe
+from ..io import atomic_directory, atomic_write_text, atomic_write_with, json_safe
 
 
 def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, spectral, eval_splits) -> dict:
@@ -19,14 +19,18 @@ def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, sp
     plain = spectral.base_model if spectral is not None else model
     # the model directory is what a Hub repo of the run holds: the framework (+ tokenizer and card),
     # and the adapters it was made with in subfolders
-    plain.save_pretrained(out / "model")
+    with atomic_directory(out / "model") as tmp:  # never a half-written model directory
+        plain.save_pretrained(tmp)
+        if spectral is not None:
+            spectral.save_pretrained(tmp / "spectral_adapter")
+        if mask is not None:
+            mask.save_pretrained(tmp / "mask_adapter")
+        atomic_write_text(tmp / "README.md", render_training_card(args, metrics, spectral, mask))
     paths["model"] = out / "model"
     if spectral is not None:
-        paths["spectral_adapter"] = spectral.save_pretrained(out / "model" / "spectral_adapter")
+        paths["spectral_adapter"] = out / "model" / "spectral_adapter"
     if mask is not None:
-        paths["mask_adapter"] = mask.save_pretrained(out / "model" / "mask_adapter")
-    card = render_training_card(args, metrics, spectral, mask)
-    atomic_write_text(out / "model" / "README.md", card)
+        paths["mask_adapter"] = out / "model" / "mask_adapter"
     metrics = dict(metrics, args=asdict(args))
     atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
     paths["metrics"] = out / "metrics.json"
