@@ -120,6 +120,9 @@ def render_model_card(template: str, card_data: dict, **variables) -> str:
     path = MODEL_CARDS_DIR / template
     if not path.is_file():
         raise FileNotFoundError(f"model card template {path} does not exist")
+    base = card_data.get("base_model")
+    if base is not None and (Path(str(base)).exists() or str(base).startswith(("/", "."))):
+        card_data = {k: v for k, v in card_data.items() if k != "base_model"}  # the Hub takes repo ids only
     card = ModelCard.from_template(ModelCardData(**card_data), template_path=str(path), **variables)
     return str(card)
 

@@ -81,3 +81,18 @@ def test_push_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="cannot push to the Hub repo 'me/x': HF_HUB_OFFLINE is set"):
         push_folder_to_hub(tmp_path, "me/x")
+
+
+def test_model_card_keeps_hub_base_model_and_drops_local_paths(tmp_path):
+    import torch
+
+    from opentrans_hf import magnitude_prune
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    mask = magnitude_prune(model, 0.5, target_modules=["0", "1"])
+    for base, expected in (("openai/clip-vit-base-patch16", True), (str(tmp_path), False)):
+        mask.base_model_name_or_path = base
+        mask.save_pretrained(tmp_path / "m")
+        meta = (tmp_path / "m" / "README.md").read_text().split("---")[1]
+        assert ("base_model: openai/clip-vit-base-patch16" in meta) == expected
+        assert ("base_model:" in meta) == expected

@@ -61,7 +61,7 @@ def render_training_card(args, metrics: dict, spectral, mask) -> str:
     card_data = {
         "library_name": "opentrans-hf",
         "tags": ["image-segmentation", "open-vocabulary", "opentrans", args.framework],
-        "base_model": args.model_name_or_path if args.model_name_or_path else None,
+        "base_model": args.model_name_or_path or None,
         "model-index": [{"name": model_id, "results": results}],
     }
     return render_model_card(
