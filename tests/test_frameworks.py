@@ -254,3 +254,16 @@ def test_spectral_tuning_skips_encoder_layers_no_head_reads(tiny_clip_dir):
     spectral(pixel_values=x, labels=y, class_names=NAMES).loss.backward()
     # DDP-safe: nothing trainable is left without a gradient
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", list(FRAMEWORKS))
+def test_batch_with_no_labelled_pixel(name, tiny_clip_dir):
+    """A crop showing only held-out (ignored) classes: finite loss, every trainable parameter still in
+    the graph (a DDP step must not fail on it)."""
+    model = build(name, tiny_clip_dir)
+    x, _ = batch()
+    y = torch.full((2, 30, 30), 255)
+    loss = model(pixel_values=x, labels=y, class_names=NAMES).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
