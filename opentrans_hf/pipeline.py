@@ -23,6 +23,8 @@ from pathlib import Path
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from .training.trainer import FRAMEWORKS
+
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", default=None, help="CLIP (Hub id or dir); default: random small CLIP built locally")
     p.add_argument("--dataset", default="embedded", help="training dataset (Hub name, save_to_disk dir, image/label folder, 'embedded')")
@@ -34,7 +36,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--reduce_labels", action="store_true", help="label 0 -> ignore, others -1 (ADE20K)")
     p.add_argument("--holdout_classes", nargs="+", default=None,
                    help="classes left out of training, evaluated zero-shot ('none': train on all)")
-    p.add_argument("--framework", default="deeplabv3", choices=["deeplabv3", "mask2former", "fcclip"])
+    p.add_argument("--framework", default="deeplabv3", choices=FRAMEWORKS)
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--estimator", default="opentrans", choices=["opentrans", "ww"])
     p.add_argument("--freeze_rule", default="median", help="spectral tuning rule (median, ratio, threshold, top_k)")
@@ -52,12 +54,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def run(args) -> dict:
     from accelerate import PartialState
-
-    from .distributed import cpu_only_multiprocess
     from transformers import CLIPVisionModel
 
+    from .distributed import cpu_only_multiprocess
     from .hub import load_or_explain, quiet_loading
-    from .io import atomic_write_text, json_safe
+    from .io import atomic_write_text, json_safe, read_json
     from .pruning import cli as prune_cli
     from .random_clip import clip_or_random
     from .spectral import analyze_spectra
@@ -79,7 +80,7 @@ def run(args) -> dict:
     if state.is_main_process:
         paths["spectral_report"] = report.to_json(out / "spectral" / "report.json")
         try:
-            paths["alpha_plot"] = report.plot(out / "spectral" / "alpha.png")
+            paths["dense_alpha_plot"] = report.plot(out / "spectral" / "alpha.png")
         except ImportError as err:
             say(f"plot skipped: {err}")
     alphas = sorted(report.alphas.values())
@@ -126,9 +127,8 @@ def run(args) -> dict:
         "seconds": {"spectral": round(t_spectral, 1), "prune": round(t_prune, 1), "total": round(time.time() - t0, 1)},
     }
     if state.is_main_process:
-        paths.update({"mask_adapter": Path(pruned["mask"]), "model": out / "train" / "model",
-                      "spectral_adapter": out / "train" / "model" / "spectral_adapter", "metrics": out / "train" / "metrics.json",
-                      "plots": out / "train" / "plots"})
+        paths["pruned_mask"] = Path(pruned["mask"])
+        paths.update(read_json(out / "train" / "outputs.json", "training outputs"))  # written by run_training
         paths["summary"] = atomic_write_text(out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
         say("\n" + table)
         say(f"\nfinished in {summary['seconds']['total']:.0f} s; outputs:")

@@ -83,7 +83,7 @@ class OpenVocabClassifier(nn.Module):
         if not trainable:
             if len(self._cache) > 16:
                 self._cache.clear()
-            self._cache[self._cache_key(clip, names, device)] = emb
+            self._cache[key] = emb
         return emb
 
     def forward(self, embeddings: torch.Tensor, text_embeddings: torch.Tensor, dim: int = -1) -> torch.Tensor:

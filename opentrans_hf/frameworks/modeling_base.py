@@ -18,7 +18,11 @@ from .backbone import check_pixel_values
 from .classifier import OpenVocabClassifier, check_class_names
 from .configuration import OVSConfig
 
-ENCODER_TARGET_MODULES = r".*vision_model\.(embeddings\.patch_embedding|encoder\.layers\.\d+\..*)"
+def _encoder_targets(layers: str) -> str:
+    return rf".*vision_model\.(embeddings\.patch_embedding|encoder\.layers\.({layers})\..*)"
+
+
+ENCODER_TARGET_MODULES = _encoder_targets(r"\d+")
 """``target_modules`` (a PEFT regex) selecting every Linear/Conv of the CLIP image encoder inside a
 framework, a ``CLIPModel`` or a ``CLIPVisionModel``: what spectral tuning decides on."""
 
@@ -103,8 +107,7 @@ class OVSPreTrainedModel(PreTrainedModel):
     def encoder_target_modules(self) -> str:
         """:data:`ENCODER_TARGET_MODULES` restricted to the encoder layers the heads train through
         (layers after the last one read are frozen and must stay so under DDP)."""
-        layers = "|".join(str(i) for i in range(max(self.vision_layers_used) + 1))
-        return rf".*vision_model\.(embeddings\.patch_embedding|encoder\.layers\.({layers})\..*)"
+        return _encoder_targets("|".join(str(i) for i in range(max(self.vision_layers_used) + 1)))
 
     def freeze_unused_clip_parameters(self) -> list[str]:
         """Freeze the CLIP parameters no head trains through; returns their names."""

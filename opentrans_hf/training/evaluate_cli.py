@@ -26,15 +26,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args) -> dict:
-    from ..distributed import make_accelerator
+    from transformers import AutoModel
 
+    from ..distributed import make_accelerator
     from ..frameworks import FRAMEWORKS  # noqa: F401  (registers the frameworks with AutoModel)
     from ..hub import load_or_explain
     from ..io import atomic_write_text, json_safe
     from .evaluation import evaluate_splits, results_table
     from .trainer import load_split, parse_split_spec
-
-    from transformers import AutoModel
 
     accelerator = make_accelerator()
     model = load_or_explain(args.model, lambda: AutoModel.from_pretrained(args.model), "OVS model")
@@ -45,7 +44,7 @@ def run(args) -> dict:
     splits = {}
     for spec in args.datasets:
         name, split = parse_split_spec(spec)
-        splits[f"{name}:{split}"], _ = load_split(
+        splits[f"{name}:{split}"] = load_split(
             name, split, size, seed=args.seed, embedded_size=args.embedded_size, class_names=args.class_names,
             id2label=args.id2label, reduce_labels=args.reduce_labels)
     results = evaluate_splits(model, splits, seen_classes=model.config.seen_class_names, batch_size=args.batch_size,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, read_json
 
 FRAMEWORKS = ("deeplabv3", "mask2former", "fcclip")
 EMBEDDED = "embedded"
@@ -110,14 +110,11 @@ def framework_class(name: str):
     return FRAMEWORKS[name]
 
 
-def load_split(name: str, split: str, image_size: int, *, train: bool = False, seed: int = 0,
-               embedded_size: int = 192, class_names=None, id2label=None, image_column=None, label_column=None,
-               reduce_labels: bool = False, keep_classes=None):
-    """One split of a dataset (``'embedded'``, Hub name, ``save_to_disk`` dir or image/label folder) as a
-    :class:`SegmentationSplit` with the training or evaluation transform; returns (split, default held-out)."""
+def load_source(name: str, split: str, image_size: int, *, seed: int = 0, embedded_size: int = 192,
+                class_names=None, id2label=None, image_column=None, label_column=None) -> dict:
+    """One split of a dataset (``'embedded'``, Hub name, ``save_to_disk`` dir or image/label folder):
+    the HF dataset, its class names and columns, and its default held-out classes."""
     from ..data.loading import find_columns, load_segmentation_dataset, resolve_class_names
-    from ..data.transforms import SegmentationTransform
-    from .data import SegmentationSplit
 
     if name == EMBEDDED:
         from ..data import synthetic
@@ -132,10 +129,28 @@ def load_split(name: str, split: str, image_size: int, *, train: bool = False, s
     img_col, lab_col = find_columns(ds, image_column, label_column)
     if lab_col is None:
         raise ValueError(f"dataset {name!r} split {split!r} has no label column (columns: {ds.column_names})")
+    return {"ds": ds, "names": names, "image_column": img_col, "label_column": lab_col, "holdout": holdout}
+
+
+def make_split(source: dict, image_size: int, *, train: bool = False, reduce_labels: bool = False,
+               keep_classes=None, seed: int = 0):
+    """A :class:`SegmentationSplit` of a :func:`load_source` result with the training or evaluation transform."""
+    from ..data.transforms import SegmentationTransform
+    from .data import SegmentationSplit
+
+    names = source["names"]
     tf = SegmentationTransform(image_size, train=train, reduce_labels=reduce_labels, num_labels=len(names))
     if keep_classes is not None and list(keep_classes) == names:
         keep_classes = None
-    return SegmentationSplit(ds, img_col, lab_col, names, tf, keep_classes=keep_classes, seed=seed), holdout
+    return SegmentationSplit(source["ds"], source["image_column"], source["label_column"], names, tf,
+                             keep_classes=keep_classes, seed=seed)
+
+
+def load_split(name: str, split: str, image_size: int, *, seed: int = 0, embedded_size: int = 192,
+               reduce_labels: bool = False, **source_kwargs):
+    """An evaluation :class:`SegmentationSplit` of one dataset split (:func:`load_source` + :func:`make_split`)."""
+    source = load_source(name, split, image_size, seed=seed, embedded_size=embedded_size, **source_kwargs)
+    return make_split(source, image_size, reduce_labels=reduce_labels, seed=seed)
 
 
 def parse_split_spec(spec: str, default_split: str = "validation") -> tuple[str, str]:
@@ -148,12 +163,11 @@ def parse_split_spec(spec: str, default_split: str = "validation") -> tuple[str,
 
 def load_training_data(args: TrainArguments, image_size: int):
     """(train split on the seen classes, {name: eval split}, held-out classes)."""
-    common = dict(seed=args.seed, embedded_size=args.embedded_size, image_column=args.image_column,
-                  label_column=args.label_column, reduce_labels=args.reduce_labels)
-    full, default_holdout = load_split(args.dataset, args.train_split, image_size, class_names=args.class_names,
-                                       id2label=args.id2label, **common)
-    names = full.class_names
-    holdout = list(args.holdout_classes) if args.holdout_classes is not None else default_holdout
+    common = dict(seed=args.seed, embedded_size=args.embedded_size, class_names=args.class_names,
+                  id2label=args.id2label, image_column=args.image_column, label_column=args.label_column)
+    source = load_source(args.dataset, args.train_split, image_size, **common)
+    names = source["names"]
+    holdout = list(args.holdout_classes) if args.holdout_classes is not None else source["holdout"]
     if [c.lower() for c in holdout] == ["none"]:
         holdout = []
     unknown = [c for c in holdout if c not in names]
@@ -162,14 +176,13 @@ def load_training_data(args: TrainArguments, image_size: int):
     seen = [c for c in names if c not in holdout]
     if not seen:
         raise ValueError(f"all classes {names} are held out: nothing to train on")
-    train, _ = load_split(args.dataset, args.train_split, image_size, train=True, class_names=args.class_names,
-                          id2label=args.id2label, keep_classes=seen, **common)
-    evals = {}
-    evals[f"{args.dataset}:{args.eval_split}"], _ = load_split(
-        args.dataset, args.eval_split, image_size, class_names=args.class_names, id2label=args.id2label, **common)
+    train = make_split(source, image_size, train=True, reduce_labels=args.reduce_labels, keep_classes=seen,
+                       seed=args.seed)
+    evals = {f"{args.dataset}:{args.eval_split}": load_split(args.dataset, args.eval_split, image_size,
+                                                             reduce_labels=args.reduce_labels, **common)}
     for spec in args.eval_datasets:
         name, split = parse_split_spec(spec)
-        evals[f"{name}:{split}"], _ = load_split(name, split, image_size, seed=args.seed, embedded_size=args.embedded_size)
+        evals[f"{name}:{split}"] = load_split(name, split, image_size, seed=args.seed, embedded_size=args.embedded_size)
     return train, evals, holdout
 
 
@@ -191,7 +204,7 @@ def build_model(args: TrainArguments, clip_path: str, image_size: int, seen_clas
         if args.spectral_config:
             p = Path(args.spectral_config)
             if p.is_file():
-                cfg = SpectralTuningConfig(**json.loads(p.read_text()))
+                cfg = SpectralTuningConfig(**read_json(p, "spectral tuning config"))
             else:
                 cfg = SpectralTuningConfig.from_pretrained(args.spectral_config)
         else:
@@ -201,15 +214,13 @@ def build_model(args: TrainArguments, clip_path: str, image_size: int, seen_clas
     return model, mask, spectral
 
 
-
-
 def run_training(args: TrainArguments) -> dict:
     """Train, evaluate, write everything to ``args.output_dir``; returns the final metrics."""
-    from ..distributed import make_accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
+    from transformers import CLIPConfig, get_scheduler
 
+    from ..distributed import make_accelerator
     from ..random_clip import clip_or_random
     from .data import make_loader
 
@@ -223,8 +234,6 @@ def run_training(args: TrainArguments) -> dict:
     )
     set_seed(args.seed)
     clip_path = clip_or_random(args.model_name_or_path, out, args.seed, accelerator)
-    from transformers import CLIPConfig
-
     image_size = args.image_size or CLIPConfig.from_pretrained(clip_path).vision_config.image_size
     train_split, eval_splits, holdout = load_training_data(args, image_size)
     model, mask, spectral = build_model(args, clip_path, image_size, train_split.class_names)
@@ -252,7 +261,7 @@ def run_training(args: TrainArguments) -> dict:
         step = int(ckpt.name.split("_")[-1])
         hist = ckpt / "history.json"
         if hist.is_file():
-            history = json.loads(hist.read_text())
+            history = read_json(hist, "training history")
         accelerator.print(f"resumed from {ckpt} at step {step}")
 
     class_names = train_split.class_names
