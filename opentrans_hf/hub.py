@@ -18,7 +18,9 @@ def is_offline() -> bool:
 
 def load_or_explain(name_or_path: str | os.PathLike, loader: Callable[[], T], what: str = "model") -> T:
     """Call ``loader()`` (a ``from_pretrained``); turn a failed Hub lookup into an error that says
-    whether ``name_or_path`` was taken as a local directory or a Hub id, and what to do."""
+    whether ``name_or_path`` was taken as a local directory or a Hub id, and what to do. A missing
+    local path fails at once (no Hub retries)."""
+    check_local_or_hub(name_or_path, what)
     try:
         return loader()
     except (OSError, ValueError) as err:
@@ -34,6 +36,30 @@ def load_or_explain(name_or_path: str | os.PathLike, loader: Callable[[], T], wh
             f"could not load the {what} {str(name_or_path)!r}: it is not a local directory, and loading it as a "
             f"Hugging Face Hub id failed ({hint}). Original error: {err}"
         ) from err
+
+
+def looks_like_local_path(name: str | os.PathLike) -> bool:
+    """True when ``name`` can only be meant as a local path: absolute, ``./``/``../``/``~`` relative,
+    more than two components (a Hub id is ``name`` or ``owner/name``), or whose parent directory exists."""
+    s = str(name)
+    if s in (".", "..") or s.startswith(("/", "./", "../", "~", ".\\", "..\\")):
+        return True
+    parts = Path(s).parts
+    if len(parts) > 2:
+        return True
+    return len(parts) == 2 and Path(parts[0]).is_dir()
+
+
+def check_local_or_hub(name_or_path: str | os.PathLike | None, what: str = "path") -> None:
+    """Raise ``FileNotFoundError`` ("no such directory") when ``name_or_path`` is meant as a local path
+    (:func:`looks_like_local_path`) but does not exist, instead of trying it as a Hub id for a while."""
+    if name_or_path is None or Path(name_or_path).expanduser().exists():
+        return
+    if looks_like_local_path(name_or_path):
+        raise FileNotFoundError(
+            f"{what} {str(name_or_path)!r}: no such directory (a local path, so it is not looked up "
+            f"on the Hugging Face Hub; a Hub id is 'name' or 'owner/name')"
+        )
 
 
 MODEL_CARDS_DIR = Path(__file__).parent / "model_cards"
@@ -59,6 +85,7 @@ def resolve_pretrained_dir(
         return p
     if p.exists():
         raise NotADirectoryError(f"{what} path {p} is a file; pass the directory that holds {filenames}")
+    check_local_or_hub(name_or_path, what)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 

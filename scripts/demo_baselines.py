@@ -14,7 +14,7 @@ from opentrans_hf.frameworks import CLIPDeepLabV3ForOVS
 from opentrans_hf.io import read_json
 from opentrans_hf.training.evaluation import evaluate_splits, results_table
 from opentrans_hf.training.metrics import SegmentationMetric
-from opentrans_hf.training.trainer import load_split
+from opentrans_hf.data.assembly import load_split
 
 
 def main():

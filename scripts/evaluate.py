@@ -8,7 +8,9 @@ and `python`.
 All arguments: `python scripts/evaluate.py --help` (same as `opentrans-hf evaluate`).
 """
 
-from opentrans_hf.training.evaluate_cli import main
+import sys
+
+from opentrans_hf.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

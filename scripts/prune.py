@@ -6,10 +6,13 @@
 Defaults run on the embedded procedural dataset with a random-initialised small CLIP (no downloads).
 Writes <output_dir>/round_XX/ (mask adapter after every round; an interrupted run resumes), the final
 mask in <output_dir>/mask/, its per-layer sparsity plot, and params/MACs in <output_dir>/counts.json.
-Same as `opentrans-hf prune`.
+
+All arguments: `python scripts/prune.py --help` (same as `opentrans-hf prune`).
 """
 
-from opentrans_hf.pruning.cli import main
+import sys
+
+from opentrans_hf.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["prune", *sys.argv[1:]]))

@@ -7,7 +7,9 @@ tuning, then evaluate zero-shot. Runs under `accelerate launch` (any number of p
 All arguments: `python scripts/train.py --help` (same as `opentrans-hf train`).
 """
 
-from opentrans_hf.training.trainer import main
+import sys
+
+from opentrans_hf.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -72,7 +72,7 @@ def test_cli_local_directory_and_towers(tmp_path, tiny_clip_dir):
 
 def test_cli_missing_model_offline_is_a_clear_error(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert main(["analyze", "nobody/no-such-model", "--no-progress"]) == 2
+    assert main(["analyze", "nobody/no-such-model", "--no-progress"]) == 1  # a run that failed
     err = capsys.readouterr().err
     assert "'nobody/no-such-model'" in err and "not a local directory" in err and "HF_HUB_OFFLINE" in err
 

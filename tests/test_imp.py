@@ -12,7 +12,7 @@ from transformers import CLIPVisionModel
 from opentrans_hf import IMPConfig, SparseMask, iterative_magnitude_prune
 from opentrans_hf.data import SegmentationTransform, embedded_dataset
 from opentrans_hf.pruning import distillation_loss
-from opentrans_hf.training.data import SegmentationSplit, make_loader
+from opentrans_hf.data.splits import SegmentationSplit, make_loader
 
 
 def loader(size=30, n=8):

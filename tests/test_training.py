@@ -14,7 +14,8 @@ from transformers import AutoModel, CLIPModel
 
 from opentrans_hf import SparseMask, SpectralTuningConfig, magnitude_prune
 from opentrans_hf.frameworks import CLIPDeepLabV3ForOVS, CLIPFCCLIPForOVS, CLIPMask2FormerForOVS
-from opentrans_hf.training.trainer import parse_args, run_training
+from opentrans_hf.commands import parse_args
+from opentrans_hf.commands.train import run as run_training
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -27,7 +28,7 @@ def tiny_mask(tiny_clip_dir, tmp_path_factory):
 
 
 def train(tiny_clip_dir, out, *extra):
-    return run_training(parse_args([
+    return run_training(parse_args("train", [
         "--model_name_or_path", str(tiny_clip_dir), "--output_dir", str(out), "--batch_size", "4",
         "--embedded_size", "16", "--max_eval_examples", "8", "--learning_rate", "1e-3", *extra,
     ]))
@@ -100,7 +101,7 @@ def test_evaluate_several_datasets_own_class_names(tiny_clip_dir, tmp_path):
     from PIL import Image as PILImage
 
     from opentrans_hf.data.synthetic import embedded_dataset
-    from opentrans_hf.training.evaluate_cli import main as evaluate_main
+    from opentrans_hf.commands import evaluate
 
     train(tiny_clip_dir, tmp_path / "run", "--max_steps", "2")
     # a second dataset with other class names (3 classes; labels remapped)
@@ -114,9 +115,9 @@ def test_evaluate_several_datasets_own_class_names(tiny_clip_dir, tmp_path):
     (tmp_path / "other").mkdir()
     other.save_to_disk(tmp_path / "other" / "validation")
     (tmp_path / "other" / "id2label.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}))
-    results = evaluate_main(["--model", str(tmp_path / "run" / "model"), "--datasets", "embedded:validation",
+    results = evaluate.run(parse_args("evaluate", ["--model", str(tmp_path / "run" / "model"), "--datasets", "embedded:validation",
                              str(tmp_path / "other" / "validation"), "--id2label", str(tmp_path / "other" / "id2label.json"),
-                             "--max_examples", "6", "--out", str(tmp_path / "eval.json")])
+                             "--max_examples", "6", "--out", str(tmp_path / "eval.json")]))
     assert list(results) == ["embedded:validation", f"{tmp_path / 'other' / 'validation'}:validation"]
     assert len(results["embedded:validation"]["per_category_iou"]) == 8
     other_res = results[f"{tmp_path / 'other' / 'validation'}:validation"]
@@ -145,12 +146,14 @@ def test_label_outside_classes_names_example_and_value(tiny_clip_dir, tmp_path):
 
 
 def test_bad_arguments():
+    from opentrans_hf.commands.train import TrainArguments
+
     with pytest.raises(ValueError, match="unknown framework"):
-        parse_args(["--framework", "segformer"])
+        TrainArguments(framework="segformer")
     with pytest.raises(ValueError, match="hub_model_id"):
-        parse_args(["--push_to_hub"])
+        parse_args("train", ["--push_to_hub"])
     with pytest.raises(ValueError, match="either --spectral_config or --freeze_rule"):
-        parse_args(["--freeze_rule", "median", "--spectral_config", "x.json"])
+        parse_args("train", ["--freeze_rule", "median", "--spectral_config", "x.json"])
 
 
 def test_push_to_hub_uploads_the_model_folder(tiny_clip_dir, tmp_path, monkeypatch):

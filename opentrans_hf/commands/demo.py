@@ -15,111 +15,119 @@ Runs under ``accelerate launch`` too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from ..hub import check_local_or_hub
+from . import ArgumentError
+from .train import FRAMEWORKS, FreezeRule, Framework
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from .training.trainer import FRAMEWORKS
+@dataclass
+class DemoArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP (Hub id or dir); default: a random-initialised small CLIP built locally"})
+    dataset: str = field(default="embedded", metadata={"help": "training dataset (Hub name, save_to_disk dir, image/label folder, 'embedded')"})
+    eval_datasets: list[str] = field(default_factory=list, metadata={"help": "extra zero-shot evaluation datasets NAME[:SPLIT]"})
+    image_column: str | None = field(default=None, metadata={"help": "image column (default: detected)"})
+    label_column: str | None = field(default=None, metadata={"help": "label-map column (default: detected)"})
+    class_names: list[str] | None = field(default=None, metadata={"help": "class names of --dataset, index = label value"})
+    id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names of --dataset"})
+    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K)"})
+    holdout_classes: list[str] | None = field(default=None, metadata={"help": "classes left out of training, evaluated zero-shot ('none': train on all)"})
+    framework: Framework = field(default="deeplabv3", metadata={"help": "OVS framework"})
+    output_dir: str = field(default="runs/demo", metadata={"help": "where everything is written"})
+    estimator: Literal["opentrans", "ww"] = field(default="opentrans", metadata={"help": "alpha estimator"})
+    freeze_rule: FreezeRule = field(default="median", metadata={"help": "spectral tuning rule"})
+    target_sparsity: float = field(default=0.9, metadata={"help": "sparsity of the pruned encoder (the paper's 0.9)"})
+    prune_rate: float = field(default=0.1, metadata={"help": "fraction of remaining weights pruned per round (the paper's 0.1)"})
+    prune_steps_per_round: int = field(default=10, metadata={"help": "distillation steps between rounds (the paper: 5000)"})
+    max_steps: int = field(default=500, metadata={"help": "fine-tuning steps"})
+    batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "fine-tuning learning rate"})
+    embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
+    max_eval_examples: int | None = field(default=None, metadata={"help": "cap on evaluation examples per dataset"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
 
-    p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", default=None, help="CLIP (Hub id or dir); default: random small CLIP built locally")
-    p.add_argument("--dataset", default="embedded", help="training dataset (Hub name, save_to_disk dir, image/label folder, 'embedded')")
-    p.add_argument("--eval_datasets", nargs="+", default=[], help="extra zero-shot evaluation datasets NAME[:SPLIT]")
-    p.add_argument("--image_column", default=None, help="image column (default: detected)")
-    p.add_argument("--label_column", default=None, help="label-map column (default: detected)")
-    p.add_argument("--class_names", nargs="+", default=None, help="class names of --dataset, index = label value")
-    p.add_argument("--id2label", default=None, help="JSON file {id: name} with the class names of --dataset")
-    p.add_argument("--reduce_labels", action="store_true", help="label 0 -> ignore, others -1 (ADE20K)")
-    p.add_argument("--holdout_classes", nargs="+", default=None,
-                   help="classes left out of training, evaluated zero-shot ('none': train on all)")
-    p.add_argument("--framework", default="deeplabv3", choices=FRAMEWORKS)
-    p.add_argument("--output_dir", default="runs/demo")
-    p.add_argument("--estimator", default="opentrans", choices=["opentrans", "ww"])
-    p.add_argument("--freeze_rule", default="median", help="spectral tuning rule (median, ratio, threshold, top_k)")
-    p.add_argument("--target_sparsity", type=float, default=0.9, help="sparsity of the pruned encoder (the paper's 0.9)")
-    p.add_argument("--prune_rate", type=float, default=0.1, help="fraction of remaining weights pruned per round (the paper's 0.1)")
-    p.add_argument("--prune_steps_per_round", type=int, default=10, help="distillation steps between rounds (paper: 5000)")
-    p.add_argument("--max_steps", type=int, default=500, help="fine-tuning steps")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--embedded_size", type=int, default=192)
-    p.add_argument("--max_eval_examples", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    return p
+    def __post_init__(self):
+        if self.framework not in FRAMEWORKS:
+            raise ArgumentError(f"unknown framework {self.framework!r}; choose one of {FRAMEWORKS}")
+        if self.max_steps < 1:
+            raise ArgumentError(f"--max_steps must be >= 1, got {self.max_steps}")
+        check_local_or_hub(self.model_name_or_path, "--model_name_or_path")
+        if self.dataset != "embedded":
+            check_local_or_hub(self.dataset, "--dataset")
 
 
-def run(args) -> dict:
+ARGUMENTS = DemoArguments
+
+
+def run(args: DemoArguments) -> dict:
+    """The four steps, each one job's ``run`` with typed arguments; returns the summary."""
     from accelerate import PartialState
-    from transformers import CLIPVisionModel
 
-    from .distributed import cpu_only_multiprocess
-    from .hub import load_or_explain, quiet_loading
-    from .io import atomic_write_text, json_safe, read_json
-    from .pruning import cli as prune_cli
-    from .random_clip import clip_or_random
-    from .spectral import analyze_spectra
-    from .training.evaluation import results_table
-    from .training.trainer import TrainArguments, run_training
+    from ..distributed import cpu_only_multiprocess
+    from ..io import atomic_write_text, json_safe, read_json
+    from ..random_clip import clip_or_random
+    from ..training.evaluation import results_table
+    from . import analyze, prune, train
 
     state = PartialState(cpu=cpu_only_multiprocess())
     out = Path(args.output_dir)
     t0 = time.time()
     clip = clip_or_random(args.model_name_or_path, out, args.seed, state)
-
-    # 1. spectral analysis of the image encoder
     say = print if state.is_main_process else (lambda *a, **k: None)
+
+    # 1. spectral analysis of the image encoder (a look at the dense model; cheap, so the main process alone)
     say(f"[1/4] spectral analysis ({args.estimator}) of the CLIP image encoder: {clip}")
-    with quiet_loading():
-        vision = load_or_explain(clip, lambda: CLIPVisionModel.from_pretrained(clip), "CLIP model")
-    report = analyze_spectra(vision, estimator=args.estimator, keep_eigenvalues=True)
-    paths = {}
+    paths, spectral = {}, None
     if state.is_main_process:
-        paths["spectral_report"] = report.to_json(out / "spectral" / "report.json")
+        paths["spectral_report"] = out / "spectral" / "report.json"
+        paths["dense_alpha_plot"] = out / "spectral" / "alpha.png"
         try:
-            paths["dense_alpha_plot"] = report.plot(out / "spectral" / "alpha.png")
-        except ImportError as err:
-            say(f"plot skipped: {err}")
-    alphas = sorted(report.alphas.values())
-    if alphas:
-        say(f"{len(alphas)} layers analysed: alpha median {statistics.median(alphas):.2f}, "
-            f"range {alphas[0]:.2f}-{alphas[-1]:.2f}")
+            import matplotlib  # noqa: F401
+        except ImportError:
+            say("plot skipped: matplotlib is not installed")
+            paths.pop("dense_alpha_plot")
+        report = analyze.run(analyze.AnalyzeArguments(
+            model=clip, estimator=args.estimator, out=str(paths["spectral_report"]),
+            plot=str(paths["dense_alpha_plot"]) if "dense_alpha_plot" in paths else None,
+            no_progress=True, print_layers=False))
+        alphas = sorted(report.alphas.values())
+        spectral = {"estimator": args.estimator, "layers": len(alphas),
+                    "median_alpha": statistics.median(alphas) if alphas else None}
+    state.wait_for_everyone()
     t_spectral = time.time() - t0
 
     # 2. semantic-agnostic IMP of the encoder -> mask adapter
     say(f"[2/4] iterative magnitude pruning to {args.target_sparsity:.0%} (rate {args.prune_rate}, "
         f"{args.prune_steps_per_round} distillation steps per round)")
-    prune_args = prune_cli.build_parser().parse_args([
-        "--model_name_or_path", clip, "--dataset", args.dataset, "--rate", str(args.prune_rate),
-        "--target_sparsity", str(args.target_sparsity), "--steps_per_round", str(args.prune_steps_per_round),
-        "--batch_size", str(args.batch_size), "--learning_rate", "1e-4", "--output_dir", str(out / "prune"),
-        "--seed", str(args.seed), "--embedded_size", str(args.embedded_size),
-        *(["--image_column", args.image_column] if args.image_column else []),
-        *(["--label_column", args.label_column] if args.label_column else []),
-    ])
-    pruned = prune_cli.run(prune_args)
+    pruned = prune.run(prune.PruneArguments(
+        model_name_or_path=clip, dataset=args.dataset, rate=args.prune_rate, target_sparsity=args.target_sparsity,
+        steps_per_round=args.prune_steps_per_round, batch_size=args.batch_size, learning_rate=1e-4,
+        output_dir=str(out / "prune"), seed=args.seed, embedded_size=args.embedded_size,
+        image_column=args.image_column, label_column=args.label_column,
+    ))
     t_prune = time.time() - t0 - t_spectral
 
     # 3 + 4. spectral fine-tuning of the framework with the mask applied, then evaluation
     say(f"[3/4] spectral fine-tuning ({args.freeze_rule} rule) of {args.framework} with the mask, {args.max_steps} steps")
-    train_args = TrainArguments(
+    metrics = train.run(train.TrainArguments(
         model_name_or_path=clip, framework=args.framework, dataset=args.dataset, eval_datasets=list(args.eval_datasets),
         freeze_rule=args.freeze_rule, mask=pruned["mask"], max_steps=args.max_steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, output_dir=str(out / "train"), seed=args.seed,
         embedded_size=args.embedded_size, max_eval_examples=args.max_eval_examples,
         image_column=args.image_column, label_column=args.label_column, class_names=args.class_names,
         id2label=args.id2label, reduce_labels=args.reduce_labels, holdout_classes=args.holdout_classes,
-    )
-    metrics = run_training(train_args)
+    ))
     say("[4/4] evaluation (zero-shot on the held-out classes)")
     table = results_table(metrics["eval"])
     summary = {
         "clip": clip,
-        "spectral": {"estimator": args.estimator, "layers": len(report.alphas),
-                     "median_alpha": statistics.median(alphas) if alphas else None},
+        "spectral": spectral,
         "pruning": pruned,
         "training": {k: metrics[k] for k in ("framework", "steps", "train_seconds", "final_train_loss",
                                              "train_classes", "holdout_classes")},
@@ -128,7 +136,7 @@ def run(args) -> dict:
     }
     if state.is_main_process:
         paths["pruned_mask"] = Path(pruned["mask"])
-        paths.update(read_json(out / "train" / "outputs.json", "training outputs"))  # written by run_training
+        paths.update(read_json(out / "train" / "outputs.json", "training outputs"))  # written by the train job
         paths["summary"] = atomic_write_text(out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
         say("\n" + table)
         say(f"\nfinished in {summary['seconds']['total']:.0f} s; outputs:")
@@ -136,7 +144,3 @@ def run(args) -> dict:
             say(f"  {k:17s} {v}")
     state.wait_for_everyone()
     return summary
-
-
-def main(argv=None) -> dict:
-    return run(build_parser().parse_args(argv))

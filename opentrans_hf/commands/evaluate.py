@@ -1,39 +1,55 @@
-"""``scripts/evaluate.py`` / ``opentrans-hf evaluate``: zero-shot evaluation of a trained OVS model on
-several datasets, each with its own class names, in one table (any number of processes)."""
+"""Zero-shot evaluation of a trained OVS model on several datasets, each with its own class names, in
+one table (mIoU, pixel accuracy, seen/unseen mIoU). Runs under ``accelerate launch`` (the confusion
+matrices are summed across processes) and plain ``python``:
+
+    accelerate launch scripts/evaluate.py --model runs/demo/train/model \
+        --datasets embedded:validation scene_parse_150:validation
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True, help="trained framework: output_dir/model of a training run, or a Hub id")
-    p.add_argument("--datasets", nargs="+", default=["embedded:validation"],
-                   help="NAME[:SPLIT] each: 'embedded', a Hub dataset, a save_to_disk dir or an image/label folder")
-    p.add_argument("--class_names", nargs="+", default=None, help="class names (all datasets without names of their own)")
-    p.add_argument("--id2label", default=None, help="JSON file {id: name} (same)")
-    p.add_argument("--reduce_labels", action="store_true", help="label 0 -> ignore, others -1 (ADE20K)")
-    p.add_argument("--image_size", type=int, default=None, help="evaluation resolution (default: the model's)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_examples", type=int, default=None, help="cap per dataset")
-    p.add_argument("--embedded_size", type=int, default=192)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the results as JSON here (and the table beside it as .md)")
-    return p
+from ..hub import check_local_or_hub
+from . import ArgumentError
 
 
-def run(args) -> dict:
+@dataclass
+class EvaluateArguments:
+    model: str = field(metadata={"help": "trained framework: output_dir/model of a training run, or a Hub id"})
+    datasets: list[str] = field(default_factory=lambda: ["embedded:validation"], metadata={"help": "NAME[:SPLIT] each: 'embedded', a Hub dataset, a save_to_disk dir or an image/label folder"})
+    class_names: list[str] | None = field(default=None, metadata={"help": "class names (all datasets without names of their own)"})
+    id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} (same)"})
+    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K)"})
+    image_size: int | None = field(default=None, metadata={"help": "evaluation resolution (default: the model's)"})
+    batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
+    max_examples: int | None = field(default=None, metadata={"help": "cap on examples per dataset"})
+    embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
+    seed: int = field(default=0, metadata={"help": "random seed (embedded dataset)"})
+    out: str | None = field(default=None, metadata={"help": "write the results as JSON here (and the table beside it as .md)"})
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ArgumentError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ArgumentError(f"--max_examples must be >= 1 when given, got {self.max_examples}")
+        check_local_or_hub(self.model, "--model")
+
+
+ARGUMENTS = EvaluateArguments
+
+
+def run(args: EvaluateArguments) -> dict:
     from transformers import AutoModel
 
     from ..distributed import make_accelerator
     from ..frameworks import FRAMEWORKS  # noqa: F401  (registers the frameworks with AutoModel)
     from ..hub import load_or_explain
     from ..io import atomic_write_text, json_safe
-    from .evaluation import evaluate_splits, results_table
-    from .trainer import load_split, parse_split_spec
+    from ..data.assembly import load_split, parse_split_spec
+    from ..training.evaluation import evaluate_splits, results_table
 
     accelerator = make_accelerator()
     model = load_or_explain(args.model, lambda: AutoModel.from_pretrained(args.model), "OVS model")
@@ -59,7 +75,3 @@ def run(args) -> dict:
             print(f"results written to {out} and {out.with_suffix('.md')}")
     accelerator.wait_for_everyone()
     return results
-
-
-def main(argv=None) -> dict:
-    return run(build_parser().parse_args(argv))

@@ -1,68 +1,81 @@
-"""``scripts/prune.py`` / ``opentrans-hf prune``: IMP on a segmentation (or image) dataset."""
+"""Semantic-agnostic iterative magnitude pruning of a CLIP image encoder (OpenTrans step 1) -> a binary
+mask adapter. Runs under ``accelerate launch`` (any number of processes) and plain ``python``:
+
+    accelerate launch scripts/prune.py --model_name_or_path openai/clip-vit-base-patch16 \
+        --dataset <hf segmentation dataset or dir> --num_rounds 22 --steps_per_round 5000 --output_dir runs/prune
+
+Defaults run on the embedded procedural dataset with a random-initialised small CLIP (no downloads).
+Writes <output_dir>/round_XX/ (the mask adapter after every round; an interrupted run resumes), the
+final mask in <output_dir>/mask/, its per-layer sparsity plot, and params/MACs in <output_dir>/counts.json.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from ..hub import check_local_or_hub
+from . import ArgumentError
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model_name_or_path", default=None, help="CLIP checkpoint (Hub id or dir); default: random small CLIP")
-    p.add_argument("--dataset", default="embedded", help="Hub dataset, save_to_disk dir, image/label folder, or 'embedded'")
-    p.add_argument("--split", default="train")
-    p.add_argument("--image_column", default=None)
-    p.add_argument("--label_column", default=None)
-    p.add_argument("--rate", type=float, default=0.1)
-    p.add_argument("--num_rounds", type=int, default=None)
-    p.add_argument("--target_sparsity", type=float, default=None)
-    p.add_argument("--steps_per_round", type=int, default=5000)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--learning_rate", type=float, default=1e-5)
-    p.add_argument("--scope", default="global", choices=["global", "layerwise", "alpha"])
-    p.add_argument("--no_region_loss", action="store_true", help="distil image embedding + patch tokens only")
-    p.add_argument("--output_dir", default="runs/prune")
-    p.add_argument("--no_resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--embedded_size", type=int, default=192)
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
-    return p
+@dataclass
+class PruneArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint (Hub id or dir); default: a random-initialised small CLIP built locally"})
+    dataset: str = field(default="embedded", metadata={"help": "Hub dataset, save_to_disk dir, image/label folder, or 'embedded'"})
+    split: str = field(default="train", metadata={"help": "split of --dataset to distil on"})
+    image_column: str | None = field(default=None, metadata={"help": "image column (default: detected)"})
+    label_column: str | None = field(default=None, metadata={"help": "label-map column for the region-level loss (default: detected; none: image-level only)"})
+    rate: float = field(default=0.1, metadata={"help": "fraction of the remaining weights pruned per round (the paper's 0.1)"})
+    num_rounds: int | None = field(default=None, metadata={"help": "rounds (default: enough for --target_sparsity, else 22)"})
+    target_sparsity: float | None = field(default=None, metadata={"help": "stop at the first round reaching this sparsity"})
+    steps_per_round: int = field(default=5000, metadata={"help": "distillation steps between rounds (the paper's 5000)"})
+    batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the distillation"})
+    scope: Literal["global", "layerwise", "alpha"] = field(default="global", metadata={"help": "magnitude ranking: global (the paper), per layer, or alpha-allocated"})
+    no_region_loss: bool = field(default=False, metadata={"help": "distil image embedding + patch tokens only"})
+    output_dir: str = field(default="runs/prune", metadata={"help": "where rounds, the final mask and counts are written"})
+    no_resume: bool = field(default=False, metadata={"help": "start from round 0 even if output_dir holds a finished round"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
+    push_to_hub: bool = field(default=False, metadata={"help": "push the final mask adapter"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub"})
+
+    def __post_init__(self):
+        if self.push_to_hub and not self.hub_model_id:
+            raise ArgumentError("--push_to_hub needs --hub_model_id")
+        if self.batch_size < 1:
+            raise ArgumentError(f"--batch_size must be >= 1, got {self.batch_size}")
+        check_local_or_hub(self.model_name_or_path, "--model_name_or_path")
+        if self.dataset != "embedded":
+            check_local_or_hub(self.dataset, "--dataset")
 
 
-def run(args) -> dict:
+ARGUMENTS = PruneArguments
+
+
+def run(args: PruneArguments) -> dict:
     from ..distributed import make_accelerator
     from accelerate.utils import set_seed
     from transformers import CLIPVisionModel
 
-    from ..data.loading import find_columns, load_segmentation_dataset
-    from ..data.synthetic import embedded_dataset
-    from ..data.transforms import SegmentationTransform
+    from ..data.assembly import distillation_split
     from ..hub import load_or_explain, quiet_loading
     from ..random_clip import clip_or_random
-    from ..training.data import SegmentationSplit, make_loader
-    from .counting import count_params_and_flops
-    from .imp import IMPConfig, iterative_magnitude_prune
+    from ..data.splits import make_loader
+    from ..pruning.counting import count_params_and_flops
+    from ..pruning.imp import IMPConfig, iterative_magnitude_prune
 
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id")
     accelerator = make_accelerator()
     set_seed(args.seed)
     out = Path(args.output_dir)
     clip_path = clip_or_random(args.model_name_or_path, out, args.seed, accelerator)
     with quiet_loading():
         model = load_or_explain(clip_path, lambda: CLIPVisionModel.from_pretrained(clip_path), "CLIP model")
-    size = model.config.image_size
-    if args.dataset == "embedded":
-        ds = embedded_dataset(args.split, args.embedded_size, size, args.seed)
-    else:
-        ds = load_segmentation_dataset(args.dataset, args.split)
-    img_col, lab_col = find_columns(ds, args.image_column, args.label_column)
-    if args.no_region_loss:
-        lab_col = None
-    split = SegmentationSplit(ds, img_col, lab_col, class_names=[], transform=SegmentationTransform(size, train=True),
-                              seed=args.seed)
+    split = distillation_split(args.dataset, args.split, model.config.image_size, seed=args.seed,
+                               embedded_size=args.embedded_size, image_column=args.image_column,
+                               label_column=args.label_column, with_labels=not args.no_region_loss)
     loader = make_loader(split, args.batch_size, shuffle=True, seed=args.seed)
     config = IMPConfig(rate=args.rate, num_rounds=args.num_rounds, target_sparsity=args.target_sparsity,
                        steps_per_round=args.steps_per_round, learning_rate=args.learning_rate, scope=args.scope,
@@ -92,7 +105,3 @@ def run(args) -> dict:
             print(f"pushed: {mask.push_to_hub(args.hub_model_id)}")
     accelerator.wait_for_everyone()
     return result
-
-
-def main(argv=None) -> dict:
-    return run(build_parser().parse_args(argv))

@@ -40,7 +40,7 @@ def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", re
         )
     if p.exists():
         raise ValueError(f"dataset path {p} is a file; pass a directory or a Hub dataset name")
-    from ..hub import load_or_explain
+    from ..hub import load_or_explain  # a missing local path fails there at once
 
     return load_or_explain(name_or_path, lambda: datasets.load_dataset(str(name_or_path), split=split, revision=revision), "dataset")
 

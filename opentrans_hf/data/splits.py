@@ -7,7 +7,7 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from ..data.transforms import SegmentationTransform, collate_segmentation
+from .transforms import SegmentationTransform, collate_segmentation
 
 
 class SegmentationSplit(Dataset):

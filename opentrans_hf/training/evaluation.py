@@ -21,7 +21,7 @@ def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: i
     Each process predicts its own shard of the examples; the confusion matrices are summed across
     processes, so every process returns the same numbers, equal to a single-process run.
     """
-    from .data import collate_segmentation
+    from ..data.transforms import collate_segmentation
 
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1

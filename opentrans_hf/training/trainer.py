@@ -1,108 +1,22 @@
-"""The Accelerate fine-tuning job: an OVS framework on an HF segmentation dataset, with a transferred
+"""The Accelerate fine-tuning loop: an OVS framework on an HF segmentation dataset, with a transferred
 sparse mask and spectral tuning, evaluated zero-shot on other datasets.
 
-Runs under ``accelerate launch`` (any number of processes) and plain ``python``; entry points are
-``scripts/train.py`` and ``opentrans-hf train`` (both parse :class:`TrainArguments`).
+Runs under ``accelerate launch`` (any number of processes) and plain ``python``. ``args`` is the
+``train`` job's arguments (``opentrans_hf.commands.train.TrainArguments``: ``scripts/train.py`` and
+``opentrans-hf train`` parse it); this module only reads its fields.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..io import atomic_write_text, read_json
-
-FRAMEWORKS = ("deeplabv3", "mask2former", "fcclip")
-EMBEDDED = "embedded"
-
-
-@dataclass
-class TrainArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint: Hub id or local dir. Default: a random-initialised 'small' CLIP built locally (no weights are downloaded)."})
-    framework: str = field(default="deeplabv3", metadata={"help": f"OVS framework: one of {FRAMEWORKS}"})
-    dataset: str = field(default=EMBEDDED, metadata={"help": "training data: Hub dataset name, save_to_disk dir, image/label folder, or 'embedded' (procedural)"})
-    train_split: str = field(default="train", metadata={"help": "split of --dataset to train on"})
-    eval_split: str = field(default="validation", metadata={"help": "split of --dataset to evaluate on"})
-    eval_datasets: list[str] = field(default_factory=list, metadata={"help": "extra zero-shot evaluation datasets, each NAME[:SPLIT]"})
-    image_column: str | None = field(default=None, metadata={"help": "image column (default: detected)"})
-    label_column: str | None = field(default=None, metadata={"help": "label-map column (default: detected)"})
-    class_names: list[str] | None = field(default=None, metadata={"help": "class names, index = label value"})
-    id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names"})
-    holdout_classes: list[str] | None = field(default=None, metadata={"help": "classes left out of training (labels ignored), evaluated zero-shot ('none': train on all). Default for the embedded dataset: its held-out classes"})
-    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K)"})
-    image_size: int | None = field(default=None, metadata={"help": "train/eval resolution (default: CLIP's image size)"})
-    spectral_config: str | None = field(default=None, metadata={"help": "SpectralTuningConfig: adapter dir / Hub id or a JSON file"})
-    freeze_rule: str | None = field(default=None, metadata={"help": "spectral tuning of the vision encoder with this rule (median, ratio, threshold, top_k) when no --spectral_config"})
-    mask: str | None = field(default=None, metadata={"help": "SparseMask adapter dir or Hub id, applied to the CLIP image encoder"})
-    max_steps: int = field(default=100, metadata={"help": "optimizer steps (overrides num_epochs when set)"})
-    num_epochs: int | None = field(default=None, metadata={"help": "epochs (used when max_steps <= 0)"})
-    batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name"})
-    warmup_steps: int = field(default=0, metadata={"help": "scheduler warmup steps"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    output_dir: str = field(default="runs/train", metadata={"help": "where everything is written"})
-    checkpointing_steps: int | None = field(default=None, metadata={"help": "save accelerate state every N steps"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir, or 'latest'"})
-    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (and always at the end)"})
-    max_eval_examples: int | None = field(default=None, metadata={"help": "cap on evaluation examples per dataset"})
-    report_to: str | None = field(default=None, metadata={"help": "accelerate trackers (tensorboard, wandb, ...)"})
-    push_to_hub: bool = field(default=False, metadata={"help": "push the trained model and adapters"})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub"})
-    embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
-
-    def __post_init__(self):
-        if self.framework not in FRAMEWORKS:
-            raise ValueError(f"unknown framework {self.framework!r}; choose one of {FRAMEWORKS}")
-        if self.max_steps <= 0 and not self.num_epochs:
-            raise ValueError("set max_steps > 0 or num_epochs")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id")
-        if self.spectral_config and self.freeze_rule:
-            raise ValueError("give either --spectral_config or --freeze_rule, not both")
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--option`` per :class:`TrainArguments` field."""
-    parser = parser or argparse.ArgumentParser(description=__doc__)
-    for f in fields(TrainArguments):
-        help_ = f.metadata.get("help", "")
-        name = f"--{f.name}"
-        default = f.default if f.default is not field else None
-        if f.type in ("bool", bool):
-            parser.add_argument(name, action="store_true", help=help_)
-        elif "list" in str(f.type):
-            parser.add_argument(name, nargs="+", default=None, help=help_)
-        elif "int" in str(f.type) and "str" not in str(f.type):
-            parser.add_argument(name, type=int, default=default, help=help_)
-        elif "float" in str(f.type):
-            parser.add_argument(name, type=float, default=default, help=help_)
-        else:
-            parser.add_argument(name, default=default, help=help_)
-    return parser
-
-
-def args_from_namespace(ns: argparse.Namespace) -> TrainArguments:
-    names = {f.name for f in fields(TrainArguments)}
-    ns = {k: v for k, v in vars(ns).items() if k in names}
-    ns = {k: v for k, v in ns.items() if v is not None or k in ("class_names", "holdout_classes")}
-    if ns.get("eval_datasets") is None:
-        ns.pop("eval_datasets", None)
-    return TrainArguments(**ns)
-
-
-def parse_args(argv=None) -> TrainArguments:
-    return args_from_namespace(build_parser().parse_args(argv))
-
 
 def framework_class(name: str):
     from ..frameworks import FRAMEWORKS
@@ -110,83 +24,7 @@ def framework_class(name: str):
     return FRAMEWORKS[name]
 
 
-def load_source(name: str, split: str, image_size: int, *, seed: int = 0, embedded_size: int = 192,
-                class_names=None, id2label=None, image_column=None, label_column=None) -> dict:
-    """One split of a dataset (``'embedded'``, Hub name, ``save_to_disk`` dir or image/label folder):
-    the HF dataset, its class names and columns, and its default held-out classes."""
-    from ..data.loading import find_columns, load_segmentation_dataset, resolve_class_names
-
-    if name == EMBEDDED:
-        from ..data import synthetic
-
-        ds = synthetic.embedded_dataset(split, num_train=embedded_size, image_size=image_size, seed=seed)
-        names = resolve_class_names(ds)
-        holdout = list(synthetic.HELD_OUT_CLASSES)
-    else:
-        ds = load_segmentation_dataset(name, split)
-        names = resolve_class_names(ds, class_names=class_names, id2label=id2label)
-        holdout = []
-    img_col, lab_col = find_columns(ds, image_column, label_column)
-    if lab_col is None:
-        raise ValueError(f"dataset {name!r} split {split!r} has no label column (columns: {ds.column_names})")
-    return {"ds": ds, "names": names, "image_column": img_col, "label_column": lab_col, "holdout": holdout}
-
-
-def make_split(source: dict, image_size: int, *, train: bool = False, reduce_labels: bool = False,
-               keep_classes=None, seed: int = 0):
-    """A :class:`SegmentationSplit` of a :func:`load_source` result with the training or evaluation transform."""
-    from ..data.transforms import SegmentationTransform
-    from .data import SegmentationSplit
-
-    names = source["names"]
-    tf = SegmentationTransform(image_size, train=train, reduce_labels=reduce_labels, num_labels=len(names))
-    if keep_classes is not None and list(keep_classes) == names:
-        keep_classes = None
-    return SegmentationSplit(source["ds"], source["image_column"], source["label_column"], names, tf,
-                             keep_classes=keep_classes, seed=seed)
-
-
-def load_split(name: str, split: str, image_size: int, *, seed: int = 0, embedded_size: int = 192,
-               reduce_labels: bool = False, **source_kwargs):
-    """An evaluation :class:`SegmentationSplit` of one dataset split (:func:`load_source` + :func:`make_split`)."""
-    source = load_source(name, split, image_size, seed=seed, embedded_size=embedded_size, **source_kwargs)
-    return make_split(source, image_size, reduce_labels=reduce_labels, seed=seed)
-
-
-def parse_split_spec(spec: str, default_split: str = "validation") -> tuple[str, str]:
-    """``NAME[:SPLIT]`` (a local path may itself contain ':' only if it exists as given)."""
-    if Path(spec).exists() or ":" not in spec:
-        return spec, default_split
-    name, _, split = spec.rpartition(":")
-    return name, split or default_split
-
-
-def load_training_data(args: TrainArguments, image_size: int):
-    """(train split on the seen classes, {name: eval split}, held-out classes)."""
-    common = dict(seed=args.seed, embedded_size=args.embedded_size, class_names=args.class_names,
-                  id2label=args.id2label, image_column=args.image_column, label_column=args.label_column)
-    source = load_source(args.dataset, args.train_split, image_size, **common)
-    names = source["names"]
-    holdout = list(args.holdout_classes) if args.holdout_classes is not None else source["holdout"]
-    if [c.lower() for c in holdout] == ["none"]:
-        holdout = []
-    unknown = [c for c in holdout if c not in names]
-    if unknown:
-        raise ValueError(f"--holdout_classes {unknown} are not classes of {args.dataset!r} ({names})")
-    seen = [c for c in names if c not in holdout]
-    if not seen:
-        raise ValueError(f"all classes {names} are held out: nothing to train on")
-    train = make_split(source, image_size, train=True, reduce_labels=args.reduce_labels, keep_classes=seen,
-                       seed=args.seed)
-    evals = {f"{args.dataset}:{args.eval_split}": load_split(args.dataset, args.eval_split, image_size,
-                                                             reduce_labels=args.reduce_labels, **common)}
-    for spec in args.eval_datasets:
-        name, split = parse_split_spec(spec)
-        evals[f"{name}:{split}"] = load_split(name, split, image_size, seed=args.seed, embedded_size=args.embedded_size)
-    return train, evals, holdout
-
-
-def build_model(args: TrainArguments, clip_path: str, image_size: int, seen_classes: list[str]):
+def build_model(args, clip_path: str, image_size: int, seen_classes: list[str]):
     """The framework around the CLIP, with the mask applied and spectral tuning set up (before
     ``accelerator.prepare``: DDP needs the final ``requires_grad`` at wrap time)."""
     cls = framework_class(args.framework)
@@ -214,7 +52,7 @@ def build_model(args: TrainArguments, clip_path: str, image_size: int, seen_clas
     return model, mask, spectral
 
 
-def run_training(args: TrainArguments) -> dict:
+def run_training(args) -> dict:
     """Train, evaluate, write everything to ``args.output_dir``; returns the final metrics."""
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
@@ -222,7 +60,8 @@ def run_training(args: TrainArguments) -> dict:
 
     from ..distributed import make_accelerator
     from ..random_clip import clip_or_random
-    from .data import make_loader
+    from ..data.assembly import load_training_data
+    from ..data.splits import make_loader
 
     out = Path(args.output_dir)
     accelerator = make_accelerator(
@@ -244,7 +83,7 @@ def run_training(args: TrainArguments) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     loader = make_loader(train_split, args.batch_size, shuffle=True, seed=args.seed)
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_steps = args.max_steps if args.max_steps > 0 else args.num_epochs * steps_per_epoch
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
     # Accelerate's prepared scheduler steps once per process on every optimizer step (its convention),
     # so the schedule is laid out in process-steps: warmup and decay span the given optimizer steps
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
@@ -363,7 +202,3 @@ def _find_checkpoint(out: Path, spec: str) -> Path:
     if not ckpts:
         raise FileNotFoundError(f"--resume_from_checkpoint latest: no step_* checkpoint in {out}")
     return ckpts[-1]
-
-
-def main(argv=None) -> dict:
-    return run_training(parse_args(argv))

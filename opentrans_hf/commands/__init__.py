@@ -1,0 +1,66 @@
+"""The jobs of ``opentrans-hf``, one module each: ``analyze``, ``prune``, ``train``, ``evaluate``, ``demo``.
+
+Every job is an arguments dataclass (parsed by ``transformers.HfArgumentParser``: one ``--flag`` per
+field, snake_case, with its default and, for enumerations, its choices in ``--help``) and one
+``run(args)`` function. The console script (``opentrans-hf``) and ``scripts/*.py`` are thin shells over
+them; Python callers build the dataclass and call ``run`` directly::
+
+    from opentrans_hf.commands import train
+    metrics = train.run(train.TrainArguments(max_steps=100, freeze_rule="median"))
+
+Nothing in the library imports from this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+COMMANDS = {
+    "analyze": "heavy-tail (alpha) analysis of every layer of a model",
+    "prune": "semantic-agnostic iterative magnitude pruning of a CLIP image encoder -> mask adapter",
+    "train": "fine-tune an OVS framework (mask + spectral tuning), evaluate zero-shot",
+    "evaluate": "zero-shot evaluation of a trained OVS model on several datasets",
+    "demo": "the whole pipeline: analyse, prune, spectral fine-tuning with the mask, evaluate",
+}
+
+
+class ArgumentError(ValueError):
+    """A job's arguments are invalid (the CLI exits with status 2 on it, as argparse does)."""
+
+
+def command_module(name: str):
+    """The module of job ``name`` (it has ``ARGUMENTS``, the dataclass, and ``run``)."""
+    if name not in COMMANDS:
+        raise ArgumentError(f"unknown command {name!r}; choose one of {sorted(COMMANDS)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def build_parser(name: str, prog: str | None = None):
+    """The ``HfArgumentParser`` of job ``name``: every field of its arguments dataclass, with defaults."""
+    from transformers import HfArgumentParser
+
+    module = command_module(name)
+    return HfArgumentParser(
+        module.ARGUMENTS, prog=prog or f"opentrans-hf {name}", description=module.__doc__,
+        formatter_class=_HelpFormatter,
+    )
+
+
+def parse_args(name: str, argv: list[str] | None = None, prog: str | None = None):
+    """Parse ``argv`` into job ``name``'s arguments dataclass (argparse exits with 2 on unknown flags;
+    an invalid value found by the dataclass raises :class:`ArgumentError`)."""
+    module = command_module(name)
+    argv = list(argv) if argv is not None else None
+    if hasattr(module, "preprocess_argv") and argv is not None:
+        argv = module.preprocess_argv(argv)
+    parser = build_parser(name, prog)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except (ValueError, TypeError) as err:
+        raise ArgumentError(str(err)) from err
+    return args
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every option's help; the job's docstring as written."""

@@ -1,0 +1,102 @@
+"""Fine-tune an open-vocabulary segmentation framework around a CLIP, with a transferred sparse mask
+and spectral tuning, then evaluate zero-shot. Runs under ``accelerate launch`` (any number of
+processes) and plain ``python``:
+
+    accelerate launch scripts/train.py --framework deeplabv3 --freeze_rule median \\
+        --mask runs/prune/mask --output_dir runs/train
+
+Steps vs epochs as in transformers: --num_epochs sets the length unless --max_steps is positive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..data.assembly import EMBEDDED
+from ..hub import check_local_or_hub
+from ..tuning.config import FREEZE_RULES
+from . import ArgumentError
+
+FRAMEWORKS = ("deeplabv3", "mask2former", "fcclip")
+Framework = Literal[FRAMEWORKS]
+FreezeRule = Literal[FREEZE_RULES]
+# transformers' schedulers that need nothing but the step count
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+Scheduler = Literal[SCHEDULERS]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+@dataclass
+class TrainArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint: Hub id or local dir. Default: a random-initialised 'small' CLIP built locally (no weights are downloaded)."})
+    framework: Framework = field(default="deeplabv3", metadata={"help": "OVS framework"})
+    dataset: str = field(default=EMBEDDED, metadata={"help": "training data: Hub dataset name, save_to_disk dir, image/label folder, or 'embedded' (procedural)"})
+    train_split: str = field(default="train", metadata={"help": "split of --dataset to train on"})
+    eval_split: str = field(default="validation", metadata={"help": "split of --dataset to evaluate on"})
+    eval_datasets: list[str] = field(default_factory=list, metadata={"help": "extra zero-shot evaluation datasets, each NAME[:SPLIT]"})
+    image_column: str | None = field(default=None, metadata={"help": "image column (default: detected)"})
+    label_column: str | None = field(default=None, metadata={"help": "label-map column (default: detected)"})
+    class_names: list[str] | None = field(default=None, metadata={"help": "class names, index = label value"})
+    id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names"})
+    holdout_classes: list[str] | None = field(default=None, metadata={"help": "classes left out of training (labels ignored), evaluated zero-shot ('none': train on all). Default for the embedded dataset: its held-out classes"})
+    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K)"})
+    image_size: int | None = field(default=None, metadata={"help": "train/eval resolution (default: CLIP's image size)"})
+    spectral_config: str | None = field(default=None, metadata={"help": "SpectralTuningConfig: adapter dir / Hub id or a JSON file"})
+    freeze_rule: FreezeRule | None = field(default=None, metadata={"help": "spectral tuning of the vision encoder with this rule when no --spectral_config (default: no spectral tuning)"})
+    mask: str | None = field(default=None, metadata={"help": "SparseMask adapter dir or Hub id, applied to the CLIP image encoder"})
+    num_epochs: float = field(default=3.0, metadata={"help": "epochs over the training split (ignored when --max_steps > 0)"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; a positive value overrides --num_epochs"})
+    batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    lr_scheduler_type: Scheduler = field(default="linear", metadata={"help": "transformers learning-rate schedule"})
+    warmup_steps: int = field(default=0, metadata={"help": "scheduler warmup steps"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    mixed_precision: MixedPrecision = field(default="no", metadata={"help": "Accelerate mixed precision"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    output_dir: str = field(default="runs/train", metadata={"help": "where everything is written"})
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "save the full training state every N steps (default: never)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir, or 'latest' (the newest complete checkpoint in --output_dir)"})
+    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (and always at the end)"})
+    max_eval_examples: int | None = field(default=None, metadata={"help": "cap on evaluation examples per dataset"})
+    report_to: str | None = field(default=None, metadata={"help": "accelerate trackers (tensorboard, wandb, ...)"})
+    push_to_hub: bool = field(default=False, metadata={"help": "push the trained model and adapters"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub"})
+    embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
+
+    def __post_init__(self):
+        if self.framework not in FRAMEWORKS:
+            raise ArgumentError(f"unknown framework {self.framework!r}; choose one of {FRAMEWORKS}")
+        if self.freeze_rule is not None and self.freeze_rule not in FREEZE_RULES:
+            raise ArgumentError(f"unknown freeze_rule {self.freeze_rule!r}; choose one of {FREEZE_RULES}")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise ArgumentError(f"unknown lr_scheduler_type {self.lr_scheduler_type!r}; choose one of {SCHEDULERS}")
+        if self.max_steps <= 0 and not self.num_epochs > 0:
+            raise ArgumentError(f"set --max_steps > 0 or --num_epochs > 0 (got max_steps={self.max_steps}, "
+                                f"num_epochs={self.num_epochs})")
+        for name in ("batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpointing_steps", "eval_steps", "max_eval_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ArgumentError(f"--{name} must be >= 1 when given, got {getattr(self, name)}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ArgumentError("--push_to_hub needs --hub_model_id")
+        if self.spectral_config and self.freeze_rule:
+            raise ArgumentError("give either --spectral_config or --freeze_rule, not both")
+        for flag in ("model_name_or_path", "mask", "spectral_config"):
+            check_local_or_hub(getattr(self, flag), f"--{flag}")
+        if self.dataset != EMBEDDED:
+            check_local_or_hub(self.dataset, "--dataset")
+
+
+ARGUMENTS = TrainArguments
+
+
+def run(args: TrainArguments) -> dict:
+    """Train, evaluate, write everything to ``args.output_dir``; returns the final metrics."""
+    from ..training.trainer import run_training
+
+    return run_training(args)
