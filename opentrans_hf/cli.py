@@ -36,13 +36,17 @@ def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
 
 
 def _one_line(err: BaseException) -> str:
+    from .commands import ArgumentError
+
     text = str(err).strip() or type(err).__name__
     if isinstance(err, KeyError) and len(err.args) == 1:
         text = str(err.args[0])
     first = text.splitlines()[0] if text else ""
     # keep one line: long multi-line messages (e.g. from a library) are cut to their first line
     more = " (more with --debug)" if len(text.splitlines()) > 1 else ""
-    kind = "" if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: "
+    # our own errors read as sentences; anything else (TypeError, LinAlgError, ...) says what it is
+    plain = (ValueError, OSError, FileNotFoundError, NotADirectoryError, FileExistsError, ArgumentError)
+    kind = "" if type(err) in plain else f"{type(err).__name__}: "
     return f"{kind}{first}{more}"
 
 

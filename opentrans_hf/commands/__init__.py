@@ -38,10 +38,8 @@ def command_module(name: str):
 
 def build_parser(name: str, prog: str | None = None):
     """The ``HfArgumentParser`` of job ``name``: every field of its arguments dataclass, with defaults."""
-    from transformers import HfArgumentParser
-
     module = command_module(name)
-    return HfArgumentParser(
+    return _parser_class()(
         module.ARGUMENTS, prog=prog or f"opentrans-hf {name}", description=module.__doc__,
         formatter_class=_HelpFormatter,
     )
@@ -56,10 +54,24 @@ def parse_args(name: str, argv: list[str] | None = None, prog: str | None = None
         argv = module.preprocess_argv(argv)
     parser = build_parser(name, prog)
     try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+        args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except (ValueError, TypeError) as err:
         raise ArgumentError(str(err)) from err
+    if rest:
+        raise ArgumentError(f"unrecognized arguments: {' '.join(rest)} (see {parser.prog} --help)")
     return args
+
+
+def _parser_class():
+    from transformers import HfArgumentParser
+
+    class OneLineErrorParser(HfArgumentParser):
+        """Usage errors as one line (the usage itself is one ``--help`` away)."""
+
+        def error(self, message):
+            self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    return OneLineErrorParser
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
