@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -16,6 +17,7 @@ from .report import LayerSpectrum, SpectralReport
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 DEFAULT_MAX_BATCH_BYTES = 256 * 2**20
 CPU_THREAD_ENGINE = True  # False: CPU weights take the batched torch path too (what accelerators use)
+EIGENSOLVER_ERRORS = (np.linalg.LinAlgError, torch.linalg.LinAlgError)  # e.g. no convergence: that layer is "invalid"
 RANK_TOL = 1e-10  # an eigenvalue below RANK_TOL * (largest of its matrix) counts as zero for the rank check
 
 
@@ -51,7 +53,8 @@ def analyze_spectra(
 
     Returns:
         A :class:`SpectralReport`. Layers that cannot be fitted are reported, never dropped:
-        ``"skipped"`` (outside the estimator's layer rules), ``"invalid"`` (NaN/Inf weights),
+        ``"skipped"`` (outside the estimator's layer rules), ``"invalid"`` (NaN/Inf weights, or the
+        eigensolver failed, e.g. did not converge; the reason is the layer's ``warning``),
         ``"degenerate"`` (zero, constant, rank <= 1 or flat spectrum; no alpha).
 
     The model is only read: weights, ``requires_grad`` and devices are left as they are.
@@ -127,7 +130,10 @@ def _cpu_eigenvalues(specs, todo, dtype):
         reason = _invalid_reason(w)
         if reason is not None:
             return i, reason
-        return i, numpy_eigenvalues(w.to(dtype).numpy())
+        try:
+            return i, numpy_eigenvalues(w.to(dtype).numpy())
+        except EIGENSOLVER_ERRORS as err:
+            return i, _solver_failure(err, dtype)
 
     workers = max(1, torch.get_num_threads())
     torch.set_num_threads(1)  # each worker is single-threaded; restored below
@@ -145,8 +151,6 @@ def numpy_eigenvalues(mats) -> torch.Tensor:
     symmetric eigensolver is NumPy's (OpenBLAS) in float64 and torch's (MKL) in float32: each is the
     faster of the two for its precision on single-threaded CPU (measured in scripts/bench_spectral.py).
     """
-    import numpy as np
-
     grams = np.stack([m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m for m in mats])
     if grams.dtype == np.float32:
         evals = torch.linalg.eigvalsh(torch.from_numpy(grams))
@@ -191,12 +195,33 @@ def _chunk_eigenvalues(specs, chunk, dtype, device):
     else:
         batches = [(torch.cat(mats) if len(mats) > 1 else mats[0], owners)]
     for batch, who in batches:
+        yield from _solve(specs, batch, who, dtype)
+
+
+def _solve(specs, batch, who, dtype):
+    """One batched eigensolve; if it fails, each layer alone, so that only the failing ones are invalid."""
+    try:
         evals = matrix_eigenvalues(batch).to(torch.float64)
+    except EIGENSOLVER_ERRORS as err:
+        if len(who) == 1:
+            yield who[0], _solver_failure(err, dtype)
+            return
         start = 0
         for i in who:
             k = specs[i].num_slices
-            yield i, evals[start : start + k]
+            yield from _solve(specs, batch[start : start + k], [i], dtype)
             start += k
+        return
+    start = 0
+    for i in who:
+        k = specs[i].num_slices
+        yield i, evals[start : start + k]
+        start += k
+
+
+def _solver_failure(err: Exception, dtype: torch.dtype) -> str:
+    hint = "; precision='float64' may converge" if dtype == torch.float32 else ""
+    return f"eigensolver failed ({type(err).__name__.lstrip('_')}: {err}){hint}"
 
 
 def _invalid_reason(w: torch.Tensor) -> str | None:
