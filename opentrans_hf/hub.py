@@ -170,3 +170,18 @@ def quiet_loading():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "adapter weights") -> dict:
+    """``safetensors.torch.load_file`` with errors that name the file: FileNotFoundError when it is
+    missing, ValueError when it is not a complete safetensors file (truncated, corrupt)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {path} ({what}): not a complete safetensors file ({err})") from None

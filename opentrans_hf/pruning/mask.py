@@ -54,6 +54,51 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool)).reshape(shape)
 
 
+CONFIG_FIELDS = ("peft_type", "base_model_name_or_path", "method", "target_sparsity", "sparsity", "num_weights",
+                 "shapes", "layer_densities", "extra", "library_version")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bad(name: str, expected: str, value):
+    raise ValueError(f"SparseMask {name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _check_config(cfg: dict, where) -> dict[str, list[int]]:
+    """Check the fields of a mask adapter's ``adapter_config.json`` (``where``); returns its shapes."""
+    unknown = sorted(set(cfg) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; a sparse mask adapter config has {list(CONFIG_FIELDS)}")
+    shapes = cfg.get("shapes")
+    if not isinstance(shapes, dict) or not shapes:
+        raise ValueError(f"{where} lacks the 'shapes' of the masks (a non-empty object of name -> shape), got {shapes!r}")
+    for name, shape in shapes.items():
+        if not (isinstance(shape, list) and shape and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                          for x in shape)):
+            raise ValueError(f"{where}: field 'shapes' entry {name!r} must be a list of positive integers, got {shape!r}")
+    for key in ("sparsity", "target_sparsity"):
+        value = cfg.get(key)
+        if value is not None and not (_is_number(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{where}: field {key!r} must be a number in [0, 1]"
+                             f"{' or null' if key == 'target_sparsity' else ''}, got {value!r} ({type(value).__name__})")
+    num = cfg.get("num_weights")
+    total = sum(math.prod(s) for s in shapes.values())
+    if num is not None and num != total:
+        raise ValueError(f"{where}: field 'num_weights' is {num!r} but the shapes hold {total} weights")
+    densities = cfg.get("layer_densities")
+    if densities is not None:
+        if not isinstance(densities, dict) or set(densities) != set(shapes):
+            raise ValueError(f"{where}: field 'layer_densities' must have one entry per mask in 'shapes'")
+        bad = {n: v for n, v in densities.items() if not (_is_number(v) and 0.0 <= v <= 1.0)}
+        if bad:
+            raise ValueError(f"{where}: field 'layer_densities' must hold numbers in [0, 1], got {bad}")
+    if cfg.get("library_version") is not None and not isinstance(cfg["library_version"], str):
+        raise ValueError(f"{where}: field 'library_version' must be a string, got {cfg['library_version']!r}")
+    return shapes
+
+
 class SparseMask:
     """Boolean masks (True = kept) by canonical weight name, plus what made them.
 
@@ -70,6 +115,16 @@ class SparseMask:
             if not isinstance(m, torch.Tensor):
                 raise TypeError(f"mask {name!r} must be a tensor, got {type(m).__name__}")
             self.masks[name] = m.detach().to("cpu", torch.bool)
+        if isinstance(base_model_name_or_path, os.PathLike):
+            base_model_name_or_path = str(base_model_name_or_path)
+        if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+            _bad("base_model_name_or_path", "a string or None", base_model_name_or_path)
+        if not isinstance(method, str):
+            _bad("method", "a string", method)
+        if target_sparsity is not None and not (_is_number(target_sparsity) and 0.0 <= target_sparsity <= 1.0):
+            _bad("target_sparsity", "a number in [0, 1] or None", target_sparsity)
+        if extra is not None and not isinstance(extra, dict):
+            _bad("extra", "a dict or None", extra)
         self.base_model_name_or_path = base_model_name_or_path
         self.method = method
         self.target_sparsity = target_sparsity
@@ -253,24 +308,20 @@ class SparseMask:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, token=None) -> SparseMask:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from ..hub import resolve_pretrained_dir
+        """Load a mask adapter (local directory or Hub id). The config and the bit-packed file are checked
+        against each other (names, shapes, packed sizes, recorded sparsity and densities); every error
+        names the file, the field or entry, and the value."""
+        from ..hub import read_safetensors, resolve_pretrained_dir
 
         d = resolve_pretrained_dir(name_or_path, [CONFIG_NAME, WEIGHTS_NAME, "README.md"], revision=revision,
                                    token=token, what="sparse mask adapter")
-        cfg = read_json(d / CONFIG_NAME, "adapter config")
+        where = d / CONFIG_NAME
+        cfg = read_json(where, "adapter config")
         if not isinstance(cfg, dict) or cfg.get("peft_type") != PEFT_TYPE:
             got = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
-            raise ValueError(f"{d / CONFIG_NAME} is not a sparse mask adapter (peft_type {got!r}, expected {PEFT_TYPE!r})")
-        shapes = cfg.get("shapes")
-        if not isinstance(shapes, dict) or not shapes:
-            raise ValueError(f"{d / CONFIG_NAME} lacks the 'shapes' of the masks")
-        try:
-            packed = load_file(str(d / WEIGHTS_NAME))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"cannot read {d / WEIGHTS_NAME}: {err}") from None
+            raise ValueError(f"{where} is not a sparse mask adapter (peft_type {got!r}, expected {PEFT_TYPE!r})")
+        shapes = _check_config(cfg, where)
+        packed = read_safetensors(d / WEIGHTS_NAME, "sparse mask")
         if set(packed) != set(shapes):
             missing, extra = sorted(set(shapes) - set(packed)), sorted(set(packed) - set(shapes))
             raise ValueError(f"{d / WEIGHTS_NAME} does not match {CONFIG_NAME}: missing {missing[:3]}, unexpected {extra[:3]}")
@@ -282,11 +333,20 @@ class SparseMask:
                 raise ValueError(f"{d / WEIGHTS_NAME}: entry {name!r} holds {t.numel()} {t.dtype} values; expected "
                                  f"{(n + 7) // 8} uint8 bytes for shape {tuple(shape)}")
             masks[name] = unpack_bits(t, tuple(shape))
-        mask = cls(masks, base_model_name_or_path=cfg.get("base_model_name_or_path"), method=cfg.get("method", ""),
-                   target_sparsity=cfg.get("target_sparsity"), extra=cfg.get("extra"))
+        try:
+            mask = cls(masks, base_model_name_or_path=cfg.get("base_model_name_or_path"), method=cfg.get("method", ""),
+                       target_sparsity=cfg.get("target_sparsity"), extra=cfg.get("extra"))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         recorded = cfg.get("sparsity")
         if recorded is not None and abs(recorded - mask.sparsity) > 1e-9:
             raise ValueError(f"{d}: the masks' sparsity {mask.sparsity:.6f} differs from the recorded {recorded:.6f} (corrupt file?)")
+        densities = cfg.get("layer_densities") or {}
+        off = [f"{n}: recorded {densities[n]}, actual {1.0 - s}" for n, s in mask.layer_sparsity().items()
+               if n in densities and abs(densities[n] - (1.0 - s)) > 1e-9]
+        if off:
+            raise ValueError(f"{d}: {len(off)} mask(s) differ from the layer_densities recorded in {CONFIG_NAME} "
+                             f"(corrupt file?): {'; '.join(off[:3])}")
         return mask
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,

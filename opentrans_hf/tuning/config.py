@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -17,6 +18,14 @@ PEFT_TYPE = "SPECTRAL_TUNING"
 FREEZE_RULES = ("median", "ratio", "threshold", "top_k")
 GRANULARITIES = ("layer", "block")
 ESTIMATORS = ("opentrans", "ww")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bad(name: str, expected: str, value):
+    raise ValueError(f"SpectralTuningConfig.{name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass
@@ -68,26 +77,57 @@ class SpectralTuningConfig:
     def __post_init__(self):
         if self.peft_type != PEFT_TYPE:
             raise ValueError(f"peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {ESTIMATORS}")
-        if self.freeze_rule not in FREEZE_RULES:
-            raise ValueError(f"unknown freeze_rule {self.freeze_rule!r}; choose one of {FREEZE_RULES}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
-        if not 0.0 <= float(self.freeze_ratio) <= 1.0:
+        for name in ("base_model_name_or_path", "revision", "library_version"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                _bad(name, "a string or None", getattr(self, name))
+        for name in ("inference_mode", "train_norms", "train_biases"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(name, "a bool (true or false)", getattr(self, name))
+        for name, choices in (("estimator", ESTIMATORS), ("freeze_rule", FREEZE_RULES), ("granularity", GRANULARITIES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {choices}")
+        if not _is_number(self.freeze_ratio):
+            _bad("freeze_ratio", "a number in [0, 1]", self.freeze_ratio)
+        if not 0.0 <= self.freeze_ratio <= 1.0:
             raise ValueError(f"freeze_ratio must be in [0, 1], got {self.freeze_ratio}")
+        if self.alpha_threshold is not None and not (_is_number(self.alpha_threshold) and math.isfinite(self.alpha_threshold)):
+            _bad("alpha_threshold", "a finite number or None", self.alpha_threshold)
+        if self.k is not None and not (isinstance(self.k, int) and not isinstance(self.k, bool)):
+            _bad("k", "an integer or None", self.k)
         if self.freeze_rule == "threshold" and self.alpha_threshold is None:
             raise ValueError("freeze_rule='threshold' needs alpha_threshold (e.g. 4.0)")
-        if self.freeze_rule == "top_k" and (self.k is None or int(self.k) < 0):
+        if self.freeze_rule == "top_k" and (self.k is None or self.k < 0):
             raise ValueError(f"freeze_rule='top_k' needs k >= 0, got k={self.k}")
-        self.target_modules = normalize_patterns(self.target_modules)
-        self.exclude_modules = normalize_patterns(self.exclude_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = normalize_patterns(list(self.modules_to_save))
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, list, tuple)):
+                _bad(name, "a regex string, a list of module names or None", value)
+            try:
+                setattr(self, name, normalize_patterns(value))
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"SpectralTuningConfig.{name}: {err}") from None
+        for name in ("modules_to_save", "trainable_layers"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                    hint = f" (did you mean [{value!r}]?)" if isinstance(value, str) else ""
+                    _bad(name, "a list of module names or None" + hint, value)
+                setattr(self, name, list(value))
         if self.layer_alphas is not None:
-            bad = {k: v for k, v in self.layer_alphas.items() if not isinstance(v, (int, float))}
+            if not isinstance(self.layer_alphas, dict):
+                _bad("layer_alphas", "a mapping of layer names to alphas, or None", self.layer_alphas)
+            bad = [f"{k!r}: {v!r}" for k, v in self.layer_alphas.items()
+                   if not (isinstance(k, str) and _is_number(v) and math.isfinite(v))]
             if bad:
-                raise ValueError(f"layer_alphas must map layer names to numbers; got {bad}")
+                raise ValueError(f"SpectralTuningConfig.layer_alphas must map layer names to finite numbers; "
+                                 f"{len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not: {', '.join(bad[:3])}"
+                                 + (", ..." if len(bad) > 3 else ""))
+            if self.trainable_layers is not None:
+                analysed = set(self.layer_alphas) | {n[:-2] for n in self.layer_alphas if n[-2:] in ("_q", "_k", "_v")}
+                unknown = [n for n in self.trainable_layers if n not in analysed]
+                if unknown:
+                    raise ValueError(f"SpectralTuningConfig.trainable_layers names {len(unknown)} layer(s) that "
+                                     f"layer_alphas does not have, e.g. {unknown[:3]}")
 
     # ---- PEFT-style I/O ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -104,11 +144,17 @@ class SpectralTuningConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "") -> SpectralTuningConfig:
+        """Build a config from a dict (e.g. a parsed ``adapter_config.json``); every error names ``where``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}a SpectralTuningConfig must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{where}unknown SpectralTuningConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{where}{err}") from None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, token=None) -> SpectralTuningConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..hub import read_safetensors
 from ..io import atomic_write_text, atomic_write_with
 from ..matching import name_matches
 from ..spectral import LayerSpectrum, SpectralReport, analyze_spectra
@@ -45,29 +47,98 @@ def get_spectral_model(model: nn.Module, config: SpectralTuningConfig, *, device
         if not config.layer_alphas:
             raise ValueError(f"no layer of {type(model).__name__} got a valid alpha: {report.counts()}")
     else:
-        missing = [n for n in config.layer_alphas if not _resolvable(n, module_names)]
-        if missing:
-            raise ValueError(
-                f"config.layer_alphas names layers that {type(model).__name__} does not have, e.g. {missing[:3]} "
-                "(was the adapter made for another model?)"
-            )
         report = SpectralReport([LayerSpectrum(n, "linear", (), alpha=a) for n, a in config.layer_alphas.items()],
                                 config.estimator, type(model).__name__)
+    check_config_layers(config, model, module_names)
     if config.trainable_layers is None:
         config.trainable_layers = select_trainable_layers(config, module_names)
-    else:
-        missing = [n for n in config.trainable_layers if n not in module_names]
-        if missing:
-            raise ValueError(f"config.trainable_layers names modules {type(model).__name__} does not have: {missing[:3]}")
-    if config.modules_to_save:
-        found = [n for n, _ in model.named_modules() if name_matches(n, config.modules_to_save)]
-        if not found:
-            raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module of {type(model).__name__}")
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     wrapped = SpectralModel(model, config, report)
     wrapped._apply_requires_grad()
     return wrapped
+
+
+def check_config_layers(config: SpectralTuningConfig, model: nn.Module, module_names: set[str], where: str = "") -> None:
+    """The layers a filled-in config names (``layer_alphas``, ``trainable_layers``) must be modules of ``model``."""
+    missing = [n for n in config.layer_alphas if not _resolvable(n, module_names)]
+    if missing:
+        raise ValueError(
+            f"{where}config.layer_alphas names layers that {type(model).__name__} does not have, e.g. {missing[:3]} "
+            "(was the adapter made for another model?)"
+        )
+    missing = [n for n in config.trainable_layers or () if n not in module_names]
+    if missing:
+        raise ValueError(f"{where}config.trainable_layers names modules {type(model).__name__} does not have: {missing[:3]}")
+    if config.modules_to_save and not any(name_matches(n, config.modules_to_save) for n in module_names):
+        raise ValueError(f"{where}modules_to_save={config.modules_to_save!r} matches no module of {type(model).__name__}")
+
+
+def adapter_tensor_names(model: nn.Module, config: SpectralTuningConfig) -> tuple[set[str], set[str]]:
+    """(required, forbidden) parameter names of an adapter file for ``config`` (filled in) on ``model``.
+
+    Required: every parameter of ``trainable_layers`` and ``modules_to_save`` (and the frozen layers'
+    biases with ``train_biases``). Forbidden: the frozen analysed layers' parameters, and normalisation
+    layers with ``train_norms=False``. Other parameters keep the ``requires_grad`` they had, so the
+    adapter may hold them or not."""
+    modules = dict(model.named_modules())
+    params = {n for n, _ in model.named_parameters()}
+
+    def own(name: str, recurse: bool = False) -> set[str]:
+        return {f"{name}.{p}" if name else p for p, _ in modules[name].named_parameters(recurse=recurse)}
+
+    trainable = set(config.trainable_layers)
+    required: set[str] = set()
+    forbidden: set[str] = set()
+    for m in {module_of(layer, set(modules)) for layer in config.layer_alphas}:
+        if m in trainable:
+            required |= own(m)
+        else:
+            for n in own(m):
+                (required if config.train_biases and n.rpartition(".")[2] == "bias" else forbidden).add(n)
+    for name in modules:
+        if config.modules_to_save and name_matches(name, config.modules_to_save):
+            required |= own(name, recurse=True)
+        elif not config.train_norms and _is_norm(modules[name]):
+            forbidden |= own(name)
+    return required & params, (forbidden - required) & params
+
+
+def check_adapter_tensors(model: nn.Module, config: SpectralTuningConfig, tensors: dict[str, torch.Tensor],
+                          where: str | os.PathLike) -> None:
+    """An adapter file (``where``) must hold exactly the tensors ``config`` says were trained on ``model``
+    (see :func:`adapter_tensor_names`), with the parameters' shapes, a floating dtype and finite values."""
+    cls = type(model).__name__
+    params = dict(model.named_parameters())
+    unknown = [n for n in tensors if n not in params]
+    if unknown:
+        raise ValueError(f"{where} holds tensors {cls} does not have: {_some(unknown)}")
+    checks = (
+        ("have a shape other than the model's", lambda n, t: tuple(t.shape) != tuple(params[n].shape),
+         lambda n, t: f"{n} {tuple(t.shape)} vs {tuple(params[n].shape)}"),
+        ("are not floating point like the model's parameters", lambda n, t: not t.is_floating_point(),
+         lambda n, t: f"{n} {t.dtype}"),
+        ("hold NaN or Inf values", lambda n, t: not bool(torch.isfinite(t).all()), lambda n, t: n),
+    )
+    for what, bad, show in checks:
+        found = [show(n, t) for n, t in tensors.items() if bad(n, t)]
+        if found:
+            raise ValueError(f"{where}: {_some(found)} {what}")
+    check_config_layers(config, model, set(dict(model.named_modules())), where=f"{where}: ")
+    required, forbidden = adapter_tensor_names(model, config)
+    missing = required - set(tensors)
+    if missing:
+        raise ValueError(f"{where} lacks {_some(missing)} that {CONFIG_NAME} says were trained "
+                         "(trainable_layers, modules_to_save)")
+    frozen = forbidden & set(tensors)
+    if frozen:
+        raise ValueError(f"{where} holds {_some(frozen)} of layers that {CONFIG_NAME} says were frozen")
+
+
+def _some(names) -> str:
+    """A count and a few examples: ``2 tensor(s) (a, b)``, ``47 tensor(s) (a, b, c, ...)``."""
+    names = sorted(names)
+    return f"{len(names)} tensor(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
 def _resolvable(layer: str, module_names: set[str]) -> bool:
@@ -174,32 +245,53 @@ class SpectralModel(nn.Module):
         return {n: p.detach().cpu().contiguous() for n, p in self.base_model.named_parameters() if p.requires_grad}
 
     def save_pretrained(self, save_directory: str | os.PathLike, **card_kwargs) -> Path:
-        """``adapter_config.json`` + ``adapter_model.safetensors`` (only the trainable tensors) + README.md."""
+        """``adapter_config.json`` + ``adapter_model.safetensors`` (only the trainable tensors) + README.md.
+
+        A trainable layer whose parameters were all frozen afterwards (e.g. by ``freeze_unused_parameters``)
+        is saved as frozen: the saved config says what was trained. Any other ``requires_grad`` that
+        disagrees with the config is an error naming the tensors (the adapter would not load)."""
         from safetensors.torch import save_file
 
         out = Path(save_directory)
         tensors = self.adapter_state_dict()
         if not tensors:
             raise ValueError("no trainable parameter to save (inference_mode, or every layer frozen)")
-        card = self._model_card(tensors, **card_kwargs)  # everything that can fail happens before the first write
+        config = self._config_to_save()
+        required, forbidden = adapter_tensor_names(self.base_model, config)
+        frozen, trained = required - set(tensors), forbidden & set(tensors)
+        if frozen or trained:
+            raise ValueError(
+                "the parameters' requires_grad disagrees with the spectral config, so the adapter would not load: "
+                + "; ".join(([f"{_some(frozen)} frozen although the config trains their modules"] if frozen else [])
+                            + ([f"{_some(trained)} trainable although the config freezes their layers"] if trained else []))
+                + " (change what trains through the config: trainable_layers, modules_to_save, train_biases, train_norms)"
+            )
+        card = self._model_card(config, tensors, **card_kwargs)  # everything that can fail happens before the first write
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_with(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        self.spectral_config.save_pretrained(out)
+        config.save_pretrained(out)
         atomic_write_text(out / "README.md", card)
         return out
 
-    def _model_card(self, tensors, **kwargs) -> str:
+    def _config_to_save(self) -> SpectralTuningConfig:
+        """The config with the trainable layers whose parameters are all frozen now moved to the frozen ones."""
+        cfg = self.spectral_config
+        modules = dict(self.base_model.named_modules())
+        trained = [m for m in cfg.trainable_layers if any(p.requires_grad for p in modules[m].parameters(recurse=False))]
+        return cfg if trained == cfg.trainable_layers else dataclasses.replace(cfg, trainable_layers=trained)
+
+    def _model_card(self, cfg: SpectralTuningConfig, tensors, **kwargs) -> str:
         from .. import __version__
         from ..hub import render_model_card
 
-        cfg = self.spectral_config
         trainable, total = self.get_nb_trainable_parameters()
         alphas = list(cfg.layer_alphas.values())
+        frozen_layers = [m for m in self.analysed_layers if m not in set(cfg.trainable_layers)]
         return render_model_card(
             "spectral_adapter.md",
             {"library_name": "opentrans-hf", "tags": ["spectral-tuning", "opentrans", "heavy-tailed-self-regularization"],
              "base_model": cfg.base_model_name_or_path},
-            config=cfg, trainable=trainable, total=total, frozen_layers=self.frozen_layers,
+            config=cfg, trainable=trainable, total=total, frozen_layers=frozen_layers,
             trainable_layers=cfg.trainable_layers, num_tensors=len(tensors), version=__version__,
             alpha_min=min(alphas), alpha_max=max(alphas), **kwargs,
         )
@@ -210,11 +302,10 @@ class SpectralModel(nn.Module):
         """Re-apply a saved adapter to ``base_model`` (no re-analysis) and load its tensors.
 
         As PEFT: ``is_trainable=False`` loads for inference (every parameter frozen); ``True`` restores
-        the adapter's trainable/frozen split to continue training.
+        the adapter's trainable/frozen split to continue training. The file must hold exactly the
+        tensors the config says were trained, with the model's shapes and finite floating-point values;
+        otherwise nothing is changed and the error names the file and the tensors.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         from ..hub import resolve_pretrained_dir
 
         d = resolve_pretrained_dir(model_id, [CONFIG_NAME, WEIGHTS_NAME, "README.md"], revision=revision,
@@ -223,18 +314,9 @@ class SpectralModel(nn.Module):
         if config.layer_alphas is None or config.trainable_layers is None:
             raise ValueError(f"{d / CONFIG_NAME} lacks layer_alphas/trainable_layers: it was not written by save_pretrained")
         config.inference_mode = not is_trainable
-        try:
-            tensors = load_file(str(d / WEIGHTS_NAME))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"cannot read {d / WEIGHTS_NAME}: {err}") from None
+        tensors = read_safetensors(d / WEIGHTS_NAME)
+        check_adapter_tensors(base_model, config, tensors, d / WEIGHTS_NAME)
         params = dict(base_model.named_parameters())
-        unknown = [n for n in tensors if n not in params]
-        if unknown:
-            raise ValueError(f"{d / WEIGHTS_NAME} holds tensors {type(base_model).__name__} does not have, e.g. {unknown[:3]}")
-        for n, t in tensors.items():
-            if tuple(t.shape) != tuple(params[n].shape):
-                raise ValueError(f"{d / WEIGHTS_NAME}: tensor {n!r} has shape {tuple(t.shape)} but the model's is "
-                                 f"{tuple(params[n].shape)}")
         model = get_spectral_model(base_model, config)
         with torch.no_grad():
             for n, t in tensors.items():
