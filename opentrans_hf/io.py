@@ -46,16 +46,25 @@ def atomic_directory(path: str | Path):
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(src: str | Path, dst: str | Path) -> Path:
+    """Rename the complete directory ``src`` onto ``dst`` (same filesystem). An existing ``dst`` is moved
+    aside first and removed only once ``src`` is in place, so ``dst`` is at every moment either the old
+    or the new directory, never a mix (a crash in between leaves the old one in a hidden ``.old`` folder)."""
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dst
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
