@@ -37,6 +37,7 @@ class PruneArguments:
     no_region_loss: bool = field(default=False, metadata={"help": "distil image embedding + patch tokens only"})
     output_dir: str = field(default="runs/prune", metadata={"help": "where rounds, the final mask and counts are written"})
     no_resume: bool = field(default=False, metadata={"help": "start from round 0 even if output_dir holds a finished round"})
+    ignore_checkpoint_mismatch: bool = field(default=False, metadata={"help": "resume even if the saved rounds were made with other settings (the differences are printed)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
     push_to_hub: bool = field(default=False, metadata={"help": "push the final mask adapter"})
@@ -80,8 +81,13 @@ def run(args: PruneArguments) -> dict:
     config = IMPConfig(rate=args.rate, num_rounds=args.num_rounds, target_sparsity=args.target_sparsity,
                        steps_per_round=args.steps_per_round, learning_rate=args.learning_rate, scope=args.scope,
                        region_weight=0.0 if args.no_region_loss else 1.0, output_dir=str(out),
-                       resume=not args.no_resume)
-    mask = iterative_magnitude_prune(model, loader, config, accelerator=accelerator)
+                       resume=not args.no_resume, ignore_mismatch=args.ignore_checkpoint_mismatch)
+    # the job's settings that change the result, beside the IMP config's own: a resume must share them
+    run_settings = {"model_name_or_path": args.model_name_or_path, "dataset": args.dataset, "split": args.split,
+                    "image_column": args.image_column, "label_column": args.label_column,
+                    "batch_size": args.batch_size, "seed": args.seed, "num_processes": accelerator.num_processes,
+                    "embedded_size": args.embedded_size if args.dataset == "embedded" else None}
+    mask = iterative_magnitude_prune(model, loader, config, accelerator=accelerator, fingerprint=run_settings)
     mask.base_model_name_or_path = args.model_name_or_path or mask.base_model_name_or_path
     counts = count_params_and_flops(model, mask)
     result = {"sparsity": mask.sparsity, "rounds": config.num_rounds, "mask": str(out / "mask"),

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import atomic_write_text, atomic_write_with, read_json
+from ..fingerprint import differences, fingerprint as as_fingerprint
+from ..io import atomic_write_text, atomic_write_with
 from .counting import vision_tower
 from .magnitude import magnitude_prune
 from .mask import SparseMask
@@ -42,8 +43,9 @@ class IMPConfig:
     max_regions: int = field(default=4, metadata={"help": "regions per image for the region-level loss"})
     ignore_index: int = field(default=255, metadata={"help": "label value that is no region"})
     rewind: bool = field(default=False, metadata={"help": "reset surviving weights to their initial values after each pruning"})
-    output_dir: str = field(default="runs/prune", metadata={"help": "mask after every round, student weights, state.json"})
+    output_dir: str = field(default="runs/prune", metadata={"help": "mask after every round, student weights (+ the state), state.json"})
     resume: bool = field(default=True, metadata={"help": "continue from the last round saved in output_dir"})
+    ignore_mismatch: bool = field(default=False, metadata={"help": "resume even if the saved state was made with other settings (the differences are printed)"})
 
     def __post_init__(self):
         if not 0.0 < self.rate < 1.0:
@@ -107,33 +109,49 @@ def _region_loss(student, teacher, s_out, x, labels, config) -> torch.Tensor:
     return (1 - F.cosine_similarity(region, target, dim=-1)).mean()
 
 
+STATE_KEY = "opentrans_hf.imp_state"  # the state's key in the student weights' safetensors metadata
+# settings a resumed run may change: how far it goes, and where/whether it resumes
+RESUMABLE_CHANGES = frozenset({"num_rounds", "target_sparsity", "output_dir", "resume", "ignore_mismatch"})
+
+
 def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, accelerator=None,
-                              progress: bool = True) -> SparseMask:
+                              progress: bool = True, fingerprint: dict | None = None) -> SparseMask:
     """Prune ``model``'s vision tower round by round, fine-tuning by distillation in between.
 
     ``dataloader`` yields dicts with ``pixel_values`` (and optionally ``labels``, for the region-level
     loss). Under Accelerate (pass your ``accelerator`` or one is made) any number of processes work
     together; masks are computed identically on every process. After every round the mask adapter
-    (``round_XX/``), the student's weights and ``state.json`` are written to ``output_dir``, so an
-    interrupted run resumes from the last finished round. Returns the final mask (applied to ``model``).
+    (``round_XX/``) and then the student's weights are written to ``output_dir``; the run's state (round,
+    history, settings) travels in the weights file's metadata, so weights and state are written in one
+    atomic step and an interrupted run resumes from the last finished round with that round's weights.
+    ``state.json`` is a readable copy. ``fingerprint``: other settings that define the run (the prune job
+    passes the model, dataset, seed, batch size); resuming a state made with other settings (these, or
+    the config's rate, scope, ...) is refused with the differences listed unless ``config.ignore_mismatch``.
+    Returns the final mask (applied to ``model``).
     """
-    from ..distributed import make_accelerator
+    from ..distributed import make_accelerator, on_main_process
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     accelerator = accelerator or make_accelerator()
     out = Path(config.output_dir)
+    run = as_fingerprint({"model": getattr(model, "name_or_path", None) or None, **(fingerprint or {}),
+                          **{k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}})
     student = vision_tower(model)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()} if config.rewind else None
     state = {"round": 0, "history": []}
-    if config.resume and (out / "state.json").is_file():
-        state = read_json(out / "state.json", "pruning state")
-        if state["round"] > 0:
-            student.load_state_dict(load_file(str(out / "student.safetensors")))
-            SparseMask.from_pretrained(out / f"round_{state['round']:02d}").apply(student)
-            if initial is not None:
-                initial = load_file(str(out / "initial.safetensors"))
+    if config.resume and ((out / "student.safetensors").is_file() or (out / "state.json").is_file()):
+        state = read_imp_state(out)
+        _check_resumable(out, state, run, config, say=accelerator.print)
+        student.load_state_dict(load_file(str(out / "student.safetensors")))
+        resumed_mask = SparseMask.from_pretrained(out / f"round_{state['round']:02d}")
+        _check_weights_match_mask(student, resumed_mask, out, state["round"])
+        resumed_mask.apply(student)
+        if initial is not None:
+            initial = load_file(str(out / "initial.safetensors"))
+        # the readable copy may lag behind the weights' state (a kill between the two writes)
+        on_main_process(accelerator, lambda: atomic_write_text(out / "state.json", json.dumps(state, indent=2) + "\n"))
         accelerator.print(f"resuming after round {state['round']} (sparsity {config.sparsity_after(state['round']):.4f})")
     elif config.rewind and accelerator.is_main_process:
         atomic_write_with(out / "initial.safetensors", lambda p: save_file({k: v.contiguous() for k, v in initial.items()}, str(p)))
@@ -174,20 +192,79 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
         mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item() if losses else None
         state = {"round": round_, "sparsity": mask.sparsity, "target": target,
                  "history": state["history"] + [{"round": round_, "sparsity": mask.sparsity, "loss": mean_loss}],
-                 "config": asdict(config)}
+                 "config": asdict(config), "fingerprint": run}
         mask.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         mask.method = f"imp-{config.scope}"
         mask.target_sparsity = target
         mask.extra = {"round": round_, "rate": config.rate, "steps_per_round": config.steps_per_round,
                       "objective": "distillation (embedding + patch tokens" + (" + regions)" if config.region_weight else ")")}
-        if accelerator.is_main_process:
-            mask.save_pretrained(out / f"round_{round_:02d}")
-            weights = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(wrapped).state_dict().items()}
-            atomic_write_with(out / "student.safetensors", lambda p: save_file(weights, str(p)))
-            atomic_write_text(out / "state.json", json.dumps(state, indent=2) + "\n")
-        accelerator.wait_for_everyone()
+        on_main_process(accelerator, lambda: _save_round(out, round_, mask, accelerator.unwrap_model(wrapped), state))
     bar.close()
     return mask
+
+
+def _save_round(out: Path, round_: int, mask: SparseMask, student: nn.Module, state: dict) -> None:
+    """The round's mask adapter, then the student's weights with the state in their metadata (one atomic
+    file: a kill leaves either the previous round's weights and state or this round's), then the
+    readable ``state.json``."""
+    from safetensors.torch import save_file
+
+    mask.save_pretrained(out / f"round_{round_:02d}")
+    weights = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    metadata = {STATE_KEY: json.dumps(state)}
+    atomic_write_with(out / "student.safetensors", lambda p: save_file(weights, str(p), metadata=metadata))
+    atomic_write_text(out / "state.json", json.dumps(state, indent=2) + "\n")
+
+
+def read_imp_state(output_dir: str | Path) -> dict:
+    """The IMP state saved in ``output_dir`` (round, history, config, fingerprint), read from the student
+    weights it belongs to."""
+    from safetensors import safe_open
+
+    out = Path(output_dir)
+    path = out / "student.safetensors"
+    metadata = None
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception as err:  # noqa: BLE001 - named below
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+    if not metadata or STATE_KEY not in metadata:
+        raise ValueError(f"{out} holds an IMP state of an older opentrans-hf (state.json and the student weights "
+                         f"written apart, which a kill can leave out of step) or an incomplete one; start over "
+                         f"with resume=False (--no_resume) or use another output_dir")
+    try:
+        state = json.loads(metadata[STATE_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the IMP state in {path} is not valid JSON: {err}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("round"), int) or state["round"] < 1:
+        raise ValueError(f"the IMP state in {path} has no valid 'round' (an integer >= 1)")
+    return state
+
+
+def _check_resumable(out: Path, state: dict, run: dict, config: IMPConfig, say=print) -> None:
+    saved = state.get("fingerprint")
+    diffs = differences(saved, run, "saved state") if isinstance(saved, dict) else ["the saved state records no settings"]
+    if diffs and not config.ignore_mismatch:
+        raise ValueError(f"{out} holds an IMP state made with other settings: {'; '.join(diffs)}. Use the same "
+                         f"settings, another output_dir, resume=False (--no_resume) to start over, or "
+                         f"ignore_mismatch=True (--ignore_checkpoint_mismatch) to resume anyway")
+    if diffs:
+        say(f"warning: resuming {out} despite other settings: {'; '.join(diffs)}")
+    if state["round"] > config.num_rounds:
+        raise ValueError(f"{out} holds round {state['round']} already, more than num_rounds={config.num_rounds}")
+
+
+def _check_weights_match_mask(student: nn.Module, mask: SparseMask, out: Path, round_: int) -> None:
+    """The saved weights of round ``round_`` are zero wherever its mask pruned."""
+    found, _ = mask.resolve(student, strict=False)
+    params = dict(student.named_parameters())
+    for name, target in found.items():
+        w, keep = params[target].detach(), mask.masks[name]
+        if bool((w[~keep.to(w.device)] != 0).any()):
+            raise ValueError(f"{out}: the student weights do not match round_{round_:02d}'s mask ({name} has "
+                             f"non-zero pruned weights); start over with resume=False (--no_resume)")
 
 
 def _reset_optimizer_state(optimizer) -> None:
