@@ -66,7 +66,25 @@ ARGUMENTS = DemoArguments
 
 
 def run(args: DemoArguments) -> dict:
-    """The four steps, each one job's ``run`` with typed arguments; returns the summary."""
+    """The four steps, each one job's ``run`` with typed arguments; returns the summary. Holds the locks
+    of its output directory and of its sub-jobs' (``prune/``, ``train/``) for the whole pipeline: no other
+    run can write there meanwhile, and its own sub-jobs re-enter them."""
+    from contextlib import ExitStack
+
+    from accelerate import PartialState
+
+    from ..distributed import cpu_only_multiprocess
+    from ..locking import output_dir_lock
+
+    state = PartialState(cpu=cpu_only_multiprocess())
+    out = Path(args.output_dir)
+    with ExitStack() as locks:
+        for directory in (out, out / "prune", out / "train"):
+            locks.enter_context(output_dir_lock(directory, state, "demo"))
+        return _run(args)
+
+
+def _run(args: DemoArguments) -> dict:
     from accelerate import PartialState
 
     from ..distributed import cpu_only_multiprocess

@@ -57,18 +57,28 @@ ARGUMENTS = PruneArguments
 
 
 def run(args: PruneArguments) -> dict:
+    """Prune, write the rounds, the final mask and the counts to ``args.output_dir`` (holding its lock:
+    one run per directory); returns the summary."""
     from ..distributed import make_accelerator
+    from ..locking import output_dir_lock
+
+    accelerator = make_accelerator()
+    with output_dir_lock(args.output_dir, accelerator, "prune"):
+        return _prune(accelerator, args)
+
+
+def _prune(accelerator, args: PruneArguments) -> dict:
     from accelerate.utils import set_seed
     from transformers import CLIPVisionModel
 
     from ..data.assembly import distillation_split
+    from ..distributed import on_main_process
     from ..hub import load_or_explain, quiet_loading
     from ..random_clip import clip_or_random
     from ..data.splits import make_loader
     from ..pruning.counting import count_params_and_flops
     from ..pruning.imp import IMPConfig, iterative_magnitude_prune
 
-    accelerator = make_accelerator()
     set_seed(args.seed)
     out = Path(args.output_dir)
     clip_path = clip_or_random(args.model_name_or_path, out, args.seed, accelerator)
@@ -94,7 +104,8 @@ def run(args: PruneArguments) -> dict:
               "params": counts["params"], "effective_params": counts["effective_params"],
               "macs": counts["macs"], "effective_macs": counts["effective_macs"],
               "num_processes": accelerator.num_processes}
-    if accelerator.is_main_process:
+
+    def write():  # the main process; the others share its outcome (no one waits on a failed main process)
         from ..io import atomic_write_text
 
         mask.save_pretrained(out / "mask")
@@ -109,5 +120,6 @@ def run(args: PruneArguments) -> dict:
         print(f"mask adapter: {out / 'mask'}")
         if args.push_to_hub:
             print(f"pushed: {mask.push_to_hub(args.hub_model_id)}")
-    accelerator.wait_for_everyone()
+
+    on_main_process(accelerator, write)
     return result
