@@ -55,6 +55,9 @@ def run(args: EvaluateArguments) -> dict:
     model = load_or_explain(args.model, lambda: AutoModel.from_pretrained(args.model), "OVS model")
     if not hasattr(model, "predict"):
         raise ValueError(f"{args.model} is a {type(model).__name__}, not an opentrans-hf OVS framework")
+    from ..training.divergence import check_finite_weights
+
+    check_finite_weights(model, f"model {args.model}")  # a diverged model's mIoU would be meaningless
     model.to(accelerator.device)
     size = args.image_size or model.config.image_size
     splits = {}

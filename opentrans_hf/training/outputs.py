@@ -10,27 +10,57 @@ import torch
 from ..io import atomic_directory, atomic_write_text, atomic_write_with, json_safe
 
 
-def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, spectral, eval_splits) -> dict:
-    """Write the run's artefacts under ``out``; returns ``{what: path}`` (also printed by the CLI)."""
-    from dataclasses import asdict
+class IncompleteOutputs(RuntimeError):
+    """Training finished and the model is saved, but a later output (an adapter, the evaluation, the card,
+    metrics, plots, the push) failed; the message says where the model is and what failed."""
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    def __init__(self, model_dir: Path, what: str, error: BaseException):
+        self.model_dir, self.what = Path(model_dir), what
+        super().__init__(f"the trained model is saved at {model_dir}, but {what} failed: "
+                         f"{type(error).__name__}: {error}")
+
+
+def write_model(out: Path, model, mask, spectral) -> dict:
+    """Write ``out/model`` atomically: the framework (+ tokenizer), and the adapters it was made with in
+    subfolders (what a Hub repo of the run holds; the card is added by :func:`write_outputs`). Refuses
+    non-finite weights (``ValueError`` naming the parameter). An adapter that fails to save is left out
+    and reported by :class:`IncompleteOutputs` once the model is in place. Returns ``{what: path}``."""
+    import shutil
+
+    from .divergence import check_finite_weights
+
     plain = spectral.base_model if spectral is not None else model
-    # the model directory is what a Hub repo of the run holds: the framework (+ tokenizer and card),
-    # and the adapters it was made with in subfolders
+    check_finite_weights(plain, "the trained model")
+    out.mkdir(parents=True, exist_ok=True)
+    paths, failed = {"model": out / "model"}, []
     with atomic_directory(out / "model") as tmp:  # never a half-written model directory
         plain.save_pretrained(tmp)
-        if spectral is not None:
-            spectral.save_pretrained(tmp / "spectral_adapter")
-        if mask is not None:
-            mask.save_pretrained(tmp / "mask_adapter")
-        atomic_write_text(tmp / "README.md", render_training_card(args, metrics, spectral, mask))
-    paths["model"] = out / "model"
-    if spectral is not None:
-        paths["spectral_adapter"] = out / "model" / "spectral_adapter"
-    if mask is not None:
-        paths["mask_adapter"] = out / "model" / "mask_adapter"
+        for name, adapter in (("spectral_adapter", spectral), ("mask_adapter", mask)):
+            if adapter is None:
+                continue
+            try:
+                adapter.save_pretrained(tmp / name)
+            except Exception as err:  # noqa: BLE001 - the model itself is still saved, then this is reported
+                shutil.rmtree(tmp / name, ignore_errors=True)
+                failed.append((name, err))
+            else:
+                paths[name] = out / "model" / name
+    if failed:
+        name, err = failed[0]
+        raise IncompleteOutputs(out / "model", f"saving its {name}", err) from err
+    return paths
+
+
+def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, spectral, eval_splits,
+                  paths: dict | None = None) -> dict:
+    """Write the run's artefacts under ``out``: the model directory (unless ``paths``, the result of
+    :func:`write_model`, says it is written), its card, metrics, history, plots; returns ``{what: path}``
+    (also printed by the CLI)."""
+    from dataclasses import asdict
+
+    paths = dict(paths) if paths is not None else write_model(out, model, mask, spectral)
+    plain = spectral.base_model if spectral is not None else model
+    atomic_write_text(out / "model" / "README.md", render_training_card(args, metrics, spectral, mask))
     metrics = dict(metrics, args=asdict(args))
     atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
     paths["metrics"] = out / "metrics.json"

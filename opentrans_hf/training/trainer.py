@@ -8,7 +8,6 @@ Runs under ``accelerate launch`` (any number of processes) and plain ``python``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_text, read_json
+from ..io import read_json
 
 def framework_class(name: str):
     from ..frameworks import FRAMEWORKS
@@ -53,15 +52,18 @@ def build_model(args, clip_path: str, image_size: int, seen_classes: list[str]):
 
 
 def run_training(args) -> dict:
-    """Train, evaluate, write everything to ``args.output_dir``; returns the final metrics."""
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
-    from transformers import CLIPConfig, get_scheduler
+    """Train, evaluate, write everything to ``args.output_dir``; returns the final metrics.
+
+    Holds the output directory's lock for the whole run (one run per directory). A non-finite loss,
+    gradient or weight stops it with :class:`~opentrans_hf.training.divergence.TrainingDiverged` (every
+    process, at the same step) before anything of that step is written. The model directory is written
+    before the final evaluation; a failure after it raises
+    :class:`~opentrans_hf.training.outputs.IncompleteOutputs` saying where the model is and what failed.
+    """
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     from ..distributed import make_accelerator
-    from ..random_clip import clip_or_random
-    from ..data.assembly import load_training_data
-    from ..data.splits import make_loader
+    from ..locking import output_dir_lock
 
     out = Path(args.output_dir)
     accelerator = make_accelerator(
@@ -71,6 +73,37 @@ def run_training(args) -> dict:
         project_config=ProjectConfiguration(project_dir=str(out), automatic_checkpoint_naming=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    with output_dir_lock(out, accelerator, "train"):
+        return _train(accelerator, args, out)
+
+
+def _train(accelerator, args, out: Path) -> dict:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import CLIPConfig, get_scheduler
+
+    from ..distributed import on_main_process
+    from ..random_clip import clip_or_random
+    from ..data.assembly import load_training_data
+    from ..data.splits import make_loader
+    from .checkpoints import (check_fingerprint, find_checkpoint, remove_partial_checkpoints, run_fingerprint,
+                              save_checkpoint)
+    from .divergence import TrainingDiverged, step_problem, weights_problem
+    from .outputs import IncompleteOutputs, write_model, write_outputs
+
+    on_main_process(accelerator, lambda: remove_partial_checkpoints(out))  # writes killed before they finished
+    fingerprint = run_fingerprint(args, accelerator.num_processes)
+    resume = None
+    if args.resume_from_checkpoint:  # before any heavy work: a wrong checkpoint fails at once
+        ckpt, record, ignored = find_checkpoint(out, args.resume_from_checkpoint)
+        if ignored:
+            accelerator.print(f"ignored (not complete checkpoints): {'; '.join(ignored)}")
+        check_fingerprint(ckpt, record, fingerprint, ignore=args.ignore_checkpoint_mismatch, say=accelerator.print)
+        resume = (ckpt, record["step"])
+    elif args.checkpointing_steps and any(out.glob("step_*")):
+        accelerator.print(f"warning: {out} holds checkpoints of an earlier run; this run replaces those of the "
+                          f"steps it saves")
+
     set_seed(args.seed)
     clip_path = clip_or_random(args.model_name_or_path, out, args.seed, accelerator)
     image_size = args.image_size or CLIPConfig.from_pretrained(clip_path).vision_config.image_size
@@ -90,18 +123,24 @@ def run_training(args) -> dict:
                               num_warmup_steps=args.warmup_steps * accelerator.num_processes,
                               num_training_steps=max_steps * accelerator.num_processes)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    trainable = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
     if args.report_to:
         accelerator.init_trackers("opentrans-hf", config={k: str(v) for k, v in asdict(args).items()})
 
-    step, history = 0, {"step": [], "loss": [], "lr": [], "eval": []}
-    if args.resume_from_checkpoint:
-        ckpt = _find_checkpoint(out, args.resume_from_checkpoint)
-        accelerator.load_state(str(ckpt))
-        step = int(ckpt.name.split("_")[-1])
-        hist = ckpt / "history.json"
+    step, history, last_checkpoint = 0, {"step": [], "loss": [], "lr": [], "eval": []}, None
+    if resume is not None:
+        last_checkpoint, step = resume
+        accelerator.load_state(str(last_checkpoint))
+        hist = last_checkpoint / "history.json"
         if hist.is_file():
             history = read_json(hist, "training history")
-        accelerator.print(f"resumed from {ckpt} at step {step}")
+        accelerator.print(f"resumed from {last_checkpoint} at step {step}")
+
+    def diverged(at: int, problem: str) -> TrainingDiverged:
+        kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
+                else "no checkpoint was written")
+        return TrainingDiverged(f"training diverged at step {at}: {problem}; stopped, no model was written "
+                                f"({kept}); try a lower --learning_rate or some --warmup_steps")
 
     class_names = train_split.class_names
     bar = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
@@ -118,13 +157,21 @@ def run_training(args) -> dict:
             with accelerator.accumulate(model):
                 outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"], class_names=class_names)
                 accelerator.backward(outputs.loss)
+                running.append(outputs.loss.detach())
+                if accelerator.sync_gradients:  # the micro-batches' losses and the gradients, before the step
+                    problem = step_problem(accelerator, torch.stack(running), trainable,
+                                           check_grads=accelerator.scaler is None)
+                    if problem is not None:
+                        raise diverged(step + 1, problem)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            running.append(outputs.loss.detach())
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            problem = weights_problem(accelerator, trainable)
+            if problem is not None:
+                raise diverged(step, problem)
             loss = accelerator.reduce(torch.stack(running).mean(), reduction="mean").item()
             running = []
             history["step"].append(step)
@@ -138,34 +185,44 @@ def run_training(args) -> dict:
                 res = _evaluate_all(accelerator, model, eval_splits, args, holdout)
                 history["eval"].append({"step": step, **{k: v["mean_iou"] for k, v in res.items()}})
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                _save_checkpoint(accelerator, out / f"step_{step}", history)
+                last_checkpoint = save_checkpoint(accelerator, out, step, history, fingerprint)
             if step >= max_steps:
                 break
     bar.close()
     train_seconds = time.time() - t0
-    final = _evaluate_all(accelerator, model, eval_splits, args, holdout)
-    history["eval"].append({"step": step, **{k: v["mean_iou"] for k, v in final.items()}})
-    metrics = {
-        "framework": args.framework,
-        "steps": step,
-        "train_seconds": round(train_seconds, 2),
-        "final_train_loss": history["loss"][-1] if history["loss"] else None,
-        "train_classes": class_names,
-        "holdout_classes": list(holdout),
-        "eval": final,
-        "num_processes": accelerator.num_processes,
-    }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        from .outputs import write_outputs
 
-        paths = write_outputs(out, accelerator.unwrap_model(model), args, metrics, history, mask, spectral, eval_splits)
+    # the model first (atomically), then what can fail without losing it: evaluation, card, metrics, push
+    accelerator.wait_for_everyone()
+    plain = accelerator.unwrap_model(model)
+    model_dir = out / "model"
+    paths = on_main_process(accelerator, lambda: write_model(out, plain, mask, spectral))
+    accelerator.print(f"model saved to {model_dir}")
+    stage = "the final evaluation"
+    try:
+        final = _evaluate_all(accelerator, model, eval_splits, args, holdout)
+        history["eval"].append({"step": step, **{k: v["mean_iou"] for k, v in final.items()}})
+        metrics = {
+            "framework": args.framework,
+            "steps": step,
+            "train_seconds": round(train_seconds, 2),
+            "final_train_loss": history["loss"][-1] if history["loss"] else None,
+            "train_classes": class_names,
+            "holdout_classes": list(holdout),
+            "eval": final,
+            "num_processes": accelerator.num_processes,
+        }
+        stage = "writing the model card, metrics and plots"
+        on_main_process(accelerator, lambda: write_outputs(out, plain, args, metrics, history, mask, spectral,
+                                                           eval_splits, paths=paths))
         if args.push_to_hub:
             from ..hub import push_folder_to_hub
 
-            url = push_folder_to_hub(paths["model"], args.hub_model_id, commit_message="Upload OVS model with opentrans-hf")
+            stage = f"pushing it to the Hub ({args.hub_model_id})"
+            url = on_main_process(accelerator, lambda: push_folder_to_hub(
+                model_dir, args.hub_model_id, commit_message="Upload OVS model with opentrans-hf"))
             accelerator.print(f"pushed to {url}")
-    accelerator.wait_for_everyone()
+    except Exception as err:  # noqa: BLE001 - reported with where the model is
+        raise IncompleteOutputs(model_dir, stage, err) from err
     if args.report_to:
         accelerator.end_training()
     return metrics
@@ -183,22 +240,3 @@ def _evaluate_all(accelerator, model, eval_splits, args, holdout) -> dict:
                           + (f"  seen {res['mean_iou_seen']:.4f}" if "mean_iou_seen" in res else "")
                           + (f"  unseen {res['mean_iou_unseen']:.4f}" if "mean_iou_unseen" in res else ""))
     return results
-
-
-def _save_checkpoint(accelerator, path: Path, history: dict) -> None:
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        atomic_write_text(path / "history.json", json.dumps(history))
-    accelerator.wait_for_everyone()
-
-
-def _find_checkpoint(out: Path, spec: str) -> Path:
-    if spec != "latest":
-        p = Path(spec)
-        if not p.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {p} does not exist")
-        return p
-    ckpts = sorted(out.glob("step_*"), key=lambda p: int(p.name.split("_")[-1]))
-    if not ckpts:
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no step_* checkpoint in {out}")
-    return ckpts[-1]

@@ -1,0 +1,143 @@
+"""Training checkpoints: written completely or not at all, found by their recorded step, and resumed only
+under the arguments they were made with.
+
+A checkpoint is Accelerate's ``save_state`` plus ``history.json`` and, last, ``checkpoint.json`` (its step
+and the run's fingerprint), all written into a hidden ``.step_N.partial`` directory that is renamed to
+``step_N`` once complete. A killed write leaves at most the hidden directory (removed by the next run);
+``--resume_from_checkpoint latest`` only considers directories with a ``checkpoint.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from ..fingerprint import differences, fingerprint
+from ..io import atomic_write_text, read_json, replace_directory
+
+CHECKPOINT_FILE = "checkpoint.json"
+PARTIAL_SUFFIX = ".partial"
+
+# train arguments that never change the trained weights; every other one is part of the fingerprint
+# (an argument added later is compared by default: refusing a resume is safer than mixing two runs)
+NOT_FINGERPRINTED = frozenset({
+    "output_dir", "resume_from_checkpoint", "ignore_checkpoint_mismatch", "checkpointing_steps", "eval_steps",
+    "eval_split", "eval_datasets", "max_eval_examples", "report_to", "push_to_hub", "hub_model_id",
+})
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint was made with other arguments than the run that would resume it."""
+
+
+def run_fingerprint(args, num_processes: int = 1) -> dict:
+    """The arguments of a ``train`` run that change its result, plus the number of processes (it changes
+    the global batch and the data order)."""
+    values = {k: v for k, v in asdict(args).items() if k not in NOT_FINGERPRINTED}
+    if values.get("max_steps", 0) > 0:
+        values["num_epochs"] = None  # ignored when max_steps is set
+    if values.get("dataset") != "embedded":
+        values.pop("embedded_size", None)
+    values["num_processes"] = num_processes
+    return fingerprint(values)
+
+
+def partial_path(out: Path, step: int) -> Path:
+    return Path(out) / f".step_{step}{PARTIAL_SUFFIX}"
+
+
+def remove_partial_checkpoints(out: Path) -> list[Path]:
+    """Remove the hidden directories of checkpoint writes that never finished (the caller holds the
+    output directory's lock, so none of them is being written)."""
+    removed = []
+    for p in Path(out).glob(f".step_*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def save_checkpoint(accelerator, out: Path, step: int, history: dict, run_fingerprint: dict) -> Path:
+    """Save the full training state as ``out/step_{step}``, atomically (a collective: every process calls
+    it). An existing ``step_{step}`` is replaced only once the new one is complete."""
+    from ..distributed import on_main_process
+
+    out = Path(out)
+    tmp, final = partial_path(out, step), out / f"step_{step}"
+    on_main_process(accelerator, lambda: shutil.rmtree(tmp, ignore_errors=True))
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+
+    def finish():
+        atomic_write_text(tmp / "history.json", json.dumps(history))
+        record = {"step": step, "fingerprint": run_fingerprint}
+        atomic_write_text(tmp / CHECKPOINT_FILE, json.dumps(record, indent=2) + "\n")  # last: marks it complete
+        replace_directory(tmp, final)
+
+    on_main_process(accelerator, finish)
+    return final
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The record (``step``, ``fingerprint``) of the checkpoint directory ``path``; a clear error if it is
+    no complete checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not (path / CHECKPOINT_FILE).is_file():
+        raise ValueError(f"{path} is not a complete opentrans-hf checkpoint: it has no {CHECKPOINT_FILE} "
+                         f"(written last, when a checkpoint is complete)")
+    record = read_json(path / CHECKPOINT_FILE, "checkpoint record")
+    step = record.get("step") if isinstance(record, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{path / CHECKPOINT_FILE} is not a valid checkpoint record: expected an integer "
+                         f"'step' >= 0, got {step!r}")
+    return record
+
+
+def find_checkpoint(out: Path, spec: str) -> tuple[Path, dict, list[str]]:
+    """The checkpoint ``spec`` names (a directory, or ``"latest"``: the complete checkpoint in ``out``
+    with the highest recorded step) -> ``(path, record, ignored)``; ``ignored`` lists the directories of
+    ``out`` that look like checkpoints but are not complete ones, and why."""
+    if spec != "latest":
+        path = Path(spec)
+        return path, read_checkpoint(path), []
+    out = Path(out)
+    found, ignored = [], []
+    for d in sorted(out.iterdir()) if out.is_dir() else []:
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        if not (d / CHECKPOINT_FILE).is_file():
+            if d.name.startswith("step_"):
+                ignored.append(f"{d.name} (no {CHECKPOINT_FILE}: not a complete checkpoint)")
+            continue
+        try:
+            record = read_checkpoint(d)
+        except ValueError as err:
+            ignored.append(f"{d.name} ({err})")
+            continue
+        # by recorded step; on a tie the directory named after its step
+        found.append(((record["step"], d.name == f"step_{record['step']}", d.name), d, record))
+    if not found:
+        raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {out}"
+                                + (f"; ignored: {', '.join(ignored)}" if ignored else ""))
+    _, path, record = max(found, key=lambda f: f[0])
+    return path, record, ignored
+
+
+def check_fingerprint(path: Path, record: dict, current: dict, ignore: bool = False, say=print) -> list[str]:
+    """Refuse (:class:`CheckpointMismatch`) to resume checkpoint ``path`` under arguments other than its own,
+    listing the differences; with ``ignore`` only print them. Returns the differences."""
+    saved = record.get("fingerprint")
+    if not isinstance(saved, dict):
+        diffs = ["the checkpoint records no arguments"]
+    else:
+        diffs = differences(saved, current)
+    if diffs and not ignore:
+        raise CheckpointMismatch(
+            f"checkpoint {path} was made with other arguments: {'; '.join(diffs)}. Resume with the same "
+            f"arguments, use another --output_dir, or pass --ignore_checkpoint_mismatch to resume anyway")
+    if diffs:
+        say(f"warning: resuming {path} despite other arguments (--ignore_checkpoint_mismatch): {'; '.join(diffs)}")
+    return diffs
