@@ -39,7 +39,9 @@ def test_save_to_disk_dataset_dict_and_class_names(tmp_path):
     dd.save_to_disk(str(tmp_path / "dd"))
     ds = load_segmentation_dataset(tmp_path / "dd", split="validation")
     assert find_columns(ds) == ("image", "annotation")
-    assert resolve_class_names(ds) == ["sky", "road", "car"]
+    # a ClassLabel of another column (here: the classes present per image) does not name the label map
+    with pytest.raises(ValueError, match=r"no class names.*column 'classes' has a ClassLabel"):
+        resolve_class_names(ds)
     with pytest.raises(ValueError, match=r"splits \['validation'\]; split 'train'"):
         load_segmentation_dataset(tmp_path / "dd", split="train")
     with pytest.raises(ValueError, match="label column 'seg' is not in the dataset"):

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from opentrans_hf.data import CLASS_NAMES, HELD_OUT_CLASSES, embedded_dataset, resolve_class_names
+from opentrans_hf.data import CLASS_NAMES, HELD_OUT_CLASSES, embedded_dataset
+from opentrans_hf.data.assembly import load_source
 from opentrans_hf.data.synthetic import render_example
 
 
@@ -19,7 +20,8 @@ def test_dataset_features_and_splits():
     train = embedded_dataset("train", num_train=16, image_size=32)
     val = embedded_dataset("validation", num_train=16, image_size=32)
     assert len(train) == 16 and len(val) == 8
-    assert resolve_class_names(train) == CLASS_NAMES and set(HELD_OUT_CLASSES) < set(CLASS_NAMES)
+    assert load_source("embedded", "train", 32, embedded_size=16)["names"] == CLASS_NAMES
+    assert set(HELD_OUT_CLASSES) < set(CLASS_NAMES) and train.features["classes"].feature.names == CLASS_NAMES
     ex = train[0]
     lab = np.asarray(ex["label"])
     assert sorted(np.unique(lab).tolist()) == sorted(ex["classes"])

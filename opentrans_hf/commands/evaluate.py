@@ -1,9 +1,27 @@
-"""Zero-shot evaluation of a trained OVS model on several datasets, each with its own class names, in
-one table (mIoU, pixel accuracy, seen/unseen mIoU). Runs under ``accelerate launch`` (the confusion
-matrices are summed across processes) and plain ``python``:
+"""Zero-shot evaluation of a trained OVS model on several datasets, each with its own class names and
+label conventions, in one table (vocabulary, mIoU, pixel accuracy, seen/unseen mIoU, in percent). Runs
+under ``accelerate launch`` (the confusion matrices are summed across processes) and plain ``python``:
 
-    accelerate launch scripts/evaluate.py --model runs/demo/train/model \
-        --datasets embedded:validation scene_parse_150:validation
+    accelerate launch scripts/evaluate.py --model runs/demo/train/model \\
+        --datasets embedded:validation /data/ade20k:validation pc59.json
+
+Each --datasets entry is a dataset spec:
+
+  NAME[:SPLIT]  a dataset that carries its own class names: 'embedded', a save_to_disk directory or
+                image/label folder with an id2label.json in it, a Hub dataset whose repo has one, or a
+                label column with a ClassLabel feature. SPLIT defaults to 'validation'.
+  FILE.json     one JSON object for any other dataset, e.g.
+                {"dataset": "/data/pascal_context", "split": "validation", "id2label": "pc59_id2label.json",
+                 "reduce_labels": false, "ignore_index": 255, "label_column": "label", "name": "pc59"}
+                keys: dataset (required), split, name (the row), one of id2label ({id: name} or a JSON
+                file) / class_names (a list) / vocabulary (a named benchmark vocabulary), reduce_labels,
+                ignore_index (the dataset's value for unlabelled pixels), image_column, label_column.
+                Relative paths are relative to the spec file.
+
+--class_names / --id2label / --reduce_labels / --ignore_index / --image_column / --label_column describe
+a single NAME[:SPLIT] dataset; with several datasets (or a spec file) they are an error: each dataset's
+conventions go in its own spec file. The --out JSON holds the metrics as fractions of 1 (keys as the
+Hub's mean_iou metric: mean_iou, overall_accuracy, per_category_iou, ...); the tables show percent.
 """
 
 from __future__ import annotations
@@ -19,16 +37,19 @@ from . import ArgumentError
 @dataclass
 class EvaluateArguments:
     model: str = field(metadata={"help": "trained framework: output_dir/model of a training run, or a Hub id"})
-    datasets: list[str] = field(default_factory=lambda: ["embedded:validation"], metadata={"help": "NAME[:SPLIT] each: 'embedded', a Hub dataset, a save_to_disk dir or an image/label folder"})
-    class_names: list[str] | None = field(default=None, metadata={"help": "class names (all datasets without names of their own)"})
-    id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} (same)"})
-    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K)"})
+    datasets: list[str] = field(default_factory=lambda: ["embedded:validation"], metadata={"help": "dataset specs, each NAME[:SPLIT] (a dataset with class names of its own: 'embedded', a Hub dataset, a save_to_disk dir or an image/label folder) or a .json spec file with its class names and label conventions (see above)"})
+    class_names: list[str] | None = field(default=None, metadata={"help": "class names, index = label value (one NAME[:SPLIT] dataset only)"})
+    id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names (one NAME[:SPLIT] dataset only)"})
+    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K) (one NAME[:SPLIT] dataset only)"})
+    ignore_index: int | None = field(default=None, metadata={"help": "the dataset's label value for unlabelled pixels; default 255 (one NAME[:SPLIT] dataset only)"})
+    image_column: str | None = field(default=None, metadata={"help": "image column; default: detected (one NAME[:SPLIT] dataset only)"})
+    label_column: str | None = field(default=None, metadata={"help": "label-map column; default: detected (one NAME[:SPLIT] dataset only)"})
     image_size: int | None = field(default=None, metadata={"help": "evaluation resolution (default: the model's)"})
     batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
     max_examples: int | None = field(default=None, metadata={"help": "cap on examples per dataset"})
     embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
     seed: int = field(default=0, metadata={"help": "random seed (embedded dataset)"})
-    out: str | None = field(default=None, metadata={"help": "write the results as JSON here (and the table beside it as .md)"})
+    out: str | None = field(default=None, metadata={"help": "write the results as JSON here (metrics as fractions of 1) and the table (percent) beside it as .md"})
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -36,6 +57,40 @@ class EvaluateArguments:
         if self.max_examples is not None and self.max_examples < 1:
             raise ArgumentError(f"--max_examples must be >= 1 when given, got {self.max_examples}")
         check_local_or_hub(self.model, "--model")
+        self.dataset_specs()  # a bad spec fails here, before any model is loaded
+
+    def dataset_specs(self) -> list:
+        """The :class:`~opentrans_hf.data.specs.DatasetSpec` of every --datasets entry (the global label
+        flags folded into a single NAME[:SPLIT] spec; anywhere else they are an error)."""
+        from dataclasses import replace
+
+        from ..data.specs import parse_dataset_spec
+
+        specs = []
+        for text in self.datasets:
+            try:
+                specs.append(parse_dataset_spec(text))
+            except ValueError as err:
+                raise ArgumentError(str(err)) from err
+        given = {flag: value for flag, value in (
+            ("--class_names", self.class_names), ("--id2label", self.id2label), ("--reduce_labels", self.reduce_labels or None),
+            ("--ignore_index", self.ignore_index), ("--image_column", self.image_column),
+            ("--label_column", self.label_column)) if value is not None}
+        if given:
+            if len(specs) != 1 or specs[0].is_file:
+                where = (f"{len(specs)} datasets" if len(specs) != 1 else f"the spec file {specs[0].origin}")
+                raise ArgumentError(
+                    f"{' / '.join(given)} describe one NAME[:SPLIT] dataset, and --datasets has {where}: give each "
+                    "dataset that needs them a .json spec file of its own (e.g. {\"dataset\": ..., \"split\": ..., "
+                    "\"id2label\": ..., \"reduce_labels\": ...}; see --help)")
+            specs[0] = replace(specs[0], class_names=self.class_names, id2label=self.id2label,
+                               reduce_labels=self.reduce_labels, ignore_index=255 if self.ignore_index is None
+                               else self.ignore_index, image_column=self.image_column, label_column=self.label_column)
+        rows = [s.row_name for s in specs]
+        twice = sorted({r for r in rows if rows.count(r) > 1})
+        if twice:
+            raise ArgumentError(f"--datasets names {twice} twice; give each its own row name (\"name\" in a .json spec file)")
+        return specs
 
 
 ARGUMENTS = EvaluateArguments
@@ -48,7 +103,7 @@ def run(args: EvaluateArguments) -> dict:
     from ..frameworks import FRAMEWORKS  # noqa: F401  (registers the frameworks with AutoModel)
     from ..hub import load_or_explain
     from ..io import atomic_write_text, json_safe
-    from ..data.assembly import load_split, parse_split_spec
+    from ..data.assembly import load_eval_splits
     from ..training.evaluation import evaluate_splits, results_table
 
     accelerator = make_accelerator()
@@ -60,12 +115,7 @@ def run(args: EvaluateArguments) -> dict:
     check_finite_weights(model, f"model {args.model}")  # a diverged model's mIoU would be meaningless
     model.to(accelerator.device)
     size = args.image_size or model.config.image_size
-    splits = {}
-    for spec in args.datasets:
-        name, split = parse_split_spec(spec)
-        splits[f"{name}:{split}"] = load_split(
-            name, split, size, seed=args.seed, embedded_size=args.embedded_size, class_names=args.class_names,
-            id2label=args.id2label, reduce_labels=args.reduce_labels)
+    splits = load_eval_splits(args.dataset_specs(), size, seed=args.seed, embedded_size=args.embedded_size)
     results = evaluate_splits(model, splits, seen_classes=model.config.seen_class_names, batch_size=args.batch_size,
                               accelerator=accelerator, max_examples=args.max_examples)
     table = results_table(results)
@@ -73,7 +123,9 @@ def run(args: EvaluateArguments) -> dict:
         print(table)
         if args.out:
             out = Path(args.out)
-            atomic_write_text(out, json.dumps(json_safe({"model": args.model, "results": results}), indent=2) + "\n")
+            record = {"model": args.model, "units": "metrics are fractions of 1 (the tables show percent)",
+                      "results": results}
+            atomic_write_text(out, json.dumps(json_safe(record), indent=2) + "\n")
             atomic_write_text(out.with_suffix(".md"), table + "\n")
             print(f"results written to {out} and {out.with_suffix('.md')}")
     accelerator.wait_for_everyone()

@@ -6,64 +6,140 @@ from __future__ import annotations
 from pathlib import Path
 
 EMBEDDED = "embedded"
+CLI_FLAGS = ("--class_names", "--id2label", "--vocabulary")
 
 
 def load_source(name: str, split: str, image_size: int, *, seed: int = 0, embedded_size: int = 192,
-                class_names=None, id2label=None, image_column=None, label_column=None) -> dict:
+                class_names=None, id2label=None, vocabulary=None, image_column=None, label_column=None,
+                flags: tuple[str, str, str] = CLI_FLAGS) -> dict:
     """One split of a dataset (``'embedded'``, Hub name, ``save_to_disk`` dir or image/label folder):
-    the HF dataset, its class names and columns, and its default held-out classes."""
-    from .loading import find_columns, load_segmentation_dataset, resolve_class_names
+    the HF dataset, its class names (see :mod:`~opentrans_hf.data.vocabulary`: an explicit source, else
+    the dataset's own ``id2label.json`` or label-column ``ClassLabel``, never a guess) and where they came
+    from, its columns, and its default held-out classes. ``flags`` name the explicit sources in messages."""
+    from .loading import find_columns, find_id2label, load_segmentation_dataset
+    from .vocabulary import Vocabulary, resolve_vocabulary
 
+    what = f"dataset {name!r} split {split!r}"
+    searched = ""
     if name == EMBEDDED:
         from . import synthetic
 
         ds = synthetic.embedded_dataset(split, num_train=embedded_size, image_size=image_size, seed=seed)
-        names = resolve_class_names(ds)
+        own = Vocabulary(tuple(synthetic.CLASS_NAMES), "embedded dataset's classes")
         holdout = list(synthetic.HELD_OUT_CLASSES)
     else:
         ds = load_segmentation_dataset(name, split)
-        names = resolve_class_names(ds, class_names=class_names, id2label=id2label)
+        own, searched = find_id2label(name)
         holdout = []
     img_col, lab_col = find_columns(ds, image_column, label_column)
     if lab_col is None:
-        raise ValueError(f"dataset {name!r} split {split!r} has no label column (columns: {ds.column_names})")
-    return {"ds": ds, "names": names, "image_column": img_col, "label_column": lab_col, "holdout": holdout}
+        raise ValueError(f"{what} has no label column (columns: {ds.column_names}); name it with --label_column "
+                         "(or \"label_column\" in a dataset spec)")
+    vocab = resolve_vocabulary(ds, label_column=lab_col, class_names=class_names, id2label=id2label,
+                               vocabulary=vocabulary, own=own, what=what, flags=flags, searched=searched)
+    return {"ds": ds, "names": list(vocab.names), "vocabulary": vocab.source, "image_column": img_col,
+            "label_column": lab_col, "holdout": holdout, "dataset": name, "split": split}
 
 
 def make_split(source: dict, image_size: int, *, train: bool = False, reduce_labels: bool = False,
-               keep_classes=None, seed: int = 0):
-    """A :class:`SegmentationSplit` of a :func:`load_source` result with the training or evaluation transform."""
+               ignore_index: int | None = None, keep_classes=None, seed: int = 0):
+    """A :class:`SegmentationSplit` of a :func:`load_source` result with the training or evaluation
+    transform; ``ignore_index`` is the dataset's value for unlabelled pixels (default 255). Checked to
+    have a labelled pixel (an error, not a NaN mIoU later)."""
     from .transforms import SegmentationTransform
     from .splits import SegmentationSplit
 
     names = source["names"]
-    tf = SegmentationTransform(image_size, train=train, reduce_labels=reduce_labels, num_labels=len(names))
+    void = None if ignore_index is None or ignore_index == SegmentationTransform.ignore_index else int(ignore_index)
+    tf = SegmentationTransform(image_size, train=train, reduce_labels=reduce_labels, num_labels=len(names),
+                               label_ignore_index=void)
     if keep_classes is not None and list(keep_classes) == names:
         keep_classes = None
-    return SegmentationSplit(source["ds"], source["image_column"], source["label_column"], names, tf,
-                             keep_classes=keep_classes, seed=seed)
+    conventions = [source.get("vocabulary") or "class names given"]
+    if reduce_labels:
+        conventions.append("reduce_labels")
+    if void is not None:
+        conventions.append(f"ignore {void}")
+    split = SegmentationSplit(source["ds"], source["image_column"], source["label_column"], names, tf,
+                              keep_classes=keep_classes, seed=seed,
+                              origin=(source.get("dataset", "?"), source.get("split", "?")),
+                              vocabulary=", ".join(conventions))
+    split.check_labelled()
+    return split
 
 
 def load_split(name: str, split: str, image_size: int, *, seed: int = 0, embedded_size: int = 192,
-               reduce_labels: bool = False, **source_kwargs):
+               reduce_labels: bool = False, ignore_index: int | None = None, **source_kwargs):
     """An evaluation :class:`SegmentationSplit` of one dataset split (:func:`load_source` + :func:`make_split`)."""
     source = load_source(name, split, image_size, seed=seed, embedded_size=embedded_size, **source_kwargs)
-    return make_split(source, image_size, reduce_labels=reduce_labels, seed=seed)
+    return make_split(source, image_size, reduce_labels=reduce_labels, ignore_index=ignore_index, seed=seed)
 
 
-def parse_split_spec(spec: str, default_split: str = "validation") -> tuple[str, str]:
-    """``NAME[:SPLIT]`` (a local path may itself contain ':' only if it exists as given)."""
-    if Path(spec).exists() or ":" not in spec:
-        return spec, default_split
-    name, _, split = spec.rpartition(":")
-    return name, split or default_split
+def load_spec_split(spec, image_size: int, *, seed: int = 0, embedded_size: int = 192):
+    """The evaluation :class:`SegmentationSplit` a :class:`~opentrans_hf.data.specs.DatasetSpec` describes,
+    with its own class names, ``reduce_labels``, ignore value and columns."""
+    if spec.is_file:
+        where = Path(spec.origin).name
+        flags = tuple(f"{key} in {where}" for key in ("class_names", "id2label", "vocabulary"))
+    else:
+        flags = CLI_FLAGS
+    source = load_source(spec.dataset, spec.split, image_size, seed=seed, embedded_size=embedded_size,
+                         flags=flags, **spec.label_options)
+    return make_split(source, image_size, reduce_labels=spec.reduce_labels, ignore_index=spec.ignore_index, seed=seed)
+
+
+def add_eval_split(splits: dict, name: str, split) -> None:
+    """``splits[name] = split``; the same row name twice is an error (one would overwrite the other)."""
+    if name in splits:
+        raise ValueError(f"evaluation dataset {name!r} is given twice; give each its own row name (\"name\" in a "
+                         "dataset spec file)")
+    splits[name] = split
+
+
+def load_eval_splits(specs, image_size: int, *, seed: int = 0, embedded_size: int = 192, splits: dict | None = None) -> dict:
+    """``{row name: SegmentationSplit}`` for several :class:`~opentrans_hf.data.specs.DatasetSpec` (added
+    to ``splits`` if given)."""
+    splits = {} if splits is None else splits
+    for spec in specs:
+        add_eval_split(splits, spec.row_name, load_spec_split(spec, image_size, seed=seed, embedded_size=embedded_size))
+    return splits
+
+
+def hold_out(source: dict, percentage: float, seed: int = 0) -> tuple[dict, dict]:
+    """Split a :func:`load_source` result into (training part, held-out part): a fixed ``percentage`` of
+    its examples, chosen by ``seed`` (the same on every run and process), disjoint from the rest."""
+    ds = source["ds"]
+    n = len(ds)
+    k = round(n * percentage / 100)
+    if k < 1 or k >= n:
+        raise ValueError(f"dataset {source['dataset']!r} split {source['split']!r} has {n} example(s): holding out "
+                         f"{percentage:g}% of it leaves {'no held-out' if k < 1 else 'no training'} example; "
+                         "both parts need at least one")
+    parts = ds.train_test_split(test_size=k, shuffle=True, seed=seed, keep_in_memory=True)
+    held = f"{source['split']}[{percentage:g}% held out]"
+    return dict(source, ds=parts["train"]), dict(source, ds=parts["test"], split=held)
 
 
 def load_training_data(args, image_size: int):
-    """(train split on the seen classes, {name: eval split}, held-out classes)."""
-    common = dict(seed=args.seed, embedded_size=args.embedded_size, class_names=args.class_names,
-                  id2label=args.id2label, image_column=args.image_column, label_column=args.label_column)
-    source = load_source(args.dataset, args.train_split, image_size, **common)
+    """(train split on the seen classes, {name: eval split}, held-out classes).
+
+    ``args`` (the train job's arguments): ``--class_names`` / ``--id2label`` / ``--reduce_labels`` /
+    ``--ignore_index`` / columns describe ``--dataset`` only, for its training split and its evaluation
+    split (``--eval_split``, or with ``--validation_split_percentage`` a held-out part of the training
+    split). Every ``--eval_datasets`` entry is a dataset spec of its own."""
+    from .specs import parse_dataset_spec
+
+    common = dict(seed=args.seed, embedded_size=args.embedded_size)
+    options = dict(class_names=args.class_names, id2label=args.id2label, image_column=args.image_column,
+                   label_column=args.label_column)
+    labels = dict(reduce_labels=args.reduce_labels, ignore_index=getattr(args, "ignore_index", None))
+    source = load_source(args.dataset, args.train_split, image_size, **common, **options)
+    percentage = getattr(args, "validation_split_percentage", None)
+    if percentage:
+        source, eval_source = hold_out(source, percentage, seed=args.seed)
+    else:
+        eval_source = load_source(args.dataset, getattr(args, "eval_split", None) or "validation", image_size,
+                                  **common, **options)
     names = source["names"]
     holdout = list(args.holdout_classes) if args.holdout_classes is not None else source["holdout"]
     if [c.lower() for c in holdout] == ["none"]:
@@ -74,16 +150,11 @@ def load_training_data(args, image_size: int):
     seen = [c for c in names if c not in holdout]
     if not seen:
         raise ValueError(f"all classes {names} are held out: nothing to train on")
-    train = make_split(source, image_size, train=True, reduce_labels=args.reduce_labels, keep_classes=seen,
-                       seed=args.seed)
-    evals = {f"{args.dataset}:{args.eval_split}": load_split(args.dataset, args.eval_split, image_size,
-                                                             reduce_labels=args.reduce_labels, **common)}
-    for spec in args.eval_datasets:
-        name, split = parse_split_spec(spec)
-        evals[f"{name}:{split}"] = load_split(name, split, image_size, seed=args.seed, embedded_size=args.embedded_size)
+    train = make_split(source, image_size, train=True, keep_classes=seen, seed=args.seed, **labels)
+    evals = {f"{args.dataset}:{eval_source['split']}": make_split(eval_source, image_size, seed=args.seed, **labels)}
+    specs = [parse_dataset_spec(spec) for spec in args.eval_datasets]
+    load_eval_splits(specs, image_size, splits=evals, **common)
     return train, evals, holdout
-
-
 
 
 def distillation_split(name: str, split: str, image_size: int, *, seed: int = 0, embedded_size: int = 192,
@@ -101,4 +172,5 @@ def distillation_split(name: str, split: str, image_size: int, *, seed: int = 0,
         ds = load_segmentation_dataset(name, split)
     img_col, lab_col = find_columns(ds, image_column, label_column)
     return SegmentationSplit(ds, img_col, lab_col if with_labels else None, class_names=[],
-                             transform=SegmentationTransform(image_size, train=True), seed=seed)
+                             transform=SegmentationTransform(image_size, train=True), seed=seed,
+                             origin=(name, split))

@@ -12,28 +12,57 @@ LABEL_COLUMNS = ("label", "annotation", "semantic_segmentation", "segmentation",
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+SPLIT_HINT = ("(train / demo: --validation_split_percentage P holds out a fixed P% of the training split for "
+              "evaluation instead)")
+
+
 def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", revision: str | None = None):
     """A ``datasets.Dataset`` for ``split`` of:
 
-    * a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
-    * an image/label folder: ``<dir>/images/*`` and ``<dir>/labels/*`` paired by file stem
-      (or ``<dir>/<split>/images`` and ``<dir>/<split>/labels``);
+    * a directory written by ``DatasetDict.save_to_disk`` (``split`` must be one of its splits), or
+      one written by ``Dataset.save_to_disk``: one split, the one recorded in it, else the directory's
+      name if it is a split directory of a ``DatasetDict``, else ``train``;
+    * an image/label folder: ``<dir>/<split>/images`` + ``<dir>/<split>/labels``, paired by file stem;
+      a folder without split folders (``<dir>/images`` + ``<dir>/labels``) is the ``train`` split, as in
+      ``datasets``' imagefolder;
     * a Hugging Face Hub dataset name (``datasets.load_dataset``).
+
+    A split the dataset does not have is an error, never another split; so is an empty split.
     """
     import datasets
 
     p = Path(name_or_path)
     if p.is_dir():
-        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file() or (p / "dataset_info.json").is_file():
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ValueError(f"dataset at {p} has splits {sorted(ds)}; split {split!r} is not one of them")
-                ds = ds[split]
-            return ds
-        for root in (p / split, p):
-            if (root / "images").is_dir() and (root / "labels").is_dir():
-                return _image_label_folder(root)
+        if (p / "dataset_dict.json").is_file():
+            splits = _dataset_dict_splits(p)
+            if split not in splits:
+                raise ValueError(f"dataset at {p} has splits {sorted(splits)}; split {split!r} is not one of them "
+                                 f"{SPLIT_HINT}")
+            return _nonempty(_load_from_disk(p / split, p, split), p, split)
+        if (p / "state.json").is_file() or (p / "dataset_info.json").is_file():
+            ds = _load_from_disk(p, p, split)
+            parent_split = p.name if p.name in _dataset_dict_splits(p.parent) else None
+            own = str(ds.split) if ds.split is not None else parent_split or "train"
+            if split != own:
+                how = ("the split recorded in it" if ds.split is not None else
+                       f"a split directory of the DatasetDict in {p.parent}" if parent_split else
+                       "saved without a split name, so it is 'train', as datasets names unsplit data")
+                raise ValueError(f"dataset at {p} is one Dataset holding the split {own!r} ({how}); split "
+                                 f"{split!r} is not there: ask for {own!r} ({p}:{own}) or save a DatasetDict with "
+                                 f"a {split!r} split {SPLIT_HINT}")
+            return _nonempty(ds, p, split)
+        if (p / split / "images").is_dir() and (p / split / "labels").is_dir():
+            return _nonempty(_image_label_folder(p / split), p, split)
+        flat = (p / "images").is_dir() and (p / "labels").is_dir()
+        if flat and split == "train":
+            return _nonempty(_image_label_folder(p), p, split)
+        found = sorted(d.name for d in p.iterdir() if (d / "images").is_dir() and (d / "labels").is_dir())
+        if flat or found:
+            layout = (["train"] if flat and "train" not in found else []) + found
+            raise ValueError(
+                f"image/label folder {p}: split {split!r} is not there (no {p / split}/images and labels); "
+                f"its splits are {layout}" + (" (a folder without split folders is the 'train' split)" if flat else "")
+                + f" {SPLIT_HINT}")
         raise ValueError(
             f"{p} is neither a save_to_disk dataset (no state.json / dataset_dict.json) nor an image/label folder "
             f"(expected {p}/images and {p}/labels, or {p}/{split}/images and {p}/{split}/labels)"
@@ -42,7 +71,79 @@ def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", re
         raise ValueError(f"dataset path {p} is a file; pass a directory or a Hub dataset name")
     from ..hub import load_or_explain  # a missing local path fails there at once
 
-    return load_or_explain(name_or_path, lambda: datasets.load_dataset(str(name_or_path), split=split, revision=revision), "dataset")
+    def load():
+        try:
+            return datasets.load_dataset(str(name_or_path), split=split, revision=revision)
+        except ValueError as err:
+            if "unknown split" in str(err).lower():
+                raise _MissingSplit(str(err)) from err
+            raise
+
+    try:
+        ds = load_or_explain(name_or_path, load, "dataset")
+    except _MissingSplit as err:
+        raise ValueError(f"Hub dataset {str(name_or_path)!r} has no split {split!r}: {err} {SPLIT_HINT}") from None
+    return _nonempty(ds, name_or_path, split)
+
+
+def _dataset_dict_splits(path: Path) -> list[str]:
+    """The splits listed by ``path/dataset_dict.json`` (a ``DatasetDict.save_to_disk`` directory), or []."""
+    f = path / "dataset_dict.json"
+    return list(read_json(f, "dataset_dict.json").get("splits") or []) if f.is_file() else []
+
+
+def _load_from_disk(path: Path, where: Path, split: str):
+    """``datasets.load_from_disk`` of one split directory; an empty one (``datasets`` saves no data file
+    for it and then cannot load it) is an error saying so, a broken one an error naming the directory."""
+    import datasets
+
+    state = path / "state.json"
+    if state.is_file() and not read_json(state, "save_to_disk state.json").get("_data_files"):
+        _nonempty([], where, split)
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        raise ValueError(f"could not load the save_to_disk dataset at {path} (split {split!r}): {err}") from err
+
+
+class _MissingSplit(Exception):
+    """``load_dataset``'s unknown-split error, kept apart from the failures ``load_or_explain`` explains."""
+
+
+def _nonempty(ds, where, split: str):
+    if len(ds) == 0:
+        raise ValueError(f"dataset {str(where)!r} split {split!r} has no examples")
+    return ds
+
+
+def find_id2label(name_or_path: str | Path, revision: str | None = None):
+    """``(Vocabulary, "")`` from the ``id2label.json`` that describes a dataset's label map: in its
+    directory (for a split directory of a ``DatasetDict``, in the ``DatasetDict``'s), or in its Hub
+    repo (as transformers' semantic-segmentation examples read it). ``(None, what was searched)`` if none."""
+    from .vocabulary import ID2LABEL_FILE, Vocabulary, read_id2label
+
+    p = Path(name_or_path)
+    if p.is_dir():
+        candidates = [p / ID2LABEL_FILE]
+        if p.name in _dataset_dict_splits(p.parent):
+            candidates.append(p.parent / ID2LABEL_FILE)
+        for f in candidates:
+            if f.is_file():
+                return Vocabulary(read_id2label(f), f"{ID2LABEL_FILE} in {f.parent}"), ""
+        return None, f"no {ID2LABEL_FILE} in {p}"
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = hf_hub_download(repo_id=str(name_or_path), filename=ID2LABEL_FILE, repo_type="dataset", revision=revision)
+    except LocalEntryNotFoundError:
+        return None, f"the Hub repo's {ID2LABEL_FILE} is not in the local cache (offline?)"
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        return None, f"no {ID2LABEL_FILE} in the Hub repo {str(name_or_path)!r}"
+    except OSError as err:  # network trouble: say so rather than guess
+        return None, f"the Hub repo's {ID2LABEL_FILE} could not be fetched ({err})"
+    where = f"{ID2LABEL_FILE} of Hub dataset {str(name_or_path)!r}"
+    return Vocabulary(read_id2label(path, where), where), ""
 
 
 def _image_label_folder(root: Path):
@@ -81,37 +182,15 @@ def find_columns(dataset, image_column: str | None = None, label_column: str | N
     return pick(image_column, IMAGE_COLUMNS, "image", True), pick(label_column, LABEL_COLUMNS, "label", False)
 
 
-def resolve_class_names(dataset=None, *, class_names: list[str] | None = None, id2label: str | Path | dict | None = None) -> list[str]:
+def resolve_class_names(dataset=None, *, class_names: list[str] | None = None, id2label: str | Path | dict | None = None,
+                        label_column: str | None = None) -> list[str]:
     """Class names, index = label value: an explicit list, else an ``id2label`` JSON file or dict
     (``{"0": "wall", ...}``, contiguous ids from 0), else the names of a ``ClassLabel`` feature of the
-    dataset (or of a ``Sequence(ClassLabel)``, e.g. a per-image list of present classes)."""
-    if class_names:
-        names = [str(c).strip() for c in class_names]
-        if any(not n for n in names):
-            raise ValueError(f"empty class name in {class_names!r}")
-        return names
-    if id2label is not None:
-        if not isinstance(id2label, dict):
-            id2label = read_json(id2label, "id2label file")
-        try:
-            ids = sorted(int(k) for k in id2label)
-        except ValueError:
-            raise ValueError(f"id2label keys must be integers, got {list(id2label)[:5]}") from None
-        if ids != list(range(len(ids))):
-            raise ValueError(f"id2label ids must be contiguous from 0; got {ids[:10]}...")
-        return [str(id2label[str(i)] if str(i) in id2label else id2label[i]) for i in ids]
-    if dataset is not None:
-        import datasets
+    dataset's label column itself (``label_column``, default: detected). A ClassLabel of another column
+    is never used (see :mod:`opentrans_hf.data.vocabulary`, which also knows ``id2label.json`` files)."""
+    from .vocabulary import resolve_vocabulary
 
-        for name, feat in dataset.features.items():
-            inner = getattr(feat, "feature", None)
-            if isinstance(feat, datasets.ClassLabel):
-                return list(feat.names)
-            if isinstance(inner, datasets.ClassLabel):
-                return list(inner.names)
-            if isinstance(feat, list) and feat and isinstance(feat[0], datasets.ClassLabel):
-                return list(feat[0].names)
-    raise ValueError(
-        "no class names: the dataset has no ClassLabel feature; pass class_names=[...] (--class_names) "
-        "or an id2label JSON file (--id2label)"
-    )
+    if dataset is not None and label_column is None:
+        label_column = next((c for c in LABEL_COLUMNS if c in dataset.column_names), None)
+    return list(resolve_vocabulary(dataset, label_column=label_column, class_names=class_names, id2label=id2label,
+                                   flags=("class_names", "id2label", "vocabulary")).names)

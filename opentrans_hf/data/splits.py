@@ -17,11 +17,19 @@ class SegmentationSplit(Dataset):
     names), labels of the other classes become ``ignore_index`` and the kept classes are renumbered
     0..K-1 in the order of ``keep_classes``: training on seen classes only, for zero-shot evaluation on
     the held-out ones. ``self.class_names`` are the names the model must be given for these labels.
+
+    ``origin`` is ``(dataset, split)``; ``name`` (default ``"dataset 'ade' split 'validation'"``) starts
+    every error about an example, which also names the example's files when the dataset knows them;
+    ``vocabulary`` says, for people, where the class names came from and which label conventions apply.
     """
 
     def __init__(self, hf_dataset, image_column: str, label_column: str | None, class_names: list[str],
-                 transform: SegmentationTransform, keep_classes: list[str] | None = None, seed: int = 0):
+                 transform: SegmentationTransform, keep_classes: list[str] | None = None, seed: int = 0,
+                 origin: tuple[str, str] | None = None, vocabulary: str | None = None, name: str | None = None):
         self.ds = hf_dataset
+        self.origin = origin
+        self.name = name or (f"dataset {origin[0]!r} split {origin[1]!r}" if origin else "dataset")
+        self.vocabulary = vocabulary
         self.image_column = image_column
         self.label_column = label_column
         self.transform = transform
@@ -48,16 +56,90 @@ class SegmentationSplit(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, i: int):
-        ex = self.ds[int(i)]
+        i = int(i)
+        if not -len(self.ds) <= i < len(self.ds):
+            raise IndexError(f"{self.name}: example {i} is out of range ({len(self.ds)} examples)")
+        try:
+            ex = self.ds[i]
+        except Exception as err:  # noqa: BLE001 - a file that cannot be decoded: say which
+            col = self._unreadable_column(i)
+            raise ValueError(f"{self.name}, example {i}{self._files(i, [col] if col else None)}: cannot read its "
+                             f"{col or 'data'}: {err}") from err
         # per-example RNG: augmentations depend on (seed, epoch, index) only, so a resumed run and
         # every process see exactly the augmentations an uninterrupted run would
-        rng = random.Random(hash((self.seed, self.epoch, int(i))))
+        rng = random.Random(hash((self.seed, self.epoch, i)))
         label = ex[self.label_column] if self.label_column else None
-        x, y = self.transform(ex[self.image_column], label, index=int(i), rng=rng)
+        try:
+            x, y = self.transform(ex[self.image_column], label, index=i, rng=rng)
+        except ValueError as err:
+            text = str(err).removeprefix(f"example {i}: ")
+            raise ValueError(f"{self.name}, example {i}{self._files(i)}: {text}") from err
         if y is not None and self.lut is not None:
-            keep = y != self.transform.ignore_index
-            y = torch.where(keep, self.lut[y.clamp(0, len(self.lut) - 1)], y)
+            y = self._apply_lut(y)
         return x, y
+
+    def _apply_lut(self, y: torch.Tensor) -> torch.Tensor:
+        keep = y != self.transform.ignore_index
+        return torch.where(keep, self.lut[y.clamp(0, len(self.lut) - 1)], y)
+
+    def _columns(self) -> list[str]:
+        return [c for c in (self.image_column, self.label_column) if c]
+
+    def _unreadable_column(self, i: int) -> str | None:
+        for col in self._columns():
+            try:
+                self.ds.select_columns([col])[i]
+            except Exception:  # noqa: BLE001
+                return col
+        return None
+
+    def _files(self, i: int, columns: list[str] | None = None) -> str:
+        """`` (image file a.jpg, label file a.png)`` for datasets that know their examples' files."""
+        import datasets
+
+        found = []
+        for col in columns or self._columns():
+            if not isinstance(self.ds.features.get(col), datasets.Image):
+                continue
+            try:
+                raw = self.ds.select_columns([col]).cast_column(col, datasets.Image(decode=False))[i][col]
+            except Exception:  # noqa: BLE001 - naming the file is a courtesy; never hide the real error
+                continue
+            if isinstance(raw, dict) and raw.get("path"):
+                what = "label" if col == self.label_column else "image"
+                found.append(f"{what} file {raw['path']}")
+        return f" ({', '.join(found)})" if found else ""
+
+    def check_labelled(self) -> None:
+        """Raise unless some example has a pixel that is not ignored (after the dataset's void value,
+        ``reduce_labels`` and the held-out classes): a split with nothing to learn or score is an error
+        before training, not a NaN mIoU after it. Stops at the first labelled example (usually the first)."""
+        if self.label_column is None:
+            return
+        if len(self.ds) == 0:
+            raise ValueError(f"{self.name} has no examples")
+        from .transforms import to_label_tensor
+
+        labels = self.ds.select_columns([self.label_column])
+        ignore = self.transform.ignore_index
+        for i in range(len(labels)):
+            try:
+                y = self.transform.convert_labels(to_label_tensor(labels[i][self.label_column]))
+            except Exception as err:  # noqa: BLE001
+                raise ValueError(f"{self.name}, example {i}{self._files(i, [self.label_column])}: cannot read its "
+                                 f"label map: {err}") from err
+            if self.lut is not None:
+                y = self._apply_lut(y)
+            if bool((y != ignore).any()):
+                return
+        rules = [f"ignore value {self.transform.label_ignore_index}" if self.transform.label_ignore_index is not None
+                 else f"ignore value {ignore}"]
+        if self.transform.reduce_labels:
+            rules.append("reduce_labels (0 is ignored)")
+        if self.lut is not None:
+            rules.append(f"only the classes {self.class_names} kept")
+        raise ValueError(f"{self.name}: every pixel of its {len(labels)} examples is ignored ({', '.join(rules)}): nothing "
+                         "to train on or score; check --reduce_labels / ignore_index / --holdout_classes")
 
 
 def make_loader(split: SegmentationSplit, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0):

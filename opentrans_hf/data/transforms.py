@@ -30,13 +30,27 @@ def to_image_tensor(image) -> torch.Tensor:
 
 
 def to_label_tensor(label) -> torch.Tensor:
-    """PIL label map (mode L/P/I), ``(H, W)`` array or tensor -> ``(H, W)`` int64."""
+    """PIL label map (mode L/P/I), ``(H, W)`` array, nested list or tensor -> ``(H, W)`` int64.
+
+    An RGB(A)-saved label map is accepted when its colour channels are equal (each carries the class
+    index); channels that differ mean a colour-coded map, which is an error naming a pixel and its value
+    rather than a silent read of the red channel."""
     if isinstance(label, torch.Tensor):
         t = label
     else:
         arr = np.asarray(label)
-        if arr.ndim == 3:  # an RGB-saved label map: all channels carry the class index
+        if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
+        elif arr.ndim == 3 and arr.shape[-1] in (3, 4):
+            rgb = arr[..., :3]
+            differ = (rgb != rgb[..., :1]).any(axis=-1)
+            if differ.any():
+                y, x = (int(v) for v in np.argwhere(differ)[0])
+                raise ValueError(
+                    f"label map has {arr.shape[-1]} channels that differ (pixel ({y}, {x}) is "
+                    f"{tuple(int(v) for v in arr[y, x])}): expected one class index per pixel (PIL mode L, P or I, "
+                    "or RGB with equal channels); convert a colour-coded label map to class indices first")
+            arr = rgb[..., 0]
         t = torch.from_numpy(np.array(arr))
     if t.ndim != 2:
         raise ValueError(f"label map must be 2-D (H, W), got shape {tuple(t.shape)}")
@@ -49,9 +63,11 @@ class SegmentationTransform:
 
     Training: random scale in ``scale_range`` of the shorter side relative to ``size``, random
     ``size x size`` crop (padding with 0 / ``ignore_index``), random horizontal flip. Evaluation: resize
-    to ``size x size``. Images are bilinear, labels nearest. ``reduce_labels`` maps 0 to ``ignore_index``
-    and subtracts 1 from the others (ADE20K's convention). With ``num_labels`` set, a label value
-    outside ``[0, num_labels)`` other than ``ignore_index`` is an error naming the example and value.
+    to ``size x size``. Images are bilinear, labels nearest. ``label_ignore_index``, when set, is the
+    dataset's own value for unlabelled pixels, mapped to ``ignore_index`` (the value losses and metrics
+    skip). ``reduce_labels`` then maps 0 to ``ignore_index`` and subtracts 1 from the others (ADE20K's
+    convention). With ``num_labels`` set, a label value outside ``[0, num_labels)`` other than
+    ``ignore_index`` is an error naming the example and value.
     """
 
     size: int
@@ -63,6 +79,7 @@ class SegmentationTransform:
     ignore_index: int = 255
     reduce_labels: bool = False
     num_labels: int | None = None
+    label_ignore_index: int | None = None
 
     def __call__(self, image, label=None, index: int | None = None, rng: random.Random | None = None):
         rng = rng or random
@@ -71,9 +88,7 @@ class SegmentationTransform:
         if lab is not None:
             if lab.shape != img.shape[1:]:
                 raise ValueError(f"example {index}: image is {tuple(img.shape[1:])} but its label map is {tuple(lab.shape)}")
-            if self.reduce_labels:
-                lab = torch.where(lab == 0, self.ignore_index, lab - 1)
-                lab = torch.where(lab == self.ignore_index - 1, self.ignore_index, lab)
+            lab = self.convert_labels(lab)
             self.check_labels(lab, index)
         if self.train:
             img, lab = self._random_scale_crop_flip(img, lab, rng)
@@ -83,6 +98,17 @@ class SegmentationTransform:
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (img - mean) / std, lab
+
+    def convert_labels(self, lab: torch.Tensor) -> torch.Tensor:
+        """The dataset's label values -> training labels: its void value and (``reduce_labels``) 0 become
+        ``ignore_index``, the others are shifted down by one with ``reduce_labels``."""
+        void = lab == self.ignore_index
+        if self.label_ignore_index is not None:
+            void |= lab == self.label_ignore_index
+        if self.reduce_labels:
+            void |= lab == 0
+            lab = lab - 1
+        return torch.where(void, self.ignore_index, lab)
 
     def check_labels(self, lab: torch.Tensor, index: int | None) -> None:
         if self.num_labels is None:

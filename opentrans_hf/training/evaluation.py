@@ -1,11 +1,16 @@
-"""Evaluation of an OVS model on a segmentation split, exact under several processes."""
+"""Evaluation of an OVS model on a segmentation split, exact under several processes.
+
+Units: the result dicts hold fractions of 1 under the Hub ``mean_iou`` metric's keys (``mean_iou``,
+``overall_accuracy``, ``per_category_iou``, ...; also ``mean_iou_seen`` / ``mean_iou_unseen``), as
+``metrics.json`` and ``evaluate --out`` store them; everything people read (:func:`results_table`,
+logs, model cards) shows percent with two decimals (:func:`percent`)."""
 
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import SegmentationMetric
+from .metrics import SegmentationMetric, metrics_from_confusion
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
@@ -16,10 +21,12 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
 @torch.no_grad()
 def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: int = 8, accelerator=None,
                           ignore_index: int = 255, desc: str = "eval", max_examples: int | None = None) -> dict:
-    """mIoU, pixel accuracy and per-class IoU of ``model.predict`` on ``split`` (a SegmentationSplit).
+    """mIoU, pixel accuracy and per-class IoU (fractions of 1) of ``model.predict`` on ``split`` (a
+    SegmentationSplit).
 
     Each process predicts its own shard of the examples; the confusion matrices are summed across
-    processes, so every process returns the same numbers, equal to a single-process run.
+    processes, so every process returns the same numbers, equal to a single-process run. Examples
+    without a single labelled pixel are an error (there is nothing to score), not a NaN mIoU.
     """
     from ..data.transforms import collate_segmentation
 
@@ -38,13 +45,19 @@ def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: i
         preds = torch.stack([p.to(device) for p in preds]) if isinstance(preds, (list, tuple)) else preds
         metric.update(preds, batch["labels"].to(device))
     model.train(was_training)
-    return metric.compute(accelerator)
+    confusion = metric.reduced_confusion(accelerator)
+    if int(confusion.sum()) == 0:
+        raise ValueError(f"{getattr(split, 'name', desc)}: none of the {n} evaluated examples has a labelled pixel "
+                         f"(every label is the ignore index {ignore_index}): nothing to score")
+    return metrics_from_confusion(confusion, class_names)
 
 
 def evaluate_splits(model, splits: dict, *, seen_classes: list[str] | None = None, batch_size: int = 8,
                     accelerator=None, max_examples: int | None = None) -> dict:
     """``{name: metrics}`` for several splits (each with its own class names); with ``seen_classes``,
-    also ``mean_iou_seen`` / ``mean_iou_unseen`` over the classes in / not in it (zero-shot)."""
+    also ``mean_iou_seen`` / ``mean_iou_unseen`` over the classes in / not in it (zero-shot); and, for
+    people and model cards, ``vocabulary`` (where the split's class names came from, its label
+    conventions), ``dataset`` and ``split``."""
     import math
 
     seen_set = set(seen_classes or [])
@@ -58,17 +71,25 @@ def evaluate_splits(model, splits: dict, *, seen_classes: list[str] | None = Non
                         if (c in seen_set) == keep and not math.isnan(iou)]
                 if any((c in seen_set) == keep for c in split.class_names):
                     res[key] = sum(vals) / len(vals) if vals else float("nan")
+        res["vocabulary"] = getattr(split, "vocabulary", None)
+        if getattr(split, "origin", None):
+            res["dataset"], res["split"] = split.origin
         results[name] = res
     return results
 
 
-def results_table(results: dict) -> str:
-    """A markdown table: one row per evaluated dataset."""
-    def fmt(v):
-        return "-" if v is None else f"{100 * v:.2f}"
+def percent(value) -> str:
+    """A fraction of 1 as percent with two decimals (``0.5395 -> "53.95"``); ``"-"`` for None."""
+    return "-" if value is None else f"{100 * float(value):.2f}"
 
-    lines = ["| dataset | classes | mIoU | pixel acc | mIoU seen | mIoU unseen |", "|---|---|---|---|---|---|"]
+
+def results_table(results: dict) -> str:
+    """A markdown table, one row per evaluated dataset: where its class names came from, how many, and
+    mIoU, pixel accuracy and seen / unseen mIoU in percent."""
+    lines = ["| dataset | vocabulary | classes | mIoU (%) | pixel acc (%) | mIoU seen (%) | mIoU unseen (%) |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {len(r['per_category_iou'])} | {fmt(r['mean_iou'])} | {fmt(r['overall_accuracy'])} | "
-                     f"{fmt(r.get('mean_iou_seen'))} | {fmt(r.get('mean_iou_unseen'))} |")
+        lines.append(f"| {name} | {r.get('vocabulary') or '-'} | {len(r['per_category_iou'])} | {percent(r['mean_iou'])} | "
+                     f"{percent(r['overall_accuracy'])} | {percent(r.get('mean_iou_seen'))} | "
+                     f"{percent(r.get('mean_iou_unseen'))} |")
     return "\n".join(lines)

@@ -6,6 +6,10 @@ and per-class IoU the way the Hub's ``mean_iou`` metric and torchmetrics' ``Mult
 do: a class that appears neither in the labels nor in the predictions has no IoU (NaN) and is left out
 of the mean. The same computation is shipped as a local ``evaluate`` module (:data:`MEAN_IOU_PATH`),
 since ``evaluate.load("mean_iou")`` needs the Hub.
+
+Units: every value is a fraction of 1 (as the Hub metric returns it), and stays one in JSON files
+(``metrics.json``, ``evaluate --out``); what people read shows percent with two decimals
+(:func:`opentrans_hf.training.evaluation.percent`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 
 def metrics_from_confusion(confusion: torch.Tensor, class_names: list[str] | None = None) -> dict:
-    """mean_iou, mean_accuracy, overall_accuracy (pixel accuracy), per_category_iou/accuracy."""
+    """mean_iou, mean_accuracy, overall_accuracy (pixel accuracy), per_category_iou/accuracy: fractions of 1."""
     c = confusion.double()
     tp = c.diag()
     label_count = c.sum(1)

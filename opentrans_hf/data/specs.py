@@ -1,0 +1,121 @@
+"""Dataset specs: which split of which dataset, and how to read its label maps (class names, label
+reduction, void value, columns). Each evaluation dataset has its own.
+
+A spec on the command line (``evaluate --datasets``, ``train`` / ``demo --eval_datasets``) is either
+
+* ``NAME[:SPLIT]``: a dataset that carries its own class names (``embedded``, a directory or Hub repo
+  with an ``id2label.json``, a label column with a ``ClassLabel`` feature); SPLIT defaults to
+  ``validation``; or
+* the path of a ``.json`` file with one object::
+
+      {"dataset": "ade20k_dir",             # required: Hub name, save_to_disk dir, image/label folder, "embedded"
+       "split": "validation",               # default "validation"
+       "name": "ade150",                    # row name in the results; default "DATASET:SPLIT"
+       "id2label": {"0": "wall", ...},      # or the path of an id2label JSON file ...
+       "class_names": ["wall", ...],        # ... or a list ...
+       "vocabulary": "ade150",              # ... or a named benchmark vocabulary (at most one of the three)
+       "reduce_labels": true,               # label 0 -> ignored, the others -1 (ADE20K); default false
+       "ignore_index": 255,                 # the dataset's label value for unlabelled pixels; default 255
+       "image_column": "image", "label_column": "annotation"}   # default: detected
+
+  Relative paths in it (``dataset``, an ``id2label`` file) are relative to the spec file's directory
+  (a ``dataset`` that is no path there is taken as given: a Hub name).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_SPLIT = "validation"
+DEFAULT_IGNORE_INDEX = 255
+
+
+@dataclass
+class DatasetSpec:
+    """One split of one dataset, with its class names source and label conventions."""
+
+    dataset: str
+    split: str = DEFAULT_SPLIT
+    name: str | None = None
+    id2label: str | dict | None = None
+    class_names: list[str] | None = None
+    vocabulary: str | None = None
+    reduce_labels: bool = False
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+    image_column: str | None = None
+    label_column: str | None = None
+    origin: str | None = field(default=None, compare=False)
+    """The spec file it was read from (None for ``NAME[:SPLIT]``)."""
+
+    @property
+    def row_name(self) -> str:
+        """The key of its results (``DATASET:SPLIT`` unless the spec names it)."""
+        return self.name or f"{self.dataset}:{self.split}"
+
+    @property
+    def label_options(self) -> dict:
+        """The keyword arguments of :func:`~opentrans_hf.data.assembly.load_source` this spec sets."""
+        return dict(class_names=self.class_names, id2label=self.id2label, vocabulary=self.vocabulary,
+                    image_column=self.image_column, label_column=self.label_column)
+
+    @property
+    def is_file(self) -> bool:
+        return self.origin is not None
+
+
+SPEC_KEYS = tuple(f.name for f in fields(DatasetSpec) if f.name != "origin")
+_TYPES = {"dataset": str, "split": str, "name": str, "id2label": (str, dict), "class_names": list,
+          "vocabulary": str, "reduce_labels": bool, "ignore_index": int, "image_column": str, "label_column": str}
+
+
+def is_spec_file(spec: str) -> bool:
+    return str(spec).lower().endswith(".json")
+
+
+def parse_dataset_spec(spec: str, default_split: str = DEFAULT_SPLIT) -> DatasetSpec:
+    """A :class:`DatasetSpec` from ``NAME[:SPLIT]`` or from a ``.json`` spec file (see the module
+    docstring). A local path may contain ':' only if it exists as given."""
+    if is_spec_file(spec):
+        return read_spec_file(spec, default_split)
+    if Path(spec).exists() or ":" not in spec:
+        return DatasetSpec(dataset=spec, split=default_split)
+    name, _, split = spec.rpartition(":")
+    return DatasetSpec(dataset=name, split=split or default_split)
+
+
+def read_spec_file(path: str | Path, default_split: str = DEFAULT_SPLIT) -> DatasetSpec:
+    """A spec file, checked: unknown keys, wrong types and a missing ``dataset`` are errors naming the file."""
+    from ..io import read_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset spec file {path} does not exist")
+    raw = read_json(path, "dataset spec")
+    where = f"dataset spec {path}"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a JSON object {{\"dataset\": ..., \"split\": ...}}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; the keys are {list(SPEC_KEYS)}")
+    for key, value in raw.items():
+        kinds = _TYPES[key]
+        bad_bool = isinstance(value, bool) and kinds is int  # JSON true is not an ignore index
+        if value is not None and (not isinstance(value, kinds) or bad_bool):
+            expected = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+            raise ValueError(f"{where}: {key!r} must be a {expected}, got {json.dumps(value)}")
+    if not raw.get("dataset"):
+        raise ValueError(f"{where}: 'dataset' is required (a Hub name, a save_to_disk directory, an image/label "
+                         "folder or 'embedded')")
+    values = {k: v for k, v in raw.items() if v is not None}
+    values.setdefault("split", default_split)
+    here = path.parent
+    near = here / values["dataset"]
+    if not Path(values["dataset"]).is_absolute() and near.exists():
+        values["dataset"] = str(near)
+    if isinstance(values.get("id2label"), str) and not Path(values["id2label"]).is_absolute():
+        values["id2label"] = str(here / values["id2label"])
+    if "class_names" in values and not all(isinstance(c, str) for c in values["class_names"]):
+        raise ValueError(f"{where}: 'class_names' must be a list of strings")
+    return DatasetSpec(**values, origin=str(path))
