@@ -64,7 +64,7 @@ def test_train_writes_model_adapters_metrics_card_plots(tiny_clip_dir, tiny_mask
     assert not any(n.startswith("clip.text_model") for n in tensors)
     # the model card carries model-index metrics; plots are PNGs
     card = (out / "model" / "README.md").read_text()
-    assert "model-index" in card and "mean_iou" in card and f"{res['mean_iou']:.4f}" in card
+    assert "model-index" in card and "mean_iou" in card and f"| {100 * res['mean_iou']:.2f} |" in card  # percent
     for png in ("curves.png", "alpha.png", "predictions.png"):
         assert (out / "plots" / png).read_bytes()[:8] == PNG
     outputs = json.loads((out / "outputs.json").read_text())
@@ -97,7 +97,7 @@ def test_train_mask2former_frameworks(framework, cls, tiny_clip_dir, tmp_path):
 
 def test_evaluate_several_datasets_own_class_names(tiny_clip_dir, tmp_path):
     import numpy as np
-    from datasets import Dataset, Features, Image
+    from datasets import Dataset, DatasetDict, Features, Image
     from PIL import Image as PILImage
 
     from opentrans_hf.data.synthetic import embedded_dataset
@@ -113,18 +113,19 @@ def test_evaluate_several_datasets_own_class_names(tiny_clip_dir, tmp_path):
         rows["label"].append(PILImage.fromarray((np.array(ex["label"]) % 3).astype("uint8")))
     other = Dataset.from_dict(rows, features=Features({"image": Image(), "label": Image()}))
     (tmp_path / "other").mkdir()
-    other.save_to_disk(tmp_path / "other" / "validation")
+    # a split directory of a DatasetDict, named by the id2label.json in the DatasetDict's directory
+    DatasetDict({"validation": other}).save_to_disk(tmp_path / "other")
     (tmp_path / "other" / "id2label.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}))
     results = evaluate.run(parse_args("evaluate", ["--model", str(tmp_path / "run" / "model"), "--datasets", "embedded:validation",
-                             str(tmp_path / "other" / "validation"), "--id2label", str(tmp_path / "other" / "id2label.json"),
-                             "--max_examples", "6", "--out", str(tmp_path / "eval.json")]))
+                             str(tmp_path / "other" / "validation"), "--max_examples", "6", "--out", str(tmp_path / "eval.json")]))
     assert list(results) == ["embedded:validation", f"{tmp_path / 'other' / 'validation'}:validation"]
     assert len(results["embedded:validation"]["per_category_iou"]) == 8
     other_res = results[f"{tmp_path / 'other' / 'validation'}:validation"]
     assert len(other_res["per_category_iou"]) == 3 and "mean_iou_unseen" in other_res  # "lava" never trained
     table = (tmp_path / "eval.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(rows) == 3 and rows[2].startswith(f"| {tmp_path / 'other' / 'validation'}:validation | 3 |")
+    assert len(rows) == 3 and rows[2].startswith(f"| {tmp_path / 'other' / 'validation'}:validation | id2label.json in ")
+    assert "| 3 |" in rows[2]
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["results"]["embedded:validation"]["mean_iou"] == pytest.approx(results["embedded:validation"]["mean_iou"])
 

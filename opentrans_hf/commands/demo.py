@@ -24,19 +24,21 @@ from typing import Literal
 
 from ..hub import check_local_or_hub
 from . import ArgumentError
-from .train import FRAMEWORKS, FreezeRule, Framework
+from .train import FRAMEWORKS, FreezeRule, Framework, check_data_arguments
 
 
 @dataclass
 class DemoArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP (Hub id or dir); default: a random-initialised small CLIP built locally"})
     dataset: str = field(default="embedded", metadata={"help": "training dataset (Hub name, save_to_disk dir, image/label folder, 'embedded')"})
-    eval_datasets: list[str] = field(default_factory=list, metadata={"help": "extra zero-shot evaluation datasets NAME[:SPLIT]"})
+    eval_datasets: list[str] = field(default_factory=list, metadata={"help": "extra zero-shot evaluation datasets, each a spec: NAME[:SPLIT] (a dataset with class names of its own) or a .json file with its class names and label conventions (see `opentrans-hf evaluate --help`)"})
+    validation_split_percentage: float | None = field(default=None, metadata={"help": "evaluate on this percentage of --dataset's train split (a fixed part chosen by --seed, left out of fine-tuning) instead of its validation split"})
     image_column: str | None = field(default=None, metadata={"help": "image column (default: detected)"})
     label_column: str | None = field(default=None, metadata={"help": "label-map column (default: detected)"})
     class_names: list[str] | None = field(default=None, metadata={"help": "class names of --dataset, index = label value"})
     id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names of --dataset"})
-    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K)"})
+    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K), for --dataset"})
+    ignore_index: int = field(default=255, metadata={"help": "label value of unlabelled pixels in --dataset"})
     holdout_classes: list[str] | None = field(default=None, metadata={"help": "classes left out of training, evaluated zero-shot ('none': train on all)"})
     framework: Framework = field(default="deeplabv3", metadata={"help": "OVS framework"})
     output_dir: str = field(default="runs/demo", metadata={"help": "where everything is written"})
@@ -60,6 +62,7 @@ class DemoArguments:
         check_local_or_hub(self.model_name_or_path, "--model_name_or_path")
         if self.dataset != "embedded":
             check_local_or_hub(self.dataset, "--dataset")
+        check_data_arguments(self)
 
 
 ARGUMENTS = DemoArguments
@@ -140,6 +143,7 @@ def _run(args: DemoArguments) -> dict:
         embedded_size=args.embedded_size, max_eval_examples=args.max_eval_examples,
         image_column=args.image_column, label_column=args.label_column, class_names=args.class_names,
         id2label=args.id2label, reduce_labels=args.reduce_labels, holdout_classes=args.holdout_classes,
+        ignore_index=args.ignore_index, validation_split_percentage=args.validation_split_percentage,
     ))
     say("[4/4] evaluation (zero-shot on the held-out classes)")
     table = results_table(metrics["eval"])

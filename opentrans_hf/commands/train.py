@@ -6,6 +6,18 @@ processes) and plain ``python``:
         --mask runs/prune/mask --output_dir runs/train
 
 Steps vs epochs as in transformers: --num_epochs sets the length unless --max_steps is positive.
+
+Data: --class_names / --id2label / --reduce_labels / --ignore_index / --image_column / --label_column
+describe --dataset (its training split and its evaluation split) and nothing else. Its class names come
+from those flags or from the dataset itself (an id2label.json in its directory or Hub repo, a ClassLabel
+feature of the label column), never from another column. Its evaluation split is --eval_split (default
+'validation'; a dataset without it is an error), or with --validation_split_percentage P a fixed P
+percent of the training split, chosen by --seed and left out of training. Each --eval_datasets entry is
+a dataset spec of its own: NAME[:SPLIT] for a dataset that carries its own class names, or a .json
+file {"dataset": ..., "split": ..., "id2label": ... | "class_names": [...], "reduce_labels": ...,
+"ignore_index": ..., "image_column": ..., "label_column": ..., "name": ...} (see `opentrans-hf evaluate
+--help`). metrics.json holds the metrics as fractions of 1 (the Hub mean_iou metric's keys); logs, tables
+and the model card show percent.
 """
 
 from __future__ import annotations
@@ -34,14 +46,16 @@ class TrainArguments:
     framework: Framework = field(default="deeplabv3", metadata={"help": "OVS framework"})
     dataset: str = field(default=EMBEDDED, metadata={"help": "training data: Hub dataset name, save_to_disk dir, image/label folder, or 'embedded' (procedural)"})
     train_split: str = field(default="train", metadata={"help": "split of --dataset to train on"})
-    eval_split: str = field(default="validation", metadata={"help": "split of --dataset to evaluate on"})
-    eval_datasets: list[str] = field(default_factory=list, metadata={"help": "extra zero-shot evaluation datasets, each NAME[:SPLIT]"})
-    image_column: str | None = field(default=None, metadata={"help": "image column (default: detected)"})
-    label_column: str | None = field(default=None, metadata={"help": "label-map column (default: detected)"})
-    class_names: list[str] | None = field(default=None, metadata={"help": "class names, index = label value"})
-    id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names"})
+    eval_split: str | None = field(default=None, metadata={"help": "split of --dataset to evaluate on (default: validation); not with --validation_split_percentage"})
+    validation_split_percentage: float | None = field(default=None, metadata={"help": "evaluate on this percentage of --train_split instead of --eval_split: a fixed part (chosen by --seed), left out of training"})
+    eval_datasets: list[str] = field(default_factory=list, metadata={"help": "extra zero-shot evaluation datasets, each a spec: NAME[:SPLIT] (a dataset with class names of its own) or a .json file with its class names and label conventions (see the description)"})
+    image_column: str | None = field(default=None, metadata={"help": "image column of --dataset (default: detected)"})
+    label_column: str | None = field(default=None, metadata={"help": "label-map column of --dataset (default: detected)"})
+    class_names: list[str] | None = field(default=None, metadata={"help": "class names of --dataset, index = label value"})
+    id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names of --dataset"})
     holdout_classes: list[str] | None = field(default=None, metadata={"help": "classes left out of training (labels ignored), evaluated zero-shot ('none': train on all). Default for the embedded dataset: its held-out classes"})
-    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K)"})
+    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K), for --dataset"})
+    ignore_index: int = field(default=255, metadata={"help": "label value of unlabelled pixels in --dataset"})
     image_size: int | None = field(default=None, metadata={"help": "train/eval resolution (default: CLIP's image size)"})
     spectral_config: str | None = field(default=None, metadata={"help": "SpectralTuningConfig: adapter dir / Hub id or a JSON file"})
     freeze_rule: FreezeRule | None = field(default=None, metadata={"help": "spectral tuning of the vision encoder with this rule when no --spectral_config (default: no spectral tuning)"})
@@ -91,6 +105,26 @@ class TrainArguments:
             check_local_or_hub(getattr(self, flag), f"--{flag}")
         if self.dataset != EMBEDDED:
             check_local_or_hub(self.dataset, "--dataset")
+        check_data_arguments(self)
+
+
+def check_data_arguments(args) -> None:
+    """The dataset arguments of train and demo: a valid --validation_split_percentage (not with
+    --eval_split), and --eval_datasets specs that parse (a missing spec file or a bad key fails here)."""
+    from ..data.specs import parse_dataset_spec
+
+    pct = args.validation_split_percentage
+    if pct is not None:
+        if not 0 < pct < 100:
+            raise ArgumentError(f"--validation_split_percentage must be in (0, 100), got {pct:g}")
+        if getattr(args, "eval_split", None) is not None:
+            raise ArgumentError(f"give either --eval_split ({args.eval_split!r}) or --validation_split_percentage "
+                                "(a held-out part of --train_split), not both")
+    for spec in args.eval_datasets:
+        try:
+            parse_dataset_spec(spec)
+        except ValueError as err:
+            raise ArgumentError(f"--eval_datasets: {err}") from err
 
 
 ARGUMENTS = TrainArguments

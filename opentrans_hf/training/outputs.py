@@ -79,13 +79,15 @@ def render_training_card(args, metrics: dict, spectral, mask) -> str:
     from ..hub import render_model_card
 
     results = []
-    for name, res in metrics["eval"].items():
+    for name, res in metrics["eval"].items():  # metrics hold fractions of 1; the card shows percent
         dataset, _, split = name.partition(":")
+        dataset, split = res.get("dataset") or dataset, res.get("split") or split
         results.append({
             "task": {"type": "image-segmentation", "name": "Open-vocabulary semantic segmentation"},
-            "dataset": {"name": dataset, "type": dataset, "split": split},
-            "metrics": [{"type": "mean_iou", "value": round(float(res["mean_iou"]), 4), "name": "mIoU"},
-                        {"type": "accuracy", "value": round(float(res["overall_accuracy"]), 4), "name": "pixel accuracy"}],
+            "dataset": {"name": name, "type": dataset, "split": split},
+            "metrics": [{"type": "mean_iou", "value": round(100 * float(res["mean_iou"]), 2), "name": "mIoU (%)"},
+                        {"type": "accuracy", "value": round(100 * float(res["overall_accuracy"]), 2),
+                         "name": "pixel accuracy (%)"}],
         })
     model_id = args.hub_model_id or Path(args.output_dir).name
     card_data = {

@@ -229,14 +229,15 @@ def _train(accelerator, args, out: Path) -> dict:
 
 
 def _evaluate_all(accelerator, model, eval_splits, args, holdout) -> dict:
-    from .evaluation import evaluate_splits
+    from .evaluation import evaluate_splits, percent
 
     plain = accelerator.unwrap_model(model)
     seen = plain.config.seen_class_names if hasattr(plain, "config") else None
     results = evaluate_splits(plain, eval_splits, seen_classes=seen, batch_size=args.batch_size,
                               accelerator=accelerator, max_examples=args.max_eval_examples)
-    for name, res in results.items():
-        accelerator.print(f"[{name}] mIoU {res['mean_iou']:.4f}  pixel acc {res['overall_accuracy']:.4f}"
-                          + (f"  seen {res['mean_iou_seen']:.4f}" if "mean_iou_seen" in res else "")
-                          + (f"  unseen {res['mean_iou_unseen']:.4f}" if "mean_iou_unseen" in res else ""))
+    for name, res in results.items():  # percent for people; the results keep fractions of 1
+        accelerator.print(f"[{name}] mIoU {percent(res['mean_iou'])}%  pixel acc {percent(res['overall_accuracy'])}%"
+                          + (f"  seen {percent(res['mean_iou_seen'])}%" if "mean_iou_seen" in res else "")
+                          + (f"  unseen {percent(res['mean_iou_unseen'])}%" if "mean_iou_unseen" in res else "")
+                          + (f"  ({res['vocabulary']})" if res.get("vocabulary") else ""))
     return results
