@@ -107,11 +107,14 @@ def test_lock_is_per_directory_reentrant_in_a_process_and_released_on_errors(tmp
         with output_dir_lock(tmp_path / "train"), output_dir_lock(tmp_path):  # sub-jobs of the same process
             assert (tmp_path / "train" / LOCK).is_file()
         assert not (tmp_path / "train" / LOCK).exists() and (tmp_path / LOCK).is_file()
-        # another process is refused while this one holds it
-        probe = subprocess.run([sys.executable, "-c", "import sys; from opentrans_hf.locking import output_dir_lock\n"
-                                f"with output_dir_lock({str(tmp_path)!r}): pass"], env=_env(), capture_output=True,
-                               text=True, timeout=120)
-        assert probe.returncode == 1 and f"in use by pid {os.getpid()}" in probe.stderr
+        # another process is refused while this one holds it (the module alone: no torch import, fast)
+        locking = Path(__file__).parents[1] / "opentrans_hf" / "locking.py"
+        probe = subprocess.run([sys.executable, "-c", "import importlib.util as u, sys\n"
+                                f"spec = u.spec_from_file_location('locking', {str(locking)!r})\n"
+                                "m = u.module_from_spec(spec); spec.loader.exec_module(m)\n"
+                                f"m.OutputDirLock({str(tmp_path)!r}).acquire()"],
+                               capture_output=True, text=True, timeout=120)
+        assert probe.returncode == 1 and f"in use by pid {os.getpid()}" in probe.stderr, probe.stderr
     assert not (tmp_path / LOCK).exists()
     with pytest.raises(KeyError):
         with output_dir_lock(tmp_path):
