@@ -80,7 +80,7 @@ class EvaluateArguments:
             if len(specs) != 1 or specs[0].is_file:
                 where = (f"{len(specs)} datasets" if len(specs) != 1 else f"the spec file {specs[0].origin}")
                 raise ArgumentError(
-                    f"{' / '.join(given)} describe one NAME[:SPLIT] dataset, and --datasets has {where}: give each "
+                    f"{' / '.join(given)} apply to a single NAME[:SPLIT] dataset only, but --datasets has {where}: give each "
                     "dataset that needs them a .json spec file of its own (e.g. {\"dataset\": ..., \"split\": ..., "
                     "\"id2label\": ..., \"reduce_labels\": ...}; see --help)")
             specs[0] = replace(specs[0], class_names=self.class_names, id2label=self.id2label,
