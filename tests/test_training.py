@@ -46,6 +46,7 @@ def test_train_writes_model_adapters_metrics_card_plots(tiny_clip_dir, tiny_mask
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["eval"]["embedded:validation"]["mean_iou"] == pytest.approx(res["mean_iou"])
     assert saved["steps"] == 6 and saved["args"]["freeze_rule"] == "median"
+    assert "fractions of 1" in saved["units"]  # JSON keys hold fractions; people read percent
     # the model: loads with AutoModel, knows its seen classes, has the mask baked in
     model = AutoModel.from_pretrained(out / "model")
     assert isinstance(model, CLIPDeepLabV3ForOVS) and model.tokenizer is not None

@@ -53,6 +53,7 @@ class DemoArguments:
     embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
     max_eval_examples: int | None = field(default=None, metadata={"help": "cap on evaluation examples per dataset"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    no_resume: bool = field(default=False, metadata={"help": "prune from round 0 even if output_dir/prune holds the rounds of an earlier run (needed after changing a pruning setting)"})
 
     def __post_init__(self):
         if self.framework not in FRAMEWORKS:
@@ -131,6 +132,7 @@ def _run(args: DemoArguments) -> dict:
         steps_per_round=args.prune_steps_per_round, batch_size=args.batch_size, learning_rate=1e-4,
         output_dir=str(out / "prune"), seed=args.seed, embedded_size=args.embedded_size,
         image_column=args.image_column, label_column=args.label_column,
+        validation_split_percentage=args.validation_split_percentage, no_resume=args.no_resume,
     ))
     t_prune = time.time() - t0 - t_spectral
 

@@ -104,7 +104,7 @@ def run(args: EvaluateArguments) -> dict:
     from ..hub import load_or_explain
     from ..io import atomic_write_text, json_safe
     from ..data.assembly import load_eval_splits
-    from ..training.evaluation import evaluate_splits, results_table
+    from ..training.evaluation import METRIC_UNITS, evaluate_splits, results_table
 
     accelerator = make_accelerator()
     model = load_or_explain(args.model, lambda: AutoModel.from_pretrained(args.model), "OVS model")
@@ -123,7 +123,7 @@ def run(args: EvaluateArguments) -> dict:
         print(table)
         if args.out:
             out = Path(args.out)
-            record = {"model": args.model, "units": "metrics are fractions of 1 (the tables show percent)",
+            record = {"model": args.model, "units": METRIC_UNITS,
                       "results": results}
             atomic_write_text(out, json.dumps(json_safe(record), indent=2) + "\n")
             atomic_write_text(out.with_suffix(".md"), table + "\n")

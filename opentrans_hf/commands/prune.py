@@ -27,6 +27,7 @@ class PruneArguments:
     split: str = field(default="train", metadata={"help": "split of --dataset to distil on"})
     image_column: str | None = field(default=None, metadata={"help": "image column (default: detected)"})
     label_column: str | None = field(default=None, metadata={"help": "label-map column for the region-level loss (default: detected; none: image-level only)"})
+    validation_split_percentage: float | None = field(default=None, metadata={"help": "leave out the part of --split that train's --validation_split_percentage (same value and --seed) evaluates on"})
     rate: float = field(default=0.1, metadata={"help": "fraction of the remaining weights pruned per round (the paper's 0.1)"})
     num_rounds: int | None = field(default=None, metadata={"help": "rounds (default: enough for --target_sparsity, else 22)"})
     target_sparsity: float | None = field(default=None, metadata={"help": "stop at the first round reaching this sparsity"})
@@ -48,6 +49,9 @@ class PruneArguments:
             raise ArgumentError("--push_to_hub needs --hub_model_id")
         if self.batch_size < 1:
             raise ArgumentError(f"--batch_size must be >= 1, got {self.batch_size}")
+        pct = self.validation_split_percentage
+        if pct is not None and not 0 < pct < 100:
+            raise ArgumentError(f"--validation_split_percentage must be in (0, 100), got {pct:g}")
         check_local_or_hub(self.model_name_or_path, "--model_name_or_path")
         if self.dataset != "embedded":
             check_local_or_hub(self.dataset, "--dataset")
@@ -86,7 +90,8 @@ def _prune(accelerator, args: PruneArguments) -> dict:
         model = load_or_explain(clip_path, lambda: CLIPVisionModel.from_pretrained(clip_path), "CLIP model")
     split = distillation_split(args.dataset, args.split, model.config.image_size, seed=args.seed,
                                embedded_size=args.embedded_size, image_column=args.image_column,
-                               label_column=args.label_column, with_labels=not args.no_region_loss)
+                               label_column=args.label_column, with_labels=not args.no_region_loss,
+                               validation_split_percentage=args.validation_split_percentage)
     loader = make_loader(split, args.batch_size, shuffle=True, seed=args.seed)
     config = IMPConfig(rate=args.rate, num_rounds=args.num_rounds, target_sparsity=args.target_sparsity,
                        steps_per_round=args.steps_per_round, learning_rate=args.learning_rate, scope=args.scope,
@@ -96,6 +101,7 @@ def _prune(accelerator, args: PruneArguments) -> dict:
     run_settings = {"model_name_or_path": args.model_name_or_path, "dataset": args.dataset, "split": args.split,
                     "image_column": args.image_column, "label_column": args.label_column,
                     "batch_size": args.batch_size, "seed": args.seed, "num_processes": accelerator.num_processes,
+                    "validation_split_percentage": args.validation_split_percentage,
                     "embedded_size": args.embedded_size if args.dataset == "embedded" else None}
     mask = iterative_magnitude_prune(model, loader, config, accelerator=accelerator, fingerprint=run_settings)
     mask.base_model_name_or_path = args.model_name_or_path or mask.base_model_name_or_path

@@ -158,9 +158,12 @@ def load_training_data(args, image_size: int):
 
 
 def distillation_split(name: str, split: str, image_size: int, *, seed: int = 0, embedded_size: int = 192,
-                       image_column=None, label_column=None, with_labels: bool = True):
+                       image_column=None, label_column=None, with_labels: bool = True,
+                       validation_split_percentage: float | None = None):
     """The images (and, if the dataset has them and ``with_labels``, the label maps, as regions) that
-    pruning distils on: no class names are needed, since IMP is semantic-agnostic."""
+    pruning distils on: no class names are needed, since IMP is semantic-agnostic. With
+    ``validation_split_percentage``, the part :func:`hold_out` keeps for evaluation (same ``seed``) is
+    left out here too, so no evaluation image is seen while pruning."""
     from .loading import find_columns, load_segmentation_dataset
     from .splits import SegmentationSplit
     from .synthetic import embedded_dataset
@@ -170,6 +173,8 @@ def distillation_split(name: str, split: str, image_size: int, *, seed: int = 0,
         ds = embedded_dataset(split, embedded_size, image_size, seed)
     else:
         ds = load_segmentation_dataset(name, split)
+    if validation_split_percentage is not None:
+        ds = hold_out({"ds": ds, "dataset": name, "split": split}, validation_split_percentage, seed)[0]["ds"]
     img_col, lab_col = find_columns(ds, image_column, label_column)
     return SegmentationSplit(ds, img_col, lab_col if with_labels else None, class_names=[],
                              transform=SegmentationTransform(image_size, train=True), seed=seed,

@@ -12,6 +12,9 @@ from tqdm.auto import tqdm
 
 from .metrics import SegmentationMetric, metrics_from_confusion
 
+# recorded beside the numbers in metrics.json and `evaluate --out`
+METRIC_UNITS = "mean_iou, overall_accuracy, per_category_iou, ...: fractions of 1 (tables, logs and cards show percent)"
+
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
     """Examples ``rank, rank + world, ...``: every example on exactly one process (no padding)."""

@@ -117,8 +117,8 @@ def write_plots(plots: Path, history: dict, model, spectral, eval_splits) -> dic
     axes[0].set(xlabel="step", ylabel="training loss", title="Loss")
     for key in sorted({k for e in history["eval"] for k in e} - {"step"}):
         pts = [(e["step"], e[key]) for e in history["eval"] if key in e and e[key] is not None]
-        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-    axes[1].set(xlabel="step", ylabel="mIoU", title="Evaluation mIoU")
+        axes[1].plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=key)
+    axes[1].set(xlabel="step", ylabel="mIoU (%)", title="Evaluation mIoU")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     paths["curves_plot"] = atomic_write_with(plots / "curves.png", lambda p: fig.savefig(p, format="png", dpi=100))

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..io import read_json
+from .evaluation import METRIC_UNITS
 
 def framework_class(name: str):
     from ..frameworks import FRAMEWORKS
@@ -209,6 +210,7 @@ def _train(accelerator, args, out: Path) -> dict:
             "train_classes": class_names,
             "holdout_classes": list(holdout),
             "eval": final,
+            "units": METRIC_UNITS,
             "num_processes": accelerator.num_processes,
         }
         stage = "writing the model card, metrics and plots"
