@@ -448,3 +448,25 @@ def test_all_labels_ignored_is_an_error_before_training(tiny_clip_dir, tmp_path,
     rc = cli_main(["evaluate", "--model", str(ovs_model), "--datasets", str(spec)])
     err = capsys.readouterr().err
     assert rc == 1 and "'validation'" in err and "ignore" in err, err
+
+
+def test_pruning_leaves_the_held_out_percentage_out_too(tiny_clip_dir, tmp_path):
+    """With --validation_split_percentage, the demo's pruning distils only on the part training uses: no
+    evaluation image is seen before evaluation."""
+    from opentrans_hf.data.assembly import distillation_split, hold_out, load_source
+
+    source = load_source("embedded", "train", 30, embedded_size=12, seed=3)
+    train_part, held = hold_out(source, 25, seed=3)
+    distil = distillation_split("embedded", "train", 30, embedded_size=12, seed=3, validation_split_percentage=25)
+    key = lambda ds: sorted(np.asarray(im).tobytes() for im in ds["image"])  # noqa: E731
+    assert key(distil.ds) == key(train_part["ds"]) and len(distil) == 9
+    assert not set(key(distil.ds)) & set(key(held["ds"]))
+    # the demo passes it on, and a re-run with other pruning settings needs --no_resume (said in the error)
+    common = ["demo", "--model_name_or_path", str(tiny_clip_dir), "--output_dir", str(tmp_path / "demo"),
+              "--prune_steps_per_round", "1", "--max_steps", "1", "--embedded_size", "8", "--max_eval_examples", "2",
+              "--batch_size", "2", "--validation_split_percentage", "25"]
+    assert cli_main([*common, "--target_sparsity", "0.2", "--prune_rate", "0.2"]) == 0
+    state = json.loads((tmp_path / "demo" / "prune" / "state.json").read_text())
+    assert "validation_split_percentage" in json.dumps(state)
+    assert cli_main([*common, "--target_sparsity", "0.3", "--prune_rate", "0.3"]) == 1
+    assert cli_main([*common, "--target_sparsity", "0.3", "--prune_rate", "0.3", "--no_resume"]) == 0
