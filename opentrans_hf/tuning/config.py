@@ -15,7 +15,7 @@ from ..matching import normalize_patterns
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "SPECTRAL_TUNING"
-FREEZE_RULES = ("median", "ratio", "threshold", "top_k")
+FREEZE_RULES = ("median", "ratio", "threshold", "top_k", "random")
 GRANULARITIES = ("layer", "block")
 ESTIMATORS = ("opentrans", "ww")
 
@@ -55,11 +55,14 @@ class SpectralTuningConfig:
     freeze_rule: str = field(
         default="median",
         metadata={"help": "median: freeze alpha < median (the paper); ratio: freeze the freeze_ratio share with the "
-                          "smallest alpha; threshold: freeze alpha < alpha_threshold; top_k: train only the k largest-alpha"},
+                          "smallest alpha; threshold: freeze alpha < alpha_threshold; top_k: train only the k largest-alpha; "
+                          "random: freeze as many layers (or blocks) as median would, drawn at random by seed (the "
+                          "paper's Random baseline)"},
     )
     freeze_ratio: float = field(default=0.5, metadata={"help": "share of layers frozen by the 'ratio' rule, in [0, 1]"})
     alpha_threshold: float | None = field(default=None, metadata={"help": "alpha below which the 'threshold' rule freezes"})
     k: int | None = field(default=None, metadata={"help": "number of layers (or blocks) the 'top_k' rule trains"})
+    seed: int = field(default=0, metadata={"help": "seed of the 'random' rule's draw (the same seed, the same layers)"})
     granularity: str = field(
         default="layer",
         metadata={"help": "layer: decide per layer; block: mean alpha per transformer block / residual stage, decided per block"},
@@ -94,6 +97,8 @@ class SpectralTuningConfig:
             _bad("alpha_threshold", "a finite number or None", self.alpha_threshold)
         if self.k is not None and not (isinstance(self.k, int) and not isinstance(self.k, bool)):
             _bad("k", "an integer or None", self.k)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            _bad("seed", "an integer", self.seed)
         if self.freeze_rule == "threshold" and self.alpha_threshold is None:
             raise ValueError("freeze_rule='threshold' needs alpha_threshold (e.g. 4.0)")
         if self.freeze_rule == "top_k" and (self.k is None or self.k < 0):

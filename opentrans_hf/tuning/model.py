@@ -153,7 +153,7 @@ def select_trainable_layers(config: SpectralTuningConfig, module_names: set[str]
     """Module names of the analysed layers that stay trainable under ``config``'s rule."""
     alphas, unit_of = units_and_alphas(config.layer_alphas, config.granularity)
     frozen = frozen_units(alphas, config.freeze_rule, freeze_ratio=config.freeze_ratio,
-                          alpha_threshold=config.alpha_threshold, k=config.k)
+                          alpha_threshold=config.alpha_threshold, k=config.k, seed=config.seed)
     trainable: list[str] = []
     for layer in config.layer_alphas:
         mod = module_of(layer, module_names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import statistics
 from collections.abc import Mapping
@@ -30,12 +31,15 @@ def units_and_alphas(layer_alphas: Mapping[str, float], granularity: str) -> tup
 
 
 def frozen_units(alphas: Mapping[str, float], rule: str, *, freeze_ratio: float = 0.5,
-                 alpha_threshold: float | None = None, k: int | None = None) -> set[str]:
+                 alpha_threshold: float | None = None, k: int | None = None, seed: int = 0) -> set[str]:
     """The units to freeze under ``rule`` (see SpectralTuningConfig.freeze_rule).
 
     median: alpha < statistics.median (the paper; with an even count exactly the lower half when the
     alphas are distinct). ratio: the ``int(freeze_ratio * n)`` smallest. threshold: alpha < threshold.
     top_k: all but the ``k`` largest. Ties in the sorted rules keep ``named_modules()`` order.
+    random: the paper's ``Random(...)`` baseline: as many units as ``median`` freezes, drawn uniformly
+    at random by ``seed`` (alphas only set the count; the same seed draws the same units whatever the
+    order of ``alphas``, e.g. after a JSON round trip with sorted keys).
     """
     names = list(alphas)
     if not names:
@@ -43,6 +47,9 @@ def frozen_units(alphas: Mapping[str, float], rule: str, *, freeze_ratio: float 
     if rule == "median":
         m = statistics.median(alphas.values())
         return {n for n in names if alphas[n] < m}
+    if rule == "random":
+        count = len(frozen_units(alphas, "median"))
+        return set(random.Random(seed).sample(sorted(names), count))
     if rule == "threshold":
         return {n for n in names if alphas[n] < alpha_threshold}
     order = sorted(names, key=lambda n: alphas[n])  # stable: ties keep model order
