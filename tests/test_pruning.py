@@ -68,7 +68,7 @@ def test_layerwise_and_alpha_scopes(vision):
     ratio = sp[names[-1]] / sp[names[0]]
     assert ratio == pytest.approx(1.3 / 0.7, rel=0.02)  # linear within [s(1-eps), s(1+eps)] before rescaling
     with pytest.raises(ValueError, match="unknown scope"):
-        magnitude_prune(vision, 0.5, scope="random")
+        magnitude_prune(vision, 0.5, scope="bogus")
     with pytest.raises(ValueError, match="matches no Linear/Conv layer"):
         magnitude_prune(vision, 0.5, target_modules=["decoder"])
 

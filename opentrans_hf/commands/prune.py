@@ -34,7 +34,7 @@ class PruneArguments:
     steps_per_round: int = field(default=5000, metadata={"help": "distillation steps between rounds (the paper's 5000)"})
     batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the distillation"})
-    scope: Literal["global", "layerwise", "alpha"] = field(default="global", metadata={"help": "magnitude ranking: global (the paper), per layer, or alpha-allocated"})
+    scope: Literal["global", "layerwise", "alpha", "random"] = field(default="global", metadata={"help": "magnitude ranking: global (the paper), per layer, or alpha-allocated; random: the paper's Random baseline, a random mask of the same sparsity drawn by --seed (nested across rounds)"})
     no_region_loss: bool = field(default=False, metadata={"help": "distil image embedding + patch tokens only"})
     output_dir: str = field(default="runs/prune", metadata={"help": "where rounds, the final mask and counts are written"})
     no_resume: bool = field(default=False, metadata={"help": "start from round 0 even if output_dir holds a finished round"})
@@ -94,7 +94,7 @@ def _prune(accelerator, args: PruneArguments) -> dict:
                                validation_split_percentage=args.validation_split_percentage)
     loader = make_loader(split, args.batch_size, shuffle=True, seed=args.seed)
     config = IMPConfig(rate=args.rate, num_rounds=args.num_rounds, target_sparsity=args.target_sparsity,
-                       steps_per_round=args.steps_per_round, learning_rate=args.learning_rate, scope=args.scope,
+                       steps_per_round=args.steps_per_round, learning_rate=args.learning_rate, scope=args.scope, seed=args.seed,
                        region_weight=0.0 if args.no_region_loss else 1.0, output_dir=str(out),
                        resume=not args.no_resume, ignore_mismatch=args.ignore_checkpoint_mismatch)
     # the job's settings that change the result, beside the IMP config's own: a resume must share them

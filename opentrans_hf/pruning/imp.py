@@ -22,7 +22,7 @@ from torch import nn
 from ..fingerprint import differences, fingerprint as as_fingerprint
 from ..io import atomic_write_text, atomic_write_with
 from .counting import vision_tower
-from .magnitude import magnitude_prune
+from .magnitude import SCOPES, magnitude_prune
 from .mask import SparseMask
 
 
@@ -34,7 +34,10 @@ class IMPConfig:
     steps_per_round: int = field(default=5000, metadata={"help": "fine-tuning steps between rounds (the paper: 5000)"})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the fine-tuning"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    scope: str = field(default="global", metadata={"help": "magnitude_prune scope: global (the paper), layerwise, alpha"})
+    scope: str = field(default="global", metadata={"help": "magnitude_prune scope: global (the paper), layerwise, alpha, "
+                                                           "or random (the paper's Random baseline: a seeded random "
+                                                           "mask of each round's sparsity, nested like IMP's)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random scope's masks (the same seed, the same masks)"})
     target_modules: str | list[str] | None = field(default=None, metadata={"help": "layers to prune (default: the encoder blocks)"})
     exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "layers never pruned"})
     embed_weight: float = field(default=1.0, metadata={"help": "weight of the image-embedding distillation (1 - cosine)"})
@@ -48,6 +51,10 @@ class IMPConfig:
     ignore_mismatch: bool = field(default=False, metadata={"help": "resume even if the saved state was made with other settings (the differences are printed)"})
 
     def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}; choose one of {SCOPES}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r} ({type(self.seed).__name__})")
         if not 0.0 < self.rate < 1.0:
             raise ValueError(f"rate must be in (0, 1), got {self.rate}")
         if self.target_sparsity is not None and not 0.0 < self.target_sparsity < 1.0:
@@ -135,8 +142,10 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
 
     accelerator = accelerator or make_accelerator()
     out = Path(config.output_dir)
+    # the seed only changes a random-scope run; under its own key, apart from a caller's "seed" (data order)
     run = as_fingerprint({"model": getattr(model, "name_or_path", None) or None, **(fingerprint or {}),
-                          **{k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}})
+                          **{k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES and k != "seed"},
+                          **({"random_mask_seed": config.seed} if config.scope == "random" else {})})
     student = vision_tower(model)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()} if config.rewind else None
@@ -167,7 +176,7 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     for round_ in range(state["round"] + 1, config.num_rounds + 1):
         target = config.sparsity_after(round_)
         mask = magnitude_prune(student, target, scope=config.scope, target_modules=config.target_modules,
-                               exclude_modules=config.exclude_modules)
+                               exclude_modules=config.exclude_modules, seed=round_seed(config.seed, round_))
         mask.apply(student)
         if initial is not None:
             with torch.no_grad():
@@ -197,10 +206,20 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
         mask.method = f"imp-{config.scope}"
         mask.target_sparsity = target
         mask.extra = {"round": round_, "rate": config.rate, "steps_per_round": config.steps_per_round,
-                      "objective": "distillation (embedding + patch tokens" + (" + regions)" if config.region_weight else ")")}
+                      "objective": "distillation (embedding + patch tokens" + (" + regions)" if config.region_weight else ")"),
+                      **({"seed": config.seed} if config.scope == "random" else {})}
         on_main_process(accelerator, lambda: _save_round(out, round_, mask, accelerator.unwrap_model(wrapped), state))
     bar.close()
     return mask
+
+
+def round_seed(seed: int, round_: int) -> int:
+    """The seed of round ``round_``'s random mask: a fresh draw per round (among the survivors of the
+    previous one), determined by ``seed`` and the round alone, so a resumed run draws what an
+    uninterrupted one would."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed % 2**63, round_]).generate_state(1, np.uint64)[0] % 2**63)
 
 
 def _save_round(out: Path, round_: int, mask: SparseMask, student: nn.Module, state: dict) -> None:

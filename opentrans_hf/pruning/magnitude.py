@@ -1,4 +1,5 @@
-"""Magnitude pruning criteria: global (the paper), layer-wise, and AlphaPruning's alpha allocation."""
+"""Magnitude pruning criteria: global (the paper), layer-wise, AlphaPruning's alpha allocation, and the
+paper's ``Random(...)`` baseline: a seeded random mask of the same size."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 from ..matching import Patterns, is_selected, normalize_patterns
 from .mask import _BUFFER, SparseMask, canonical_name
 
-SCOPES = ("global", "layerwise", "alpha")
+SCOPES = ("global", "layerwise", "alpha", "random")
 CLIP_ENCODER_TARGETS = r"(.*vision_model\.)?encoder\.layers\.\d+\..*"
 """Every Linear of the CLIP image encoder's blocks: the patch embedding (the stem) and the text tower are spared."""
 
@@ -38,9 +39,9 @@ def _current_mask(module: nn.Module) -> torch.Tensor | None:
     return getattr(module, _BUFFER.format("weight"), None)
 
 
-def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global", target_modules: Patterns = None,
+def magnitude_prune(model: nn.Module, sparsity: float | None, scope: str = "global", target_modules: Patterns = None,
                     exclude_modules: Patterns = None, alphas: dict[str, float] | None = None,
-                    epsilon: float = 0.3) -> SparseMask:
+                    epsilon: float = 0.3, like: SparseMask | None = None, seed: int = 0) -> SparseMask:
     """L1-magnitude masks reaching ``sparsity`` (fraction of the target weights pruned, overall).
 
     * ``"global"``: one threshold over all target weights, as the paper: the ``round(sparsity * N)``
@@ -50,26 +51,49 @@ def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global", ta
     * ``"alpha"``: AlphaPruning's allocation: per-layer sparsity linear in the layer's alpha within
       ``[s(1-eps), s(1+eps)]`` and rescaled so that the global sparsity is met (higher alpha, more
       pruned); ``alphas`` by module name, or measured with ``analyze_spectra``.
+    * ``"random"``: the paper's ``Random(...)`` baseline, drawn by ``seed`` (a CPU generator: the same
+      seed gives the same mask on every machine and process). Without ``like`` (method
+      ``"random-global"``): exactly as many target weights pruned as ``"global"`` prunes,
+      ``round(sparsity * N)``, chosen uniformly over all target weights (``global_unstructured`` with
+      ``RandomUnstructured``). With ``like=<SparseMask>`` (method ``"random-like"``): the layers of
+      ``like``, each with exactly as many weights pruned as ``like`` prunes there (per layer what
+      ``random_unstructured`` draws at that layer's sparsity); ``sparsity`` may then be None, or must
+      agree with ``like``'s, and ``target_modules``/``exclude_modules`` are not given. The seed (and
+      ``like``'s method) are recorded in the mask's ``extra``.
 
     Weights already masked (a SparseMask applied to ``model``) stay pruned and count towards
     ``sparsity``: pruning a masked model prunes among the survivors. The model is not changed.
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
-    if not 0.0 <= sparsity <= 1.0:
+    if like is not None and scope != "random":
+        raise ValueError(f"like= (a mask whose per-layer sparsities to match) needs scope='random', got scope={scope!r}")
+    if like is not None:
+        layers, like_pruned = _layers_like(model, like, target_modules, exclude_modules)
+        sparsity = _check_like_sparsity(sparsity, like, layers)
+    elif sparsity is None or not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    layers = prunable_layers(model, target_modules, exclude_modules)
+    else:
+        layers = prunable_layers(model, target_modules, exclude_modules)
+    if scope == "random" and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")
+    generator = torch.Generator().manual_seed(seed) if scope == "random" else None
     scores, current = [], []
     for name, m in layers:
-        s = m.weight.detach().abs().float().cpu()
+        if scope == "random":  # uniform scores: the smallest k are a uniform draw of k weights
+            s = torch.rand(m.weight.shape, generator=generator)
+        else:
+            s = m.weight.detach().abs().float().cpu()
         cur = _current_mask(m)
         if cur is not None:  # already pruned: always below every survivor
             cur = cur.cpu()
             s = torch.where(cur, s, torch.full_like(s, -1.0))
         scores.append(s)
         current.append(cur)
-    if scope == "global":
+    if scope == "global" or (scope == "random" and like is None):
         keep = _global_keep(scores, sparsity)
+    elif like is not None:
+        keep = [_keep_k_smallest_pruned(s, k) for s, k in zip(scores, like_pruned)]
     else:
         if scope == "layerwise":
             ratios = [sparsity] * len(layers)
@@ -78,9 +102,51 @@ def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global", ta
         keep = [_keep_smallest_pruned(s, r) for s, r in zip(scores, ratios)]
     keep = [k if c is None else k & c for k, c in zip(keep, current)]  # what was pruned stays pruned
     masks = {canonical_name(f"{n}.weight"): k for (n, _), k in zip(layers, keep)}
+    if scope == "random":
+        method = "random-like" if like is not None else "random-global"
+        extra = {"seed": seed, **({"like_method": like.method, "like_base_model": like.base_model_name_or_path}
+                                  if like is not None else {})}
+    else:
+        method, extra = f"magnitude-{scope}", {"epsilon": epsilon} if scope == "alpha" else None
     return SparseMask(masks, base_model_name_or_path=getattr(model, "name_or_path", None) or None,
-                      method=f"magnitude-{scope}", target_sparsity=sparsity,
-                      extra={"epsilon": epsilon} if scope == "alpha" else None)
+                      method=method, target_sparsity=sparsity, extra=extra)
+
+
+def _layers_like(model: nn.Module, like: SparseMask, target_modules, exclude_modules):
+    """(name, module) of ``model``'s layers that ``like`` masks, and how many weights ``like`` prunes in each."""
+    if not isinstance(like, SparseMask):
+        raise TypeError(f"like must be a SparseMask, got {type(like).__name__}")
+    if target_modules is not None or exclude_modules is not None:
+        raise ValueError("like= decides which layers are pruned: give no target_modules / exclude_modules with it")
+    try:
+        found, _ = like.resolve(model, strict=True)
+    except KeyError as err:  # a missing layer: named in the message
+        raise ValueError(f"like=: {err.args[0]}") from None
+    except ValueError as err:  # a shape mismatch: named in the message
+        raise ValueError(f"like=: {err}") from None
+    modules = dict(model.named_modules())
+    layers, pruned = [], []
+    for name, target in found.items():
+        mod_name, _, pname = target.rpartition(".")
+        module = modules[mod_name]
+        if pname != "weight" or not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            raise ValueError(f"like= masks {name!r}, which is not the weight of a Linear/Conv layer of "
+                             f"{type(model).__name__} ({target!r})")
+        layers.append((mod_name, module))
+        pruned.append(int((~like.masks[name]).sum()))
+    return layers, pruned
+
+
+def _check_like_sparsity(sparsity: float | None, like: SparseMask, layers) -> float:
+    """``like``'s overall sparsity; a given ``sparsity`` must agree with it (up to rounding)."""
+    actual = like.sparsity
+    if sparsity is None:
+        return actual
+    tolerance = max(1e-3, len(layers) / max(like.num_weights, 1))
+    if not (isinstance(sparsity, (int, float)) and abs(sparsity - actual) <= tolerance):
+        raise ValueError(f"sparsity={sparsity!r} disagrees with like='s mask (its sparsity is {actual:.4f}): with "
+                         f"like= the per-layer sparsities are its own; pass sparsity=None or {actual:.4f}")
+    return float(sparsity)
 
 
 def _global_keep(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
@@ -97,7 +163,10 @@ def _global_keep(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tens
 
 
 def _keep_smallest_pruned(score: torch.Tensor, ratio: float) -> torch.Tensor:
-    k = round(min(max(ratio, 0.0), 1.0) * score.numel())
+    return _keep_k_smallest_pruned(score, round(min(max(ratio, 0.0), 1.0) * score.numel()))
+
+
+def _keep_k_smallest_pruned(score: torch.Tensor, k: int) -> torch.Tensor:
     keep = torch.ones(score.numel(), dtype=torch.bool)
     if k:
         keep[torch.topk(score.reshape(-1), k=k, largest=False).indices] = False
