@@ -14,34 +14,20 @@ import torch
 from torch import nn
 
 from ..io import atomic_write_text, atomic_write_with, read_json
+from ..naming import VISION_PREFIXES, canonical_name, resolve_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "SPARSE_MASK"
-VISION_PREFIXES = ("", "vision_model.", "clip.vision_model.")
 _BUFFER = "_sparse_mask_{}"  # non-persistent buffer on the owning module: state_dict keys do not change
 _HOOK_ATTR = "_sparse_mask_hooks"
-
-
-def canonical_name(name: str) -> str:
-    """A parameter name relative to the CLIP vision tower: everything up to the first
-    ``vision_model.`` is dropped (``CLIPModel``: ``vision_model.``, CLIPSeg: ``clip.vision_model.``, our
-    frameworks); other names (``CLIPVisionModel`` in transformers 5, non-CLIP models) stay as they are."""
-    head, sep, tail = name.partition("vision_model.")
-    return tail if sep else name
 
 
 def resolve_parameter(model: nn.Module, name: str, params: dict[str, nn.Parameter] | None = None) -> str | None:
     """The model's own name for canonical ``name``: as is, then with the ``vision_model.`` /
     ``clip.vision_model.`` prefixes, then any parameter ending in ``vision_model.<name>`` (must be unique)."""
     params = params if params is not None else dict(model.named_parameters())
-    for prefix in VISION_PREFIXES:
-        if prefix + name in params:
-            return prefix + name
-    hits = [n for n in params if n.endswith("vision_model." + name)]
-    if len(hits) > 1:
-        raise ValueError(f"mask entry {name!r} matches several parameters of {type(model).__name__}: {hits}")
-    return hits[0] if hits else None
+    return resolve_name(name, params, what="mask entry", owner=f"{type(model).__name__}'s parameters")
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..io import atomic_write_text, read_json
 from ..matching import normalize_patterns
+from ..naming import canonical_names, vision_prefix_regex
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -18,6 +18,7 @@ PEFT_TYPE = "SPECTRAL_TUNING"
 FREEZE_RULES = ("median", "ratio", "threshold", "top_k", "random")
 GRANULARITIES = ("layer", "block")
 ESTIMATORS = ("opentrans", "ww")
+INVALID_ALPHA = ("train", "freeze", "error")
 
 
 def _is_number(value) -> bool:
@@ -45,7 +46,10 @@ class SpectralTuningConfig:
     target_modules: str | list[str] | None = field(
         default=None,
         metadata={"help": "layers spectral tuning decides on: a full-match regex or a list of exact names / dotted "
-                          "suffixes (PEFT's rules). None: every Linear/Conv layer of the model"},
+                          "suffixes (PEFT's rules), on the model's own names. None: the CLIP image encoder (patch "
+                          "embedding and encoder blocks) when the model has a CLIP vision tower (an OVS framework: "
+                          "the encoder layers its heads train through, encoder_target_modules()); the text tower "
+                          "is only analysed when targeted. Other models: every Linear/Conv layer"},
     )
     exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "layers never analysed (same rules)"})
     modules_to_save: list[str] | None = field(
@@ -69,11 +73,23 @@ class SpectralTuningConfig:
     )
     train_norms: bool = field(default=True, metadata={"help": "keep normalisation layers trainable (the paper does)"})
     train_biases: bool = field(default=False, metadata={"help": "keep the biases of frozen layers trainable"})
+    invalid_alpha: str = field(
+        default="train",
+        metadata={"help": "what happens to analysed layers without a valid alpha (status 'invalid': NaN/Inf weights "
+                          "or a failed eigensolver; 'degenerate': all-zero, rank <= 1 or flat spectrum): 'train' "
+                          "(default: no evidence that the layer is well trained, so it is fine-tuned), 'freeze', or "
+                          "'error' (refuse, naming the layers). They are listed in invalid_layers"},
+    )
     layer_alphas: dict[str, float] | None = field(
         default=None, metadata={"help": "filled by get_spectral_model: alpha per analysed layer (no re-analysis when set)"}
     )
     trainable_layers: list[str] | None = field(
         default=None, metadata={"help": "filled by get_spectral_model: the analysed layers that are fine-tuned"}
+    )
+    invalid_layers: dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "filled by get_spectral_model: analysed layers without a valid alpha -> why (status and "
+                          "reason); invalid_alpha decided on them, and trainable_layers lists them if trained"},
     )
     library_version: str | None = field(default=None, metadata={"help": "opentrans-hf version that wrote this"})
 
@@ -86,7 +102,8 @@ class SpectralTuningConfig:
         for name in ("inference_mode", "train_norms", "train_biases"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, "a bool (true or false)", getattr(self, name))
-        for name, choices in (("estimator", ESTIMATORS), ("freeze_rule", FREEZE_RULES), ("granularity", GRANULARITIES)):
+        for name, choices in (("estimator", ESTIMATORS), ("freeze_rule", FREEZE_RULES), ("granularity", GRANULARITIES),
+                              ("invalid_alpha", INVALID_ALPHA)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {choices}")
         if not _is_number(self.freeze_ratio):
@@ -127,12 +144,36 @@ class SpectralTuningConfig:
                 raise ValueError(f"SpectralTuningConfig.layer_alphas must map layer names to finite numbers; "
                                  f"{len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not: {', '.join(bad[:3])}"
                                  + (", ..." if len(bad) > 3 else ""))
+        if self.invalid_layers is not None and not (
+                isinstance(self.invalid_layers, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in self.invalid_layers.items())):
+            _bad("invalid_layers", "a mapping of layer names to reasons (strings), or None", self.invalid_layers)
+        self._canonicalise_layer_names()
+        if self.layer_alphas is not None:
             if self.trainable_layers is not None:
-                analysed = set(self.layer_alphas) | {n[:-2] for n in self.layer_alphas if n[-2:] in ("_q", "_k", "_v")}
+                decided = [*self.layer_alphas, *(self.invalid_layers or {})]
+                analysed = set(decided) | {n[:-2] for n in decided if n[-2:] in ("_q", "_k", "_v")}
                 unknown = [n for n in self.trainable_layers if n not in analysed]
                 if unknown:
                     raise ValueError(f"SpectralTuningConfig.trainable_layers names {len(unknown)} layer(s) that "
                                      f"layer_alphas does not have, e.g. {unknown[:3]}")
+
+    def _canonicalise_layer_names(self) -> None:
+        """Names in ``layer_alphas``, ``invalid_layers`` and ``trainable_layers`` relative to the CLIP vision
+        tower (``vision_model.encoder...`` and ``clip.vision_model.encoder...`` -> ``encoder...``), as sparse
+        masks store them, so that one config applies to every model holding that tower; configs written with
+        the model's own names (earlier versions) are converted here. Names outside the vision tower stay as
+        they are; so do all names if two of them would become one (e.g. a model with two vision towers)."""
+        keys = [*(self.layer_alphas or {}), *(self.invalid_layers or {}), *(self.trainable_layers or ())]
+        canon = canonical_names(set(keys))
+        if canon is None or all(k == v for k, v in canon.items()):
+            return
+        if self.layer_alphas is not None:
+            self.layer_alphas = {canon[k]: v for k, v in self.layer_alphas.items()}
+        if self.invalid_layers is not None:
+            self.invalid_layers = {canon[k]: v for k, v in self.invalid_layers.items()}
+        if self.trainable_layers is not None:
+            self.trainable_layers = [canon[k] for k in self.trainable_layers]
 
     # ---- PEFT-style I/O ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -181,7 +222,8 @@ class SpectralTuningConfig:
     # ---- beyond the paper ---------------------------------------------------------------------
     def to_lora_config(self, r: int = 8, lora_alpha: int | None = None, lora_dropout: float = 0.0, **kwargs):
         """A ``peft.LoraConfig`` whose ``target_modules`` are exactly the layers this rule trains, as a
-        full-match regex of their names
+        full-match regex of their names (a name relative to the CLIP vision tower matches under any
+        ``*vision_model.`` prefix, so the LoRA config fits every model holding that tower)
         (alpha-guided LoRA). Needs ``trainable_layers`` (call :func:`get_spectral_model` first, or load a
         saved adapter config). ``modules_to_save`` carries over; other kwargs go to ``LoraConfig``."""
         from peft import LoraConfig
@@ -193,5 +235,5 @@ class SpectralTuningConfig:
         kwargs.setdefault("modules_to_save", self.modules_to_save)
         return LoraConfig(
             r=r, lora_alpha=lora_alpha if lora_alpha is not None else 2 * r, lora_dropout=lora_dropout,
-            target_modules="|".join(re.escape(n) for n in self.trainable_layers), **kwargs,  # exact names
+            target_modules="|".join(vision_prefix_regex(n) for n in self.trainable_layers), **kwargs,  # exact names
         )

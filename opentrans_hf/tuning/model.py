@@ -15,6 +15,7 @@ from ..io import atomic_write_text, atomic_write_with
 from ..matching import name_matches
 from ..spectral import LayerSpectrum, SpectralReport, analyze_spectra
 from .config import CONFIG_NAME, WEIGHTS_NAME, SpectralTuningConfig
+from ..naming import CLIP_VISION_ENCODER_TARGETS, canonical_name
 from .selection import frozen_units, module_of, units_and_alphas
 
 NORM_CLASSES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -31,8 +32,18 @@ def get_spectral_model(model: nn.Module, config: SpectralTuningConfig, *, device
     Only ``requires_grad`` changes; no weight is copied or modified. Parameters that are not in an
     analysed layer keep their ``requires_grad`` (normalisation layers are frozen only with
     ``train_norms=False``); ``modules_to_save`` are made trainable. ``config`` is filled in place with
-    ``layer_alphas`` and ``trainable_layers`` so that it states exactly what was measured and trained.
+    ``layer_alphas``, ``invalid_layers`` and ``trainable_layers`` so that it states exactly what was
+    measured and trained.
     Call this before ``accelerator.prepare`` (DDP needs the final ``requires_grad`` at wrap time).
+
+    The analysis covers ``config.target_modules``; None means the CLIP image encoder when the model
+    has a CLIP vision tower (a framework: the encoder layers its heads train through), so the text
+    tower keeps the ``requires_grad`` it has unless targeted, else every Linear/Conv layer. Layers are
+    named in the config relative to the CLIP vision tower (``encoder.layers.0.mlp.fc1``), as sparse
+    masks are: one config made on ``CLIPVisionModel``, ``CLIPModel``, CLIPSeg or a framework applies
+    to each of them and freezes the same encoder layers; names outside the vision tower (a head, the
+    text tower) stay the model's own. On a framework, encoder layers no head reads stay frozen.
+    Layers without a valid alpha (invalid or degenerate weights) follow ``config.invalid_alpha``.
     """
     if isinstance(model, SpectralModel):
         raise TypeError("the model is already a SpectralModel; pass its base_model to apply another config")
@@ -41,14 +52,28 @@ def get_spectral_model(model: nn.Module, config: SpectralTuningConfig, *, device
     module_names = {n for n, _ in model.named_modules()}
     report = None
     if config.layer_alphas is None:
-        report = analyze_spectra(model, estimator=config.estimator, target_modules=config.target_modules,
+        target_modules = config.target_modules if config.target_modules is not None else default_target_modules(model)
+        report = analyze_spectra(model, estimator=config.estimator, target_modules=target_modules,
                                  exclude_modules=config.exclude_modules, device=device, progress=progress)
-        config.layer_alphas = dict(report.alphas)
-        if not config.layer_alphas:
+        invalid = _invalid_reasons(report)
+        if invalid and config.invalid_alpha == "error":
+            raise ValueError(
+                f"{len(invalid)} layer(s) of {type(model).__name__} have no valid alpha (invalid_alpha='error'): "
+                + "; ".join(f"{n}: {why}" for n, why in list(invalid.items())[:5]) + ("; ..." if len(invalid) > 5 else "")
+                + ". Set invalid_alpha='train' or 'freeze' to decide on them, or exclude_modules to leave them out")
+        if not report.alphas:
             raise ValueError(f"no layer of {type(model).__name__} got a valid alpha: {report.counts()}")
+        config.layer_alphas = dict(report.alphas)
+        config.invalid_layers = invalid
+        config._canonicalise_layer_names()
     else:
-        report = SpectralReport([LayerSpectrum(n, "linear", (), alpha=a) for n, a in config.layer_alphas.items()],
-                                config.estimator, type(model).__name__)
+        names = {**config.layer_alphas, **dict.fromkeys(config.invalid_layers or {})}
+        hosts = {n: _host_layer_name(n, module_names) for n in names}
+        report = SpectralReport(
+            [LayerSpectrum(hosts[n], "linear", (), alpha=a) for n, a in config.layer_alphas.items()]
+            + [LayerSpectrum(hosts[n], "linear", (), status=_status_of(why), warning=why)
+               for n, why in (config.invalid_layers or {}).items()],
+            config.estimator, type(model).__name__)
     check_config_layers(config, model, module_names)
     if config.trainable_layers is None:
         config.trainable_layers = select_trainable_layers(config, module_names)
@@ -56,6 +81,8 @@ def get_spectral_model(model: nn.Module, config: SpectralTuningConfig, *, device
         config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     wrapped = SpectralModel(model, config, report)
     wrapped._apply_requires_grad()
+    if callable(getattr(model, "freeze_unused_clip_parameters", None)):
+        model.freeze_unused_clip_parameters()  # a config made on another model must not unfreeze what no head uses
     return wrapped
 
 
@@ -67,7 +94,8 @@ def check_config_layers(config: SpectralTuningConfig, model: nn.Module, module_n
             f"{where}config.layer_alphas names layers that {type(model).__name__} does not have, e.g. {missing[:3]} "
             "(was the adapter made for another model?)"
         )
-    missing = [n for n in config.trainable_layers or () if n not in module_names]
+    missing = [n for n in (*(config.invalid_layers or ()), *(config.trainable_layers or ()))
+               if not _resolvable(n, module_names)]
     if missing:
         raise ValueError(f"{where}config.trainable_layers names modules {type(model).__name__} does not have: {missing[:3]}")
     if config.modules_to_save and not any(name_matches(n, config.modules_to_save) for n in module_names):
@@ -87,10 +115,10 @@ def adapter_tensor_names(model: nn.Module, config: SpectralTuningConfig) -> tupl
     def own(name: str, recurse: bool = False) -> set[str]:
         return {f"{name}.{p}" if name else p for p, _ in modules[name].named_parameters(recurse=recurse)}
 
-    trainable = set(config.trainable_layers)
+    trainable = set(host_layers(config.trainable_layers, model))
     required: set[str] = set()
     forbidden: set[str] = set()
-    for m in {module_of(layer, set(modules)) for layer in config.layer_alphas}:
+    for m in host_layers(decided_layers(config), model):
         if m in trainable:
             required |= own(m)
         else:
@@ -149,17 +177,78 @@ def _resolvable(layer: str, module_names: set[str]) -> bool:
         return False
 
 
+def decided_layers(config: SpectralTuningConfig) -> list[str]:
+    """The config's analysed layers: those with an alpha, then those without a valid one."""
+    return [*(config.layer_alphas or {}), *(config.invalid_layers or {})]
+
+
+def host_layers(layers, model: nn.Module) -> list[str]:
+    """The model's own module names for config ``layers`` (names relative to the CLIP vision tower are
+    resolved, fused ``_q/_k/_v`` parts give their module), in order, each module once."""
+    names = {n for n, _ in model.named_modules()}
+    out: list[str] = []
+    for layer in layers:
+        mod = module_of(layer, names)
+        if mod not in out:
+            out.append(mod)
+    return out
+
+
+def default_target_modules(model: nn.Module) -> str | None:
+    """``target_modules`` when the config leaves it None: the layers an OVS framework's heads train
+    through (``encoder_target_modules()``), the CLIP image encoder of a model holding a ``vision_model``
+    (``CLIPModel``, CLIPSeg: never the text tower), else None (every Linear/Conv layer)."""
+    if callable(getattr(model, "encoder_target_modules", None)):
+        return model.encoder_target_modules()
+    if any(n == "vision_model" or n.endswith(".vision_model") for n, _ in model.named_modules()):
+        return CLIP_VISION_ENCODER_TARGETS
+    return None
+
+
+def _invalid_reasons(report: SpectralReport) -> dict[str, str]:
+    """``{layer: "status: reason"}`` for the report's layers without a valid alpha."""
+    return {layer.name: f"{layer.status}: {layer.warning}" if layer.warning else layer.status
+            for layer in report.layers if layer.status in ("invalid", "degenerate")}
+
+
+def _status_of(reason: str) -> str:
+    status = reason.partition(":")[0]
+    return status if status in ("invalid", "degenerate") else "invalid"
+
+
+def _host_layer_name(layer: str, module_names: set[str]) -> str:
+    """A config layer under the model's own names (fused parts keep their ``_q/_k/_v``); as is if unknown."""
+    try:
+        host = module_of(layer, module_names)
+    except KeyError:
+        return layer
+    base, _, suffix = layer.rpartition("_")
+    return host if host.endswith(layer) or suffix not in ("q", "k", "v") else f"{host}_{suffix}"
+
+
 def select_trainable_layers(config: SpectralTuningConfig, module_names: set[str]) -> list[str]:
-    """Module names of the analysed layers that stay trainable under ``config``'s rule."""
+    """Module names (as the config names them) of the analysed layers that stay trainable under
+    ``config``'s rule; layers without a valid alpha (``invalid_layers``) follow ``invalid_alpha``."""
     alphas, unit_of = units_and_alphas(config.layer_alphas, config.granularity)
     frozen = frozen_units(alphas, config.freeze_rule, freeze_ratio=config.freeze_ratio,
                           alpha_threshold=config.alpha_threshold, k=config.k, seed=config.seed)
     trainable: list[str] = []
-    for layer in config.layer_alphas:
-        mod = module_of(layer, module_names)
-        if unit_of[layer] not in frozen and mod not in trainable:
-            trainable.append(mod)  # a fused q/k/v module trains if any of its parts does
+    invalid = list(config.invalid_layers or {}) if config.invalid_alpha == "train" else []
+    for layer in [*config.layer_alphas, *invalid]:
+        if layer in invalid or unit_of[layer] not in frozen:
+            mod = _config_module(layer, module_names)
+            if mod not in trainable:
+                trainable.append(mod)  # a fused q/k/v module trains if any of its parts does
     return trainable
+
+
+def _config_module(layer: str, module_names: set[str]) -> str:
+    """The module of config ``layer`` under the config's naming (``attn.qkv_q`` -> ``attn.qkv``)."""
+    host = module_of(layer, module_names)
+    if host.endswith(layer):
+        return layer
+    base, _, suffix = layer.rpartition("_")
+    return base if suffix in ("q", "k", "v") and host.endswith(base) else layer
 
 
 class SpectralModel(nn.Module):
@@ -184,24 +273,27 @@ class SpectralModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ---- what is trained ------------------------------------------------------------------------
+    # The config names layers relative to the CLIP vision tower (transferable); these properties give the
+    # base model's own module names (``dict(model.named_modules())[name]`` works).
     @property
     def analysed_layers(self) -> list[str]:
-        names = {n for n, _ in self.base_model.named_modules()}
-        out: list[str] = []
-        for layer in self.spectral_config.layer_alphas:
-            mod = module_of(layer, names)
-            if mod not in out:
-                out.append(mod)
-        return out
+        """Modules spectral tuning decided on: those with an alpha, and those without a valid one."""
+        return host_layers(decided_layers(self.spectral_config), self.base_model)
 
     @property
     def trainable_layers(self) -> list[str]:
-        return list(self.spectral_config.trainable_layers)
+        return host_layers(self.spectral_config.trainable_layers, self.base_model)
 
     @property
     def frozen_layers(self) -> list[str]:
-        trainable = set(self.spectral_config.trainable_layers)
+        trainable = set(self.trainable_layers)
         return [m for m in self.analysed_layers if m not in trainable]
+
+    @property
+    def invalid_layers(self) -> dict[str, str]:
+        """Analysed modules without a valid alpha -> why (``config.invalid_alpha`` decided on them)."""
+        names = {n for n, _ in self.base_model.named_modules()}
+        return {module_of(n, names): why for n, why in (self.spectral_config.invalid_layers or {}).items()}
 
     def _apply_requires_grad(self) -> None:
         cfg = self.spectral_config
@@ -210,7 +302,7 @@ class SpectralModel(nn.Module):
             for p in self.base_model.parameters():
                 p.requires_grad_(False)
             return
-        trainable = set(cfg.trainable_layers)
+        trainable = set(self.trainable_layers)
         for name in self.analysed_layers:
             mod = modules[name]
             train = name in trainable
@@ -238,6 +330,13 @@ class SpectralModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
         print(f"spectral tuning ({self.spectral_config.freeze_rule}, {self.spectral_config.estimator}): "
               f"{len(self.frozen_layers)} of {len(self.analysed_layers)} analysed layers frozen")
+        invalid = self.invalid_layers
+        if invalid:
+            trainable = set(self.trainable_layers)
+            print(f"{len(invalid)} analysed layer(s) without a valid alpha (invalid_alpha="
+                  f"{self.spectral_config.invalid_alpha!r}):")
+            for name, why in invalid.items():
+                print(f"  {name}: {'trained' if name in trainable else 'frozen'} ({why})")
 
     # ---- adapter I/O ------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -277,7 +376,8 @@ class SpectralModel(nn.Module):
         """The config with the trainable layers whose parameters are all frozen now moved to the frozen ones."""
         cfg = self.spectral_config
         modules = dict(self.base_model.named_modules())
-        trained = [m for m in cfg.trainable_layers if any(p.requires_grad for p in modules[m].parameters(recurse=False))]
+        trained = [m for m, host in zip(cfg.trainable_layers, self.trainable_layers)
+                   if any(p.requires_grad for p in modules[host].parameters(recurse=False))]
         return cfg if trained == cfg.trainable_layers else dataclasses.replace(cfg, trainable_layers=trained)
 
     def _model_card(self, cfg: SpectralTuningConfig, tensors, **kwargs) -> str:
@@ -286,7 +386,8 @@ class SpectralModel(nn.Module):
 
         trainable, total = self.get_nb_trainable_parameters()
         alphas = list(cfg.layer_alphas.values())
-        frozen_layers = [m for m in self.analysed_layers if m not in set(cfg.trainable_layers)]
+        trained = set(host_layers(cfg.trainable_layers, self.base_model))
+        frozen_layers = [canonical_name(m) for m in self.analysed_layers if m not in trained]
         return render_model_card(
             "spectral_adapter.md",
             {"library_name": "opentrans-hf", "tags": ["spectral-tuning", "opentrans", "heavy-tailed-self-regularization"],

@@ -7,6 +7,8 @@ import re
 import statistics
 from collections.abc import Mapping
 
+from ..naming import resolve_name
+
 _BLOCK = re.compile(r"^(.*?\b(?:layers|layer|blocks|block|resblocks|h)\.\d+)(?:\.|$)")
 _RESNET = re.compile(r"^(.*?\blayer\d+\.\d+)(?:\.|$)")
 
@@ -61,10 +63,16 @@ def frozen_units(alphas: Mapping[str, float], rule: str, *, freeze_ratio: float 
 
 
 def module_of(layer_name: str, module_names: set[str]) -> str:
-    """The module a report layer lives in (``attn.qkv_q`` -> ``attn.qkv`` for fused splits)."""
-    if layer_name in module_names:
-        return layer_name
+    """The module (its name in ``module_names``) a layer of a report or config lives in: ``attn.qkv_q`` ->
+    ``attn.qkv`` for fused splits, and a name relative to the CLIP vision tower resolved on the model
+    (``encoder.layers.0.mlp.fc1`` -> ``vision_model.encoder.layers.0.mlp.fc1`` in a ``CLIPModel``, see
+    :mod:`opentrans_hf.naming`). KeyError if none; ValueError if several modules could be meant."""
+    found = resolve_name(layer_name, module_names, what="layer")
+    if found is not None:
+        return found
     base, _, suffix = layer_name.rpartition("_")
-    if suffix in ("q", "k", "v") and base in module_names:
-        return base
+    if suffix in ("q", "k", "v"):
+        found = resolve_name(base, module_names, what="layer")
+        if found is not None:
+            return found
     raise KeyError(f"layer {layer_name!r} is not a module of the model")
