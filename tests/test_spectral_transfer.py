@@ -196,3 +196,17 @@ def test_invalid_alpha_freeze_and_error(tiny_clip_dir, capsys):
         SpectralTuningConfig(invalid_alpha="skip")
     with pytest.raises(ValueError, match=r"invalid_layers must be a mapping"):
         SpectralTuningConfig(invalid_layers={"fc": 3})
+
+
+def test_a_transferred_config_keeps_encoder_layers_no_head_reads_frozen(tiny_clip_dir):
+    cfg = SpectralTuningConfig(freeze_rule="top_k", k=100)  # trains every analysed layer of CLIPModel, layer 1 too
+    get_spectral_model(CLIPModel.from_pretrained(tiny_clip_dir), cfg)
+    assert "encoder.layers.1.mlp.fc1" in cfg.trainable_layers
+    model = FRAMEWORKS["deeplabv3"].from_clip(tiny_clip_dir, feature_layers=[1, 1, 1, 1], **OVERRIDES["deeplabv3"])
+    spectral = get_spectral_model(model, reload(cfg))
+    assert not any(p.requires_grad for p in model.clip.vision_model.encoder.layers[1].parameters())
+    assert model.clip.vision_model.encoder.layers[0].mlp.fc1.weight.requires_grad
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 30, 30, generator=g), torch.randint(0, 2, (2, 30, 30), generator=g)
+    spectral(pixel_values=x, labels=y, class_names=["sky", "grass"]).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # DDP-safe
