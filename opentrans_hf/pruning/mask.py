@@ -3,21 +3,18 @@ contain the same CLIP image encoder."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_write_text, atomic_write_with, read_json
+from .. import adapters
+from ..adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterHubMixin
+from ..io import atomic_write_with
 from ..naming import VISION_PREFIXES, canonical_name, resolve_name
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "SPARSE_MASK"
 _BUFFER = "_sparse_mask_{}"  # non-persistent buffer on the owning module: state_dict keys do not change
 _HOOK_ATTR = "_sparse_mask_hooks"
@@ -85,14 +82,19 @@ def _check_config(cfg: dict, where) -> dict[str, list[int]]:
     return shapes
 
 
-class SparseMask:
+class SparseMask(AdapterHubMixin):
     """Boolean masks (True = kept) by canonical weight name, plus what made them.
 
     ``apply(model)`` zeroes the masked weights and keeps them zero through training: their gradients
     are masked, and a forward pre-hook re-applies the mask before every forward. The mask lives in
     non-persistent buffers of the owning modules, so ``state_dict`` keys are unchanged, ``deepcopy``
     copies it, and ``.to(device)`` moves it.
+
+    Saving, loading, the model card and ``push_to_hub`` go through :mod:`opentrans_hf.adapters`, the
+    persistence shared with :class:`~opentrans_hf.SpectralModel`.
     """
+
+    default_commit_message = "Upload sparse mask adapter"
 
     def __init__(self, masks: dict[str, torch.Tensor], *, base_model_name_or_path: str | None = None,
                  method: str = "", target_sparsity: float | None = None, extra: dict | None = None):
@@ -268,27 +270,18 @@ class SparseMask:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """``adapter_config.json`` + ``adapter_model.safetensors`` (bit-packed masks) + README.md."""
-        from safetensors.torch import save_file
-
         if not self.masks:
             raise ValueError("the mask is empty: nothing to save")
-        out = Path(save_directory)
         packed = {n: pack_bits(m) for n, m in self.masks.items()}
         config = self.to_config()
         card = self._model_card(config)  # everything that can fail happens before the first write
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_with(out / WEIGHTS_NAME, lambda p: save_file(packed, str(p), metadata={"format": "packbits"}))
-        atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-        atomic_write_text(out / "README.md", card)
-        return out
+        return adapters.write_adapter_files(save_directory, config=config, tensors=packed, card=card,
+                                            metadata={"format": "packbits"}, sort_keys=False)
 
     def _model_card(self, config: dict) -> str:
-        from ..hub import render_model_card
-
-        return render_model_card(
-            "sparse_mask.md",
-            {"library_name": "opentrans-hf", "tags": ["sparse-mask", "pruning", "opentrans", "open-vocabulary-segmentation"],
-             "base_model": self.base_model_name_or_path},
+        return adapters.render_adapter_card(
+            "sparse_mask.md", tags=["sparse-mask", "pruning", "opentrans", "open-vocabulary-segmentation"],
+            base_model=self.base_model_name_or_path,
             config=config, layers=self.layer_sparsity(), num_tensors=len(self.masks),
         )
 
@@ -297,17 +290,10 @@ class SparseMask:
         """Load a mask adapter (local directory or Hub id). The config and the bit-packed file are checked
         against each other (names, shapes, packed sizes, recorded sparsity and densities); every error
         names the file, the field or entry, and the value."""
-        from ..hub import read_safetensors, resolve_pretrained_dir
-
-        d = resolve_pretrained_dir(name_or_path, [CONFIG_NAME, WEIGHTS_NAME, "README.md"], revision=revision,
-                                   token=token, what="sparse mask adapter")
+        d, cfg, packed = adapters.read_adapter_files(name_or_path, peft_type=PEFT_TYPE, what="sparse mask adapter",
+                                                     revision=revision, token=token)
         where = d / CONFIG_NAME
-        cfg = read_json(where, "adapter config")
-        if not isinstance(cfg, dict) or cfg.get("peft_type") != PEFT_TYPE:
-            got = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
-            raise ValueError(f"{where} is not a sparse mask adapter (peft_type {got!r}, expected {PEFT_TYPE!r})")
         shapes = _check_config(cfg, where)
-        packed = read_safetensors(d / WEIGHTS_NAME, "sparse mask")
         if set(packed) != set(shapes):
             missing, extra = sorted(set(shapes) - set(packed)), sorted(set(packed) - set(shapes))
             raise ValueError(f"{d / WEIGHTS_NAME} does not match {CONFIG_NAME}: missing {missing[:3]}, unexpected {extra[:3]}")
@@ -334,14 +320,6 @@ class SparseMask:
             raise ValueError(f"{d}: {len(off)} mask(s) differ from the layer_densities recorded in {CONFIG_NAME} "
                              f"(corrupt file?): {'; '.join(off[:3])}")
         return mask
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,
-                    commit_message: str = "Upload sparse mask adapter") -> str:
-        from ..hub import push_folder_to_hub
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            return push_folder_to_hub(tmp, repo_id, private=private, token=token, commit_message=commit_message)
 
 
 def _install_hooks(module: nn.Module, pname: str) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..io import atomic_write_text, read_json
 from ..matching import normalize_patterns
 from ..naming import canonical_names, vision_prefix_regex
 
@@ -183,10 +181,10 @@ class SpectralTuningConfig:
         """Write ``adapter_config.json`` (atomically) into ``save_directory``."""
         from .. import __version__
 
+        from ..adapters import write_adapter_config
+
         self.library_version = __version__
-        path = Path(save_directory) / CONFIG_NAME
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
+        return write_adapter_config(save_directory, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "") -> SpectralTuningConfig:
@@ -205,6 +203,7 @@ class SpectralTuningConfig:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, token=None) -> SpectralTuningConfig:
         """From a directory or a Hub repo holding ``adapter_config.json`` (or the JSON file itself)."""
+        from ..adapters import read_adapter_config
         from ..hub import resolve_pretrained_dir
 
         p = Path(name_or_path)
@@ -213,11 +212,7 @@ class SpectralTuningConfig:
         else:
             cfg_path = resolve_pretrained_dir(name_or_path, [CONFIG_NAME], revision=revision, token=token,
                                               what="spectral adapter") / CONFIG_NAME
-        data = read_json(cfg_path, "adapter config")
-        if not isinstance(data, dict) or data.get("peft_type") != PEFT_TYPE:
-            got = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"{cfg_path} is not a spectral tuning adapter config (peft_type {got!r}, expected {PEFT_TYPE!r})")
-        return cls.from_dict(data, where=f"{cfg_path}: ")
+        return cls.from_dict(read_adapter_config(cfg_path, PEFT_TYPE, "spectral tuning adapter"), where=f"{cfg_path}: ")
 
     # ---- beyond the paper ---------------------------------------------------------------------
     def to_lora_config(self, r: int = 8, lora_alpha: int | None = None, lora_dropout: float = 0.0, **kwargs):

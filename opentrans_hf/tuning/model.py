@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 
-from ..hub import read_safetensors
-from ..io import atomic_write_text, atomic_write_with
+from .. import adapters
+from ..adapters import AdapterHubMixin
 from ..matching import name_matches
 from ..spectral import LayerSpectrum, SpectralReport, analyze_spectra
-from .config import CONFIG_NAME, WEIGHTS_NAME, SpectralTuningConfig
-from ..naming import CLIP_VISION_ENCODER_TARGETS, canonical_name
+from .config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, SpectralTuningConfig
+from ..naming import CLIP_VISION_ENCODER_TARGETS, canonical_name, resolve_name
 from .selection import frozen_units, module_of, units_and_alphas
 
+ADAPTER_NAME = "default"  # PEFT's name of the one adapter
 NORM_CLASSES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -177,6 +178,23 @@ def _resolvable(layer: str, module_names: set[str]) -> bool:
         return False
 
 
+def host_tensor_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An adapter file's tensors under ``model``'s own parameter names: a name the model lacks is taken
+    relative to the CLIP vision tower and resolved (``vision_model.encoder...`` saved on a ``CLIPModel``
+    -> ``clip.vision_model.encoder...`` in a framework); names that resolve to nothing stay as they are
+    (and are refused by :func:`check_adapter_tensors`, naming them)."""
+    params = {n for n, _ in model.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        target = name if name in params else resolve_name(canonical_name(name), params, what="adapter tensor",
+                                                           owner=f"{type(model).__name__}'s parameters")
+        target = target or name
+        if target in out:
+            raise ValueError(f"adapter tensors {name!r} and another one both stand for {type(model).__name__}.{target}")
+        out[target] = t
+    return out
+
+
 def decided_layers(config: SpectralTuningConfig) -> list[str]:
     """The config's analysed layers: those with an alpha, then those without a valid one."""
     return [*(config.layer_alphas or {}), *(config.invalid_layers or {})]
@@ -251,14 +269,36 @@ def _config_module(layer: str, module_names: set[str]) -> str:
     return base if suffix in ("q", "k", "v") and host.endswith(base) else layer
 
 
-class SpectralModel(nn.Module):
-    """A model with spectral tuning applied; forwards to ``base_model`` (attributes too, like PEFT)."""
+class SpectralModel(AdapterHubMixin, PeftModel):
+    """A model with spectral tuning applied; forwards to ``base_model`` (attributes too, like PEFT).
+
+    It is a ``peft.PeftModel`` as far as ``transformers.Trainer`` and Accelerate look (``isinstance``,
+    ``get_base_model``, ``active_adapters``, ``load_adapter``), so the Trainer treats it exactly as a
+    LoRA model: the dataset columns the base model's ``forward`` takes are kept, every checkpoint and
+    ``save_model`` write the adapter (``adapter_config.json`` + ``adapter_model.safetensors`` with only
+    the trainable tensors), and ``resume_from_checkpoint`` / ``load_best_model_at_end`` load it back.
+    ``PeftModel.__init__`` is not run: there is no tuner and no injected layer, only ``requires_grad``
+    set on the base model's own parameters.
+
+    Freezing trains the base model's weights in place, so there is no separate adapter to switch off:
+    :meth:`disable_adapter` raises (use :meth:`unload` for the base model with its original
+    ``requires_grad``; the original weights are those of the checkpoint you loaded it from).
+    """
+
+    default_commit_message = "Upload spectral tuning adapter"
 
     def __init__(self, base_model: nn.Module, config: SpectralTuningConfig, report: SpectralReport | None = None):
-        super().__init__()
+        nn.Module.__init__(self)  # not PeftModel.__init__: nothing is injected into the base model
         self.base_model = base_model
         self.spectral_config = config
         self.spectral_report = report
+        # what PeftModel's own methods and transformers.Trainer read
+        self.active_adapter = ADAPTER_NAME
+        self.peft_type = PEFT_TYPE
+        self.special_peft_forward_args = set()
+        self._is_prompt_learning = False
+        self._adapters_disabled = False
+        self._original_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
 
     # ---- delegation -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -266,11 +306,63 @@ class SpectralModel(nn.Module):
 
     def __getattr__(self, name: str):
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)
         except AttributeError:
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (the same object, with the spectral ``requires_grad`` applied); the Trainer
+        reads its ``forward`` signature to decide which dataset columns to keep."""
+        return self.base_model
+
+    # ---- PEFT's adapter bookkeeping: one adapter, always active ----------------------------------
+    @property
+    def peft_config(self) -> dict[str, SpectralTuningConfig]:
+        return {ADAPTER_NAME: self.spectral_config}
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [ADAPTER_NAME]
+
+    @property
+    def active_peft_config(self) -> SpectralTuningConfig:
+        return self.spectral_config
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        return True
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        return set(self.spectral_config.modules_to_save) if self.spectral_config.modules_to_save else None
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        _check_adapter_name(adapter_name)
+
+    def disable_adapter(self):
+        """Not available: spectral tuning freezes layers and trains the others in place, so no adapter
+        module sits beside the base weights to be switched off (as LoRA's is). To compare with the model
+        before tuning, load the base checkpoint again; :meth:`unload` gives the tuned model back with
+        its original ``requires_grad``."""
+        raise NotImplementedError(
+            "disable_adapter() has no meaning for spectral tuning: it trains the base model's own weights in place "
+            "(no adapter layer to switch off); load the base checkpoint again for the untuned model"
+        )
+
+    def unload(self) -> nn.Module:
+        """The base model, with every parameter's ``requires_grad`` as it was before spectral tuning
+        (the weights keep their trained values: they were trained in place)."""
+        for n, p in self.base_model.named_parameters():
+            if n in self._original_requires_grad:
+                p.requires_grad_(self._original_requires_grad[n])
+        return self.base_model
+
+    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+        """As :meth:`unload`: the weights were trained in place, so there is nothing to merge. Returns the
+        plain base model with its original ``requires_grad``."""
+        return self.unload()
 
     # ---- what is trained ------------------------------------------------------------------------
     # The config names layers relative to the CLIP vision tower (transferable); these properties give the
@@ -339,20 +431,39 @@ class SpectralModel(nn.Module):
                 print(f"  {name}: {'trained' if name in trainable else 'frozen'} ({why})")
 
     # ---- adapter I/O ------------------------------------------------------------------------------
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors that are trainable (``requires_grad``), by their base-model state-dict names."""
-        return {n: p.detach().cpu().contiguous() for n, p in self.base_model.named_parameters() if p.requires_grad}
+    def adapter_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors that are trainable (``requires_grad``), by their base-model state-dict names; their
+        values from ``state_dict`` when given (keys of this model, ``base_model.``-prefixed, or of the base
+        model), e.g. the gathered state dict the Trainer passes under FSDP/DeepSpeed."""
+        names = [n for n, p in self.base_model.named_parameters() if p.requires_grad]
+        if state_dict is None:
+            params = dict(self.base_model.named_parameters())
+            return {n: params[n].detach().cpu().contiguous() for n in names}
+        out = {}
+        for n in names:
+            t = state_dict.get(f"base_model.{n}", state_dict.get(n))
+            if t is None:
+                raise KeyError(f"the state_dict given to save_pretrained lacks the trainable tensor {n!r}")
+            out[n] = t.detach().cpu().contiguous()
+        return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **card_kwargs) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        selected_adapters: list[str] | None = None, **card_kwargs) -> Path:
         """``adapter_config.json`` + ``adapter_model.safetensors`` (only the trainable tensors) + README.md.
 
-        A trainable layer whose parameters were all frozen afterwards (e.g. by ``freeze_unused_parameters``)
-        is saved as frozen: the saved config says what was trained. Any other ``requires_grad`` that
-        disagrees with the config is an error naming the tensors (the adapter would not load)."""
-        from safetensors.torch import save_file
-
+        Takes ``transformers.Trainer``'s call (``state_dict``, ``is_main_process``) and PEFT's
+        (``safe_serialization``, ``selected_adapters``): only safetensors are written, and only the main
+        process writes. A trainable layer whose parameters were all frozen afterwards (e.g. by
+        ``freeze_unused_parameters``) is saved as frozen: the saved config says what was trained. Any
+        other ``requires_grad`` that disagrees with the config is an error naming the tensors (the adapter
+        would not load)."""
+        if not safe_serialization:
+            raise ValueError("spectral adapters are saved as safetensors only (safe_serialization=False is not supported)")
+        for name in selected_adapters or ():
+            _check_adapter_name(name)
         out = Path(save_directory)
-        tensors = self.adapter_state_dict()
+        tensors = self.adapter_state_dict(state_dict)
         if not tensors:
             raise ValueError("no trainable parameter to save (inference_mode, or every layer frozen)")
         config = self._config_to_save()
@@ -365,12 +476,14 @@ class SpectralModel(nn.Module):
                             + ([f"{_some(trained)} trainable although the config freezes their layers"] if trained else []))
                 + " (change what trains through the config: trainable_layers, modules_to_save, train_biases, train_norms)"
             )
+        if not is_main_process:
+            return out
+        from .. import __version__
+
+        config.library_version = __version__
         card = self._model_card(config, tensors, **card_kwargs)  # everything that can fail happens before the first write
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_with(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        config.save_pretrained(out)
-        atomic_write_text(out / "README.md", card)
-        return out
+        return adapters.write_adapter_files(out, config=config.to_dict(), tensors=tensors, card=card,
+                                            metadata={"format": "pt"})
 
     def _config_to_save(self) -> SpectralTuningConfig:
         """The config with the trainable layers whose parameters are all frozen now moved to the frozen ones."""
@@ -382,40 +495,44 @@ class SpectralModel(nn.Module):
 
     def _model_card(self, cfg: SpectralTuningConfig, tensors, **kwargs) -> str:
         from .. import __version__
-        from ..hub import render_model_card
 
         trainable, total = self.get_nb_trainable_parameters()
         alphas = list(cfg.layer_alphas.values())
         trained = set(host_layers(cfg.trainable_layers, self.base_model))
         frozen_layers = [canonical_name(m) for m in self.analysed_layers if m not in trained]
-        return render_model_card(
-            "spectral_adapter.md",
-            {"library_name": "opentrans-hf", "tags": ["spectral-tuning", "opentrans", "heavy-tailed-self-regularization"],
-             "base_model": cfg.base_model_name_or_path},
+        return adapters.render_adapter_card(
+            "spectral_adapter.md", tags=["spectral-tuning", "opentrans", "heavy-tailed-self-regularization"],
+            base_model=cfg.base_model_name_or_path,
             config=cfg, trainable=trainable, total=total, frozen_layers=frozen_layers,
             trainable_layers=cfg.trainable_layers, num_tensors=len(tensors), version=__version__,
             alpha_min=min(alphas), alpha_max=max(alphas), **kwargs,
         )
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, model_id: str | os.PathLike, *, is_trainable: bool = False,
-                        revision: str | None = None, token=None) -> SpectralModel:
-        """Re-apply a saved adapter to ``base_model`` (no re-analysis) and load its tensors.
+    def _read_adapter(cls, model_id, revision=None, token=None) -> tuple[Path, SpectralTuningConfig, dict]:
+        d, data, tensors = adapters.read_adapter_files(model_id, peft_type=PEFT_TYPE, what="spectral tuning adapter",
+                                                       revision=revision, token=token)
+        config = SpectralTuningConfig.from_dict(data, where=f"{d / CONFIG_NAME}: ")
+        if config.layer_alphas is None or config.trainable_layers is None:
+            raise ValueError(f"{d / CONFIG_NAME} lacks layer_alphas/trainable_layers: it was not written by save_pretrained")
+        return d, config, tensors
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, model_id: str | os.PathLike, adapter_name: str = ADAPTER_NAME, *,
+                        is_trainable: bool = False, revision: str | None = None, token=None) -> SpectralModel:
+        """Re-apply a saved adapter to ``base_model`` (no re-analysis) and load its tensors. ``model_id``: a
+        directory written by :meth:`save_pretrained` (a ``Trainer``'s ``output_dir`` or checkpoint too) or a
+        Hub repo id.
 
         As PEFT: ``is_trainable=False`` loads for inference (every parameter frozen); ``True`` restores
         the adapter's trainable/frozen split to continue training. The file must hold exactly the
         tensors the config says were trained, with the model's shapes and finite floating-point values;
         otherwise nothing is changed and the error names the file and the tensors.
         """
-        from ..hub import resolve_pretrained_dir
-
-        d = resolve_pretrained_dir(model_id, [CONFIG_NAME, WEIGHTS_NAME, "README.md"], revision=revision,
-                                   token=token, what="spectral adapter")
-        config = SpectralTuningConfig.from_pretrained(d)
-        if config.layer_alphas is None or config.trainable_layers is None:
-            raise ValueError(f"{d / CONFIG_NAME} lacks layer_alphas/trainable_layers: it was not written by save_pretrained")
+        _check_adapter_name(adapter_name)
+        d, config, tensors = cls._read_adapter(model_id, revision=revision, token=token)
+        tensors = host_tensor_names(base_model, tensors)  # an adapter saved on another host of the same CLIP
         config.inference_mode = not is_trainable
-        tensors = read_safetensors(d / WEIGHTS_NAME)
         check_adapter_tensors(base_model, config, tensors, d / WEIGHTS_NAME)
         params = dict(base_model.named_parameters())
         model = get_spectral_model(base_model, config)
@@ -424,15 +541,27 @@ class SpectralModel(nn.Module):
                 params[n].copy_(t)
         return model
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,
-                    commit_message: str = "Upload spectral tuning adapter") -> str:
-        """Save to a temporary directory and upload it (``create_repo(exist_ok=True)`` + ``upload_folder``)."""
-        from ..hub import push_folder_to_hub
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str = ADAPTER_NAME, is_trainable: bool = False,
+                     revision: str | None = None, token=None, **kwargs) -> None:
+        """Load a saved adapter's tensors into this model (what ``Trainer`` calls on ``resume_from_checkpoint``
+        and ``load_best_model_at_end``). The adapter must have been made by the same spectral config (same
+        analysed layers and trainable layers); the file is checked as in :meth:`from_pretrained` before any
+        weight changes. ``requires_grad`` is left as it is (``is_trainable`` is accepted for PEFT's signature)."""
+        _check_adapter_name(adapter_name)
+        d, config, tensors = self._read_adapter(model_id, revision=revision, token=token)
+        tensors = host_tensor_names(self.base_model, tensors)
+        mine = self._config_to_save()
+        for field_name in ("layer_alphas", "trainable_layers", "modules_to_save", "train_norms", "train_biases"):
+            if getattr(config, field_name) != getattr(mine, field_name):
+                raise ValueError(f"{d / CONFIG_NAME}: {field_name} differs from this SpectralModel's config, so it is "
+                                 "not an adapter of this model (load it with SpectralModel.from_pretrained(base, ...))")
+        check_adapter_tensors(self.base_model, config, tensors, d / WEIGHTS_NAME)
+        params = dict(self.base_model.named_parameters())
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
 
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            return push_folder_to_hub(tmp, repo_id, private=private, token=token, commit_message=commit_message)
 
-    def merge_and_unload(self) -> nn.Module:
-        """The plain base model with the tuned weights (they were trained in place: nothing to merge)."""
-        return self.base_model
+def _check_adapter_name(adapter_name: str) -> None:
+    if adapter_name != ADAPTER_NAME:
+        raise ValueError(f"a SpectralModel has one adapter, {ADAPTER_NAME!r}; got adapter_name={adapter_name!r}")
