@@ -59,6 +59,7 @@ class TrainArguments:
     image_size: int | None = field(default=None, metadata={"help": "train/eval resolution (default: CLIP's image size)"})
     spectral_config: str | None = field(default=None, metadata={"help": "SpectralTuningConfig: adapter dir / Hub id or a JSON file"})
     freeze_rule: FreezeRule | None = field(default=None, metadata={"help": "spectral tuning of the vision encoder with this rule when no --spectral_config (default: no spectral tuning)"})
+    spectral_warmup_steps: int = field(default=0, metadata={"help": "the paper's protocol: fine-tune every target layer for N optimizer steps, then measure alpha, freeze by the rule and continue (needs --freeze_rule, or a --spectral_config without layer_alphas). 0: alpha of the starting weights (the paper's alpha*)"})
     mask: str | None = field(default=None, metadata={"help": "SparseMask adapter dir or Hub id, applied to the CLIP image encoder"})
     num_epochs: float = field(default=3.0, metadata={"help": "epochs over the training split (ignored when --max_steps > 0)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; a positive value overrides --num_epochs"})
@@ -101,11 +102,37 @@ class TrainArguments:
             raise ArgumentError("--push_to_hub needs --hub_model_id")
         if self.spectral_config and self.freeze_rule:
             raise ArgumentError("give either --spectral_config or --freeze_rule, not both")
+        check_spectral_warmup(self)
         for flag in ("model_name_or_path", "mask", "spectral_config"):
             check_local_or_hub(getattr(self, flag), f"--{flag}")
         if self.dataset != EMBEDDED:
             check_local_or_hub(self.dataset, "--dataset")
         check_data_arguments(self)
+
+
+def check_spectral_warmup(args) -> None:
+    """--spectral_warmup_steps: >= 0, below a positive --max_steps, with a freeze rule to apply after it (a
+    local --spectral_config must not have layer_alphas yet; a Hub one is checked when loaded)."""
+    from pathlib import Path
+
+    n = args.spectral_warmup_steps
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ArgumentError(f"--spectral_warmup_steps must be an integer >= 0, got {n!r}")
+    if not n:
+        return
+    if not (args.freeze_rule or args.spectral_config):
+        raise ArgumentError(f"--spectral_warmup_steps {n} needs a rule to apply after the warm-up: "
+                            "--freeze_rule, or --spectral_config without layer_alphas")
+    if args.max_steps > 0 and n >= args.max_steps:
+        raise ArgumentError(f"--spectral_warmup_steps {n} must be below --max_steps {args.max_steps} "
+                            "(alpha is measured after the warm-up, then training continues)")
+    if args.spectral_config and Path(args.spectral_config).exists():
+        from ..training.warmup import check_warmup_config, spectral_config_of
+
+        try:
+            check_warmup_config(spectral_config_of(args, None), n, f"--spectral_config {args.spectral_config}")
+        except ValueError as err:
+            raise ArgumentError(str(err)) from err
 
 
 def check_data_arguments(args) -> None:

@@ -18,6 +18,9 @@ from ..fingerprint import differences, fingerprint
 from ..io import atomic_write_text, read_json, replace_directory
 
 CHECKPOINT_FILE = "checkpoint.json"
+# in checkpoint.json of a run with --spectral_warmup_steps, once past the switch: the spectral config applied
+# then (alphas measured after the warm-up, trainable layers), re-applied before the optimizer state is loaded
+SPECTRAL_KEY = "spectral_config"
 PARTIAL_SUFFIX = ".partial"
 
 # train arguments that never change the trained weights; every other one is part of the fingerprint
@@ -58,9 +61,11 @@ def remove_partial_checkpoints(out: Path) -> list[Path]:
     return removed
 
 
-def save_checkpoint(accelerator, out: Path, step: int, history: dict, run_fingerprint: dict) -> Path:
+def save_checkpoint(accelerator, out: Path, step: int, history: dict, run_fingerprint: dict,
+                    spectral_config: dict | None = None) -> Path:
     """Save the full training state as ``out/step_{step}``, atomically (a collective: every process calls
-    it). An existing ``step_{step}`` is replaced only once the new one is complete."""
+    it). An existing ``step_{step}`` is replaced only once the new one is complete. ``spectral_config``
+    (a spectral tuning config applied during the run, as a dict) is recorded under :data:`SPECTRAL_KEY`."""
     from ..distributed import on_main_process
 
     out = Path(out)
@@ -72,6 +77,8 @@ def save_checkpoint(accelerator, out: Path, step: int, history: dict, run_finger
     def finish():
         atomic_write_text(tmp / "history.json", json.dumps(history))
         record = {"step": step, "fingerprint": run_fingerprint}
+        if spectral_config is not None:
+            record[SPECTRAL_KEY] = spectral_config
         atomic_write_text(tmp / CHECKPOINT_FILE, json.dumps(record, indent=2) + "\n")  # last: marks it complete
         replace_directory(tmp, final)
 

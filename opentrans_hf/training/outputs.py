@@ -98,10 +98,22 @@ def render_training_card(args, metrics: dict, spectral, mask) -> str:
     }
     return render_model_card(
         "segmentation_model.md", card_data, model_id=model_id, args=args, metrics=metrics,
-        frozen=(len(spectral.frozen_layers) if spectral is not None else None),
+        frozen=(len(spectral.frozen_layers) if spectral is not None else None), alpha_rows=_alpha_rows(spectral),
+        freeze_rule=(spectral.spectral_config.freeze_rule if spectral is not None else None),
         trainable=(len(spectral.trainable_layers) if spectral is not None else None),
         sparsity=(round(100 * mask.sparsity, 2) if mask is not None else None), version=__version__,
     )
+
+
+def _alpha_rows(spectral) -> list[dict]:
+    """One row per analysed layer: its alpha and whether it was frozen (the card's table)."""
+    from .warmup import frozen_by_rule
+
+    if spectral is None:
+        return []
+    frozen = set(frozen_by_rule(spectral.spectral_config))
+    return [{"layer": name, "alpha": alpha, "frozen": name in frozen}
+            for name, alpha in spectral.spectral_config.layer_alphas.items()]
 
 
 def write_plots(plots: Path, history: dict, model, spectral, eval_splits) -> dict:

@@ -24,9 +24,17 @@ def framework_class(name: str):
     return FRAMEWORKS[name]
 
 
-def build_model(args, clip_path: str, image_size: int, seen_classes: list[str]):
+def build_model(args, clip_path: str, image_size: int, seen_classes: list[str], spectral_state: dict | None = None):
     """The framework around the CLIP, with the mask applied and spectral tuning set up (before
-    ``accelerator.prepare``: DDP needs the final ``requires_grad`` at wrap time)."""
+    ``accelerator.prepare``: DDP needs the final ``requires_grad`` at wrap time) ->
+    ``(model, mask, spectral, pending)``.
+
+    With ``args.spectral_warmup_steps`` spectral tuning waits for the end of the warm-up: ``spectral`` is
+    None and ``pending`` the config to apply then; ``spectral_state`` (a checkpoint's record of a config
+    applied at the switch) applies that config at once, without a new analysis."""
+    from ..tuning import SpectralTuningConfig, get_spectral_model
+    from .warmup import check_warmup_config, prepare_warmup, spectral_config_of
+
     cls = framework_class(args.framework)
     model = cls.from_clip(clip_path, image_size=image_size, seen_class_names=list(seen_classes))
     mask = None
@@ -35,21 +43,20 @@ def build_model(args, clip_path: str, image_size: int, seen_classes: list[str]):
 
         mask = SparseMask.from_pretrained(args.mask)
         mask.apply(model, strict=True)
-    spectral = None
-    if args.spectral_config or args.freeze_rule:
-        from ..tuning import SpectralTuningConfig, get_spectral_model
-
-        if args.spectral_config:
-            p = Path(args.spectral_config)
-            if p.is_file():
-                cfg = SpectralTuningConfig(**read_json(p, "spectral tuning config"))
-            else:
-                cfg = SpectralTuningConfig.from_pretrained(args.spectral_config)
-        else:
-            cfg = SpectralTuningConfig(freeze_rule=args.freeze_rule, target_modules=model.encoder_target_modules())
+    spectral, pending = None, None
+    if spectral_state is not None:
+        cfg = SpectralTuningConfig.from_dict(spectral_state, where="the checkpoint's spectral config: ")
+        spectral = get_spectral_model(model, cfg)
+        return spectral, mask, spectral, None
+    cfg = spectral_config_of(args, model)
+    if cfg is not None and args.spectral_warmup_steps:
+        check_warmup_config(cfg, args.spectral_warmup_steps, f"--spectral_config {args.spectral_config}")
+        prepare_warmup(model, cfg)
+        pending = cfg
+    elif cfg is not None:
         spectral = get_spectral_model(model, cfg)
         model = spectral
-    return model, mask, spectral
+    return model, mask, spectral, pending
 
 
 def run_training(args) -> dict:
@@ -87,20 +94,27 @@ def _train(accelerator, args, out: Path) -> dict:
     from ..random_clip import clip_or_random
     from ..data.assembly import load_training_data
     from ..data.splits import make_loader
-    from .checkpoints import (check_fingerprint, find_checkpoint, remove_partial_checkpoints, run_fingerprint,
-                              save_checkpoint)
+    from .checkpoints import (SPECTRAL_KEY, check_fingerprint, find_checkpoint, remove_partial_checkpoints,
+                              run_fingerprint, save_checkpoint)
     from .divergence import TrainingDiverged, step_problem, weights_problem
     from .outputs import IncompleteOutputs, write_model, write_outputs
+    from .warmup import switch_record, switch_to_spectral_tuning
 
     on_main_process(accelerator, lambda: remove_partial_checkpoints(out))  # writes killed before they finished
     fingerprint = run_fingerprint(args, accelerator.num_processes)
-    resume = None
+    resume, spectral_state = None, None
     if args.resume_from_checkpoint:  # before any heavy work: a wrong checkpoint fails at once
         ckpt, record, ignored = find_checkpoint(out, args.resume_from_checkpoint)
         if ignored:
             accelerator.print(f"ignored (not complete checkpoints): {'; '.join(ignored)}")
         check_fingerprint(ckpt, record, fingerprint, ignore=args.ignore_checkpoint_mismatch, say=accelerator.print)
         resume = (ckpt, record["step"])
+        spectral_state = record.get(SPECTRAL_KEY)
+        if args.spectral_warmup_steps and record["step"] >= args.spectral_warmup_steps and spectral_state is None:
+            raise ValueError(f"checkpoint {ckpt} is at step {record['step']}, after the spectral warm-up of "
+                             f"{args.spectral_warmup_steps} steps, but records no spectral config (made by another run?)")
+        if not args.spectral_warmup_steps:
+            spectral_state = None
     elif args.checkpointing_steps and any(out.glob("step_*")):
         accelerator.print(f"warning: {out} holds checkpoints of an earlier run; this run replaces those of the "
                           f"steps it saves")
@@ -109,20 +123,30 @@ def _train(accelerator, args, out: Path) -> dict:
     clip_path = clip_or_random(args.model_name_or_path, out, args.seed, accelerator)
     image_size = args.image_size or CLIPConfig.from_pretrained(clip_path).vision_config.image_size
     train_split, eval_splits, holdout = load_training_data(args, image_size)
-    model, mask, spectral = build_model(args, clip_path, image_size, train_split.class_names)
+    model, mask, spectral, pending = build_model(args, clip_path, image_size, train_split.class_names, spectral_state)
     if accelerator.is_main_process and spectral is not None:
         spectral.print_trainable_parameters()
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    def make_optimizer(m):
+        params = [p for p in m.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+
     loader = make_loader(train_split, args.batch_size, shuffle=True, seed=args.seed)
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
+    warmup = args.spectral_warmup_steps
+    if warmup and warmup >= max_steps:
+        raise ValueError(f"--spectral_warmup_steps {warmup} must be below the run's {max_steps} optimizer steps "
+                         f"(alpha is measured after the warm-up, then training continues)")
+
     # Accelerate's prepared scheduler steps once per process on every optimizer step (its convention),
     # so the schedule is laid out in process-steps: warmup and decay span the given optimizer steps
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
-                              num_warmup_steps=args.warmup_steps * accelerator.num_processes,
-                              num_training_steps=max_steps * accelerator.num_processes)
+    def make_scheduler(opt):
+        return get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+                             num_training_steps=max_steps * accelerator.num_processes)
+
+    optimizer = make_optimizer(model)
+    scheduler = make_scheduler(optimizer)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
     if args.report_to:
@@ -185,8 +209,18 @@ def _train(accelerator, args, out: Path) -> dict:
             if args.eval_steps and step % args.eval_steps == 0 and step < max_steps:
                 res = _evaluate_all(accelerator, model, eval_splits, args, holdout)
                 history["eval"].append({"step": step, **{k: v["mean_iou"] for k, v in res.items()}})
+            if pending is not None and step == warmup:  # the paper's protocol: alpha after the warm-up
+                model, optimizer, scheduler, spectral = switch_to_spectral_tuning(
+                    accelerator, model, optimizer, scheduler, pending, make_optimizer, make_scheduler)
+                pending = None
+                trainable = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+                history["spectral_switch"] = switch_record(spectral, step)
+                if accelerator.is_main_process:
+                    print(f"spectral tuning after {step} warm-up steps:")
+                    spectral.print_trainable_parameters()
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                last_checkpoint = save_checkpoint(accelerator, out, step, history, fingerprint)
+                state = spectral.spectral_config.to_dict() if warmup and spectral is not None else None
+                last_checkpoint = save_checkpoint(accelerator, out, step, history, fingerprint, spectral_config=state)
             if step >= max_steps:
                 break
     bar.close()
@@ -212,6 +246,7 @@ def _train(accelerator, args, out: Path) -> dict:
             "eval": final,
             "units": METRIC_UNITS,
             "num_processes": accelerator.num_processes,
+            "spectral_switch": history.get("spectral_switch"),
         }
         stage = "writing the model card, metrics and plots"
         on_main_process(accelerator, lambda: write_outputs(out, plain, args, metrics, history, mask, spectral,
