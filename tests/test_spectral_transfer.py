@@ -210,3 +210,27 @@ def test_a_transferred_config_keeps_encoder_layers_no_head_reads_frozen(tiny_cli
     x, y = torch.randn(2, 3, 30, 30, generator=g), torch.randint(0, 2, (2, 30, 30), generator=g)
     spectral(pixel_values=x, labels=y, class_names=["sky", "grass"]).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # DDP-safe
+
+
+def test_an_adapter_saved_on_clipvisionmodel_loads_into_clipmodel_and_frameworks(tiny_clip_dir, tmp_path):
+    vision = CLIPVisionModel.from_pretrained(tiny_clip_dir)
+    spectral = get_spectral_model(vision, SpectralTuningConfig())
+    with torch.no_grad():  # "trained" weights, to see them arrive
+        for n, p in vision.named_parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    d = spectral.save_pretrained(tmp_path / "adapter")
+    trained = {n: p.detach().clone() for n, p in vision.named_parameters() if p.requires_grad}
+    frozen = {canonical_name(m) for m in spectral.frozen_layers}
+    for target in HOSTS[1:]:
+        model = make_host(target, tiny_clip_dir)
+        loaded = SpectralModel.from_pretrained(model, d, is_trainable=True)
+        assert frozen_and_trained(model, loaded)[0] == frozen, target
+        params = dict(model.named_parameters())
+        prefix = "vision_model." if target == "CLIPModel" else "clip.vision_model."
+        for n, t in trained.items():
+            assert torch.equal(params[prefix + n], t), (target, n)
+    with pytest.raises(ValueError, match=r"holds tensors CLIPVisionModel does not have: .*aspp"):
+        framework = make_host("deeplabv3", tiny_clip_dir)
+        get_spectral_model(framework, SpectralTuningConfig()).save_pretrained(tmp_path / "framework")
+        SpectralModel.from_pretrained(CLIPVisionModel.from_pretrained(tiny_clip_dir), tmp_path / "framework")
