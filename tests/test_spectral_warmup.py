@@ -41,6 +41,20 @@ def test_warmup_arguments():
     assert args.spectral_warmup_steps == 3 and parse_args("train", []).spectral_warmup_steps == 0
 
 
+def test_demo_warmup_argument():
+    with pytest.raises(ArgumentError, match="below --max_steps 4"):
+        parse_args("demo", ["--spectral_warmup_steps", "4", "--max_steps", "4"])
+    assert parse_args("demo", ["--spectral_warmup_steps", "3", "--max_steps", "4"]).spectral_warmup_steps == 3
+
+
+def test_warmup_longer_than_the_epochs_is_refused(tiny_clip_dir, tmp_path):
+    # 16 examples, batch 4, 1 epoch: 4 optimizer steps, known only once the data is loaded
+    with pytest.raises(ValueError, match="--spectral_warmup_steps 4 must be below the run's 4 optimizer steps"):
+        train(tiny_clip_dir, tmp_path, "--num_epochs", "1", "--batch_size", "4", "--spectral_warmup_steps", "4",
+              "--freeze_rule", "median")
+    assert not (tmp_path / "model").exists()
+
+
 def test_warmup_with_measured_alphas_is_an_argument_error(tmp_path):
     done = tmp_path / "done.json"
     done.write_text(json.dumps({"freeze_rule": "median", "layer_alphas": {"a": 2.0, "b": 3.0}}))

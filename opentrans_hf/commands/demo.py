@@ -44,6 +44,7 @@ class DemoArguments:
     output_dir: str = field(default="runs/demo", metadata={"help": "where everything is written"})
     estimator: Literal["opentrans", "ww"] = field(default="opentrans", metadata={"help": "alpha estimator"})
     freeze_rule: FreezeRule = field(default="median", metadata={"help": "spectral tuning rule"})
+    spectral_warmup_steps: int = field(default=0, metadata={"help": "fine-tune every target layer for N steps before measuring alpha and freezing (the paper's protocol); 0: alpha of the pruned starting weights"})
     target_sparsity: float = field(default=0.9, metadata={"help": "sparsity of the pruned encoder (the paper's 0.9)"})
     prune_rate: float = field(default=0.1, metadata={"help": "fraction of remaining weights pruned per round (the paper's 0.1)"})
     prune_steps_per_round: int = field(default=10, metadata={"help": "distillation steps between rounds (the paper: 5000)"})
@@ -60,6 +61,9 @@ class DemoArguments:
             raise ArgumentError(f"unknown framework {self.framework!r}; choose one of {FRAMEWORKS}")
         if self.max_steps < 1:
             raise ArgumentError(f"--max_steps must be >= 1, got {self.max_steps}")
+        if not 0 <= self.spectral_warmup_steps < self.max_steps:
+            raise ArgumentError(f"--spectral_warmup_steps must be >= 0 and below --max_steps {self.max_steps}, "
+                                f"got {self.spectral_warmup_steps}")
         check_local_or_hub(self.model_name_or_path, "--model_name_or_path")
         if self.dataset != "embedded":
             check_local_or_hub(self.dataset, "--dataset")
@@ -140,7 +144,7 @@ def _run(args: DemoArguments) -> dict:
     say(f"[3/4] spectral fine-tuning ({args.freeze_rule} rule) of {args.framework} with the mask, {args.max_steps} steps")
     metrics = train.run(train.TrainArguments(
         model_name_or_path=clip, framework=args.framework, dataset=args.dataset, eval_datasets=list(args.eval_datasets),
-        freeze_rule=args.freeze_rule, mask=pruned["mask"], max_steps=args.max_steps, batch_size=args.batch_size,
+        freeze_rule=args.freeze_rule, spectral_warmup_steps=args.spectral_warmup_steps, mask=pruned["mask"], max_steps=args.max_steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, output_dir=str(out / "train"), seed=args.seed,
         embedded_size=args.embedded_size, max_eval_examples=args.max_eval_examples,
         image_column=args.image_column, label_column=args.label_column, class_names=args.class_names,
