@@ -105,6 +105,7 @@ def test_alpha_after_warmup_freezes_then_resumes_identically(tiny_clip_dir, tmp_
     card = (a / "model" / "README.md").read_text()
     assert "alpha measured at step 2, after a warm-up" in card
     assert f"| {switch['frozen_layers'][0]} | {switch['layer_alphas'][switch['frozen_layers'][0]]:.3f} | frozen |" in card
+    assert "Alpha measured after 2 warm-up steps" in (a / "model" / "spectral_adapter" / "README.md").read_text()
     checkpoint = json.loads((a / "step_2" / "checkpoint.json").read_text())
     assert checkpoint["fingerprint"]["spectral_warmup_steps"] == 2
     assert checkpoint["spectral_config"]["trainable_layers"] == cfg.trainable_layers

@@ -20,9 +20,10 @@ class IncompleteOutputs(RuntimeError):
                          f"{type(error).__name__}: {error}")
 
 
-def write_model(out: Path, model, mask, spectral) -> dict:
+def write_model(out: Path, model, mask, spectral, spectral_warmup_steps: int = 0) -> dict:
     """Write ``out/model`` atomically: the framework (+ tokenizer), and the adapters it was made with in
-    subfolders (what a Hub repo of the run holds; the card is added by :func:`write_outputs`). Refuses
+    subfolders (what a Hub repo of the run holds; the card is added by :func:`write_outputs`; the spectral
+    adapter's own card says when alpha was measured: after ``spectral_warmup_steps``, if any). Refuses
     non-finite weights (``ValueError`` naming the parameter). An adapter that fails to save is left out
     and reported by :class:`IncompleteOutputs` once the model is in place. Returns ``{what: path}``."""
     import shutil
@@ -39,7 +40,10 @@ def write_model(out: Path, model, mask, spectral) -> dict:
             if adapter is None:
                 continue
             try:
-                adapter.save_pretrained(tmp / name)
+                if adapter is spectral and spectral_warmup_steps:
+                    adapter.save_pretrained(tmp / name, spectral_warmup_steps=spectral_warmup_steps)
+                else:
+                    adapter.save_pretrained(tmp / name)
             except Exception as err:  # noqa: BLE001 - the model itself is still saved, then this is reported
                 shutil.rmtree(tmp / name, ignore_errors=True)
                 failed.append((name, err))

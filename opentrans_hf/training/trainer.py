@@ -230,7 +230,9 @@ def _train(accelerator, args, out: Path) -> dict:
     accelerator.wait_for_everyone()
     plain = accelerator.unwrap_model(model)
     model_dir = out / "model"
-    paths = on_main_process(accelerator, lambda: write_model(out, plain, mask, spectral))
+    switched = history.get("spectral_switch")
+    paths = on_main_process(accelerator, lambda: write_model(out, plain, mask, spectral,
+                                                             switched["step"] if switched else 0))
     accelerator.print(f"model saved to {model_dir}")
     stage = "the final evaluation"
     try:
