@@ -55,6 +55,20 @@ def test_warmup_longer_than_the_epochs_is_refused(tiny_clip_dir, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+def test_switch_refused_where_the_model_cannot_be_rewrapped():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from opentrans_hf.training.warmup import check_switch_supported
+
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_switch_supported(SimpleNamespace(distributed_type=kind))
+    for kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        with pytest.raises(ValueError, match=f"which {kind.name} does not support"):
+            check_switch_supported(SimpleNamespace(distributed_type=kind))
+
+
 def test_warmup_with_measured_alphas_is_an_argument_error(tmp_path):
     done = tmp_path / "done.json"
     done.write_text(json.dumps({"freeze_rule": "median", "layer_alphas": {"a": 2.0, "b": 3.0}}))

@@ -100,6 +100,10 @@ def _train(accelerator, args, out: Path) -> dict:
     from .outputs import IncompleteOutputs, write_model, write_outputs
     from .warmup import switch_record, switch_to_spectral_tuning
 
+    if args.spectral_warmup_steps:
+        from .warmup import check_switch_supported
+
+        check_switch_supported(accelerator)
     on_main_process(accelerator, lambda: remove_partial_checkpoints(out))  # writes killed before they finished
     fingerprint = run_fingerprint(args, accelerator.num_processes)
     resume, spectral_state = None, None

@@ -17,6 +17,19 @@ from pathlib import Path
 from ..io import read_json
 
 
+# the switch re-wraps the model with accelerator.prepare: a plain module or DDP only (FSDP's flat parameters
+# and DeepSpeed's engine are built once per run)
+UNSUPPORTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
+
+
+def check_switch_supported(accelerator) -> None:
+    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    if kind in UNSUPPORTED:
+        raise ValueError(f"--spectral_warmup_steps re-wraps the model after the warm-up, which {kind} does not "
+                         "support: use DDP (or one process), or measure alpha on the starting weights "
+                         "(--spectral_warmup_steps 0)")
+
+
 def spectral_config_of(args, model):
     """The ``SpectralTuningConfig`` the run's arguments ask for (``--spectral_config``: a JSON file, an
     adapter directory or a Hub id; or ``--freeze_rule`` on the framework's encoder layers), or None."""
