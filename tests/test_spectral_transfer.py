@@ -175,6 +175,8 @@ def test_invalid_alpha_train_is_the_default_and_listed(how, status, tiny_clip_di
         return  # an adapter holding NaN weights is refused on load (tests/test_adapter_validation.py)
     d = spectral.save_pretrained(tmp_path / "a")
     assert json.loads((d / "adapter_config.json").read_text())["invalid_layers"] == cfg.invalid_layers
+    card = (d / "README.md").read_text()
+    assert 'Layers without a valid alpha (1, `invalid_alpha="train"`: fine-tuned): `encoder.layers.0.mlp.fc1` (degenerate' in card
     loaded = SpectralModel.from_pretrained(CLIPVisionModel.from_pretrained(tiny_clip_dir), d, is_trainable=True)
     assert loaded.invalid_layers == {"encoder.layers.0.mlp.fc1": cfg.invalid_layers["encoder.layers.0.mlp.fc1"]}
 
