@@ -99,6 +99,23 @@ def test_train_and_demo_accept_the_random_rule():
     assert parse_args("demo", ["--freeze_rule", "random"]).freeze_rule == "random"
 
 
+def test_train_draws_the_random_rule_with_its_seed(tiny_clip_dir, tmp_path):
+    """`train --freeze_rule random --seed N`: the run's seed draws the layers and the adapter records it."""
+    from opentrans_hf.commands import train
+
+    frozen = {}
+    for seed in (3, 4):
+        out = tmp_path / f"seed{seed}"
+        train.run(parse_args("train", ["--model_name_or_path", str(tiny_clip_dir), "--output_dir", str(out),
+                                       "--freeze_rule", "random", "--seed", str(seed), "--max_steps", "1",
+                                       "--batch_size", "4", "--embedded_size", "8", "--max_eval_examples", "2"]))
+        cfg = SpectralTuningConfig.from_pretrained(out / "model" / "spectral_adapter")
+        assert (cfg.freeze_rule, cfg.seed) == ("random", seed)
+        frozen[seed] = set(cfg.layer_alphas) - set(cfg.trainable_layers)
+    median = len(frozen_units({n: a for n, a in cfg.layer_alphas.items()}, "median"))
+    assert all(len(f) == median for f in frozen.values()) and frozen[3] != frozen[4]
+
+
 # ---- magnitude_prune(scope="random") ---------------------------------------------------------------
 @pytest.mark.parametrize("amount", [0.3, 0.9])
 def test_random_global_prunes_as_many_as_global_magnitude(vision, amount):

@@ -38,10 +38,12 @@ def spectral_config_of(args, model):
     if args.spectral_config:
         p = Path(args.spectral_config)
         if p.is_file():
-            return SpectralTuningConfig(**read_json(p, "spectral tuning config"))
+            return SpectralTuningConfig.from_dict(read_json(p, "spectral tuning config"), where=f"{p}: ")
         return SpectralTuningConfig.from_pretrained(args.spectral_config)
     if args.freeze_rule:
-        return SpectralTuningConfig(freeze_rule=args.freeze_rule, target_modules=model.encoder_target_modules())
+        # the seed also draws the layers of the "random" rule (the paper's Random baseline)
+        return SpectralTuningConfig(freeze_rule=args.freeze_rule, seed=args.seed,
+                                    target_modules=model.encoder_target_modules())
     return None
 
 
