@@ -24,7 +24,8 @@ def _encoder_targets(layers: str) -> str:
 
 ENCODER_TARGET_MODULES = _encoder_targets(r"\d+")
 """``target_modules`` (a PEFT regex) selecting every Linear/Conv of the CLIP image encoder inside a
-framework, a ``CLIPModel`` or a ``CLIPVisionModel``: what spectral tuning decides on."""
+framework or a ``CLIPModel`` (anything holding the tower under ``vision_model``; a bare
+``CLIPVisionModel`` in transformers 5 has no such prefix): what spectral tuning decides on."""
 
 
 @dataclass

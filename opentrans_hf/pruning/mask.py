@@ -15,6 +15,7 @@ from .. import adapters
 from ..adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterHubMixin
 from ..io import atomic_write_with
 from ..naming import VISION_PREFIXES, canonical_name, resolve_name
+
 PEFT_TYPE = "SPARSE_MASK"
 _BUFFER = "_sparse_mask_{}"  # non-persistent buffer on the owning module: state_dict keys do not change
 _HOOK_ATTR = "_sparse_mask_hooks"
