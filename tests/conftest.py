@@ -27,3 +27,18 @@ def tiny_vision(tiny_clip_dir):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def launch_two_processes(script, *args, port: int, env: dict | None = None, timeout: int = 600):
+    """Run ``script args`` as 2 processes with ``accelerate launch`` and return the finished process.
+
+    ``--multi_gpu`` is Accelerate's torchrun launcher; without GPUs the 2 processes run on CPU with gloo
+    (``--cpu`` alone would start a single process unless mpirun is set up)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(script), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)

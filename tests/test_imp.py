@@ -1,9 +1,6 @@
 """Iterative magnitude pruning: the sparsity schedule, masks saved every round, resume, 2 processes."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ from opentrans_hf import IMPConfig, SparseMask, iterative_magnitude_prune
 from opentrans_hf.data import SegmentationTransform, embedded_dataset
 from opentrans_hf.pruning import distillation_loss
 from opentrans_hf.data.splits import SegmentationSplit, make_loader
+from conftest import launch_two_processes
 
 
 def loader(size=30, n=8):
@@ -64,12 +62,8 @@ def test_distillation_is_zero_for_the_dense_model_and_uses_regions(tiny_clip_dir
 
 def test_prune_script_with_two_processes(tmp_path, tiny_clip_dir):
     script = Path(__file__).parents[1] / "scripts" / "prune.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29623", str(script),
-           "--model_name_or_path", str(tiny_clip_dir), "--num_rounds", "2", "--steps_per_round", "2",
-           "--batch_size", "2", "--embedded_size", "8", "--output_dir", str(tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    res = launch_two_processes(script, "--model_name_or_path", tiny_clip_dir, "--num_rounds", "2", "--steps_per_round", "2",
+                               "--batch_size", "2", "--embedded_size", "8", "--output_dir", tmp_path, port=29623)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     mask = SparseMask.from_pretrained(tmp_path / "mask")
     assert mask.sparsity == pytest.approx(0.19, abs=1e-3)

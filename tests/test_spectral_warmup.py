@@ -2,10 +2,7 @@
 target layer, then the small-alpha layers frozen), with resume before and after the switch and under DDP."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from opentrans_hf.commands.train import run as run_training
 from opentrans_hf.frameworks import CLIPDeepLabV3ForOVS
 from opentrans_hf.spectral import analyze_spectra
 from opentrans_hf.training.checkpoints import CheckpointMismatch
+from conftest import launch_two_processes
 
 RUN = ["--max_steps", "4", "--spectral_warmup_steps", "2", "--freeze_rule", "median", "--checkpointing_steps", "1",
        "--batch_size", "2", "--gradient_accumulation_steps", "2"]
@@ -162,12 +160,7 @@ def test_warmup_with_bf16_mixed_precision(tiny_clip_dir, tmp_path, fresh_acceler
 
 def test_two_processes_agree_on_the_frozen_set(tiny_clip_dir, tmp_path):
     script = Path(__file__).parent / "ddp_spectral_warmup.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    # `--multi_gpu` is Accelerate's torchrun launcher; without GPUs the 2 processes run on CPU with gloo
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29617",
-           str(script), str(tiny_clip_dir), str(tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    res = launch_two_processes(script, tiny_clip_dir, tmp_path, port=29617)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -1,10 +1,7 @@
 """The Accelerate training / evaluation jobs and the demo pipeline, end to end on a tiny CLIP."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from opentrans_hf import SparseMask, SpectralTuningConfig, magnitude_prune
 from opentrans_hf.frameworks import CLIPDeepLabV3ForOVS, CLIPFCCLIPForOVS, CLIPMask2FormerForOVS
 from opentrans_hf.commands import parse_args
 from opentrans_hf.commands.train import run as run_training
+from conftest import launch_two_processes
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -184,12 +182,7 @@ def test_push_to_hub_uploads_the_model_folder(tiny_clip_dir, tmp_path, monkeypat
 
 def test_two_processes_agree_and_adapters_load(tiny_clip_dir, tiny_mask, tmp_path):
     script = Path(__file__).parent / "ddp_train.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    # `--multi_gpu` is Accelerate's torchrun launcher; without GPUs the 2 processes run on CPU with gloo
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29613",
-           str(script), str(tiny_clip_dir), str(tmp_path), str(tiny_mask)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    res = launch_two_processes(script, tiny_clip_dir, tmp_path, tiny_mask, port=29613)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from opentrans_hf.commands import parse_args
 from opentrans_hf.commands.train import run as run_training
+from conftest import launch_two_processes
 
 TESTS = Path(__file__).parent
 
@@ -73,12 +73,10 @@ def test_divergence_stops_with_step_and_value_keeps_last_checkpoint_never_pushes
 
 def test_two_processes_stop_together_when_one_diverges(tiny_clip_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29631",
-           str(TESTS / "ddp_train_args.py"), *train_argv(tiny_clip_dir, out, "--max_steps", "4", "--batch_size", "2",
-                                                          "--checkpointing_steps", "1")]
     # only process 1 sees a NaN loss at step 3; process 0 must stop there too (not hang, not save step 3)
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(_env(), FAKE_NONFINITE_STEP="3"))
+    res = launch_two_processes(TESTS / "ddp_train_args.py", *train_argv(tiny_clip_dir, out, "--max_steps", "4",
+                                                                         "--batch_size", "2", "--checkpointing_steps", "1"),
+                               port=29631, env=dict(_env(), FAKE_NONFINITE_STEP="3"), timeout=300)
     assert res.returncode != 0
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for report in reports:

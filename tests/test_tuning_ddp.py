@@ -2,21 +2,13 @@
 unused-parameter helper, and identical trainable weights on both ranks after training."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from conftest import launch_two_processes
 
 
 def test_two_process_ddp_training(tmp_path, tiny_clip_dir):
     script = Path(__file__).parent / "ddp_spectral_train.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    # `--multi_gpu` is Accelerate's torchrun launcher; without GPUs the processes run on CPU with gloo
-    # (`--cpu` alone would start a single process unless mpirun is set up)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29611",
-           str(script), str(tiny_clip_dir), str(tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    res = launch_two_processes(script, tiny_clip_dir, tmp_path, port=29611)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:
