@@ -19,7 +19,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
 CLIP_SIZES: dict[str, dict] = {
-    # tiny: the tests' model (DESIGN.md's reference config for the vision tower)
+    # tiny: the tests' model (the smallest vision tower that still has every layer type)
     "tiny": dict(
         vision=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                     image_size=30, patch_size=2),

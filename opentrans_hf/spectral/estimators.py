@@ -1,7 +1,7 @@
 """Heavy-tail estimators: tensors in, numbers out.
 
-Nothing here knows about models. Two estimators are implemented exactly as
-``shared/spectral-estimators.md`` specifies them:
+Nothing here knows about models. Two estimators are implemented exactly as their reference code
+computes them:
 
 * :func:`fit_opentrans` -- the estimator the OpenTrans paper used to choose frozen layers
   (TempBalance / AlphaPruning ``net_esd_estimator`` with ``fix_fingers="xmin_peak"``).
