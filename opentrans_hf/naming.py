@@ -15,9 +15,16 @@ from collections.abc import Collection, Iterable
 
 VISION_PREFIXES = ("", "vision_model.", "clip.vision_model.")
 
-CLIP_VISION_ENCODER_TARGETS = r"(?:.*\.)?vision_model\.(?:embeddings\.patch_embedding|encoder\.layers\.\d+\..*)"
-"""A PEFT ``target_modules`` regex: every Linear/Conv of the CLIP image encoder (patch embedding and
-encoder blocks) under a ``vision_model.`` module, in a ``CLIPModel``, CLIPSeg or a framework."""
+
+def vision_encoder_targets(layers: str = r"\d+") -> str:
+    """A PEFT ``target_modules`` regex: the Linear/Conv layers of the CLIP image encoder (the patch
+    embedding and the encoder blocks whose index matches the regex ``layers``) under a ``vision_model.``
+    module, in a ``CLIPModel``, CLIPSeg or a framework."""
+    return rf"(?:.*\.)?vision_model\.(?:embeddings\.patch_embedding|encoder\.layers\.(?:{layers})\..*)"
+
+
+CLIP_VISION_ENCODER_TARGETS = vision_encoder_targets()
+"""Every Linear/Conv of the CLIP image encoder (:func:`vision_encoder_targets` of every block)."""
 
 
 def canonical_name(name: str) -> str:

@@ -14,15 +14,12 @@ from transformers import CLIPModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from ..naming import CLIP_VISION_ENCODER_TARGETS, vision_encoder_targets
 from .backbone import check_pixel_values
 from .classifier import OpenVocabClassifier, check_class_names
 from .configuration import OVSConfig
 
-def _encoder_targets(layers: str) -> str:
-    return rf".*vision_model\.(embeddings\.patch_embedding|encoder\.layers\.({layers})\..*)"
-
-
-ENCODER_TARGET_MODULES = _encoder_targets(r"\d+")
+ENCODER_TARGET_MODULES = CLIP_VISION_ENCODER_TARGETS
 """``target_modules`` (a PEFT regex) selecting every Linear/Conv of the CLIP image encoder inside a
 framework or a ``CLIPModel`` (anything holding the tower under ``vision_model``; a bare
 ``CLIPVisionModel`` in transformers 5 has no such prefix): what spectral tuning decides on."""
@@ -108,7 +105,7 @@ class OVSPreTrainedModel(PreTrainedModel):
     def encoder_target_modules(self) -> str:
         """:data:`ENCODER_TARGET_MODULES` restricted to the encoder layers the heads train through
         (layers after the last one read are frozen and must stay so under DDP)."""
-        return _encoder_targets("|".join(str(i) for i in range(max(self.vision_layers_used) + 1)))
+        return vision_encoder_targets("|".join(str(i) for i in range(max(self.vision_layers_used) + 1)))
 
     def freeze_unused_clip_parameters(self) -> list[str]:
         """Freeze the CLIP parameters no head trains through; returns their names."""
