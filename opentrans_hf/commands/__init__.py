@@ -29,6 +29,32 @@ class ArgumentError(ValueError):
     """A job's arguments are invalid (the CLI exits with status 2 on it, as argparse does)."""
 
 
+def check_at_least_one(args, *names: str) -> None:
+    """Every ``--name`` of ``names`` that is given (not None) is >= 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ArgumentError(f"--{name} must be >= 1, got {value}")
+
+
+def check_percentage(name: str, value: float | None) -> None:
+    """``--name``, when given, is a percentage strictly between 0 and 100."""
+    if value is not None and not 0 < value < 100:
+        raise ArgumentError(f"--{name} must be in (0, 100), got {value:g}")
+
+
+def check_local_paths(args, *names: str) -> None:
+    """Each ``--name`` of ``names`` (and ``--dataset`` unless it is the embedded one) that is meant as a
+    local path exists (:func:`~opentrans_hf.hub.check_local_or_hub`): no Hub retries for a typo."""
+    from ..data.assembly import EMBEDDED
+    from ..hub import check_local_or_hub
+
+    for name in names:
+        check_local_or_hub(getattr(args, name), f"--{name}")
+    if getattr(args, "dataset", EMBEDDED) != EMBEDDED:
+        check_local_or_hub(args.dataset, "--dataset")
+
+
 def command_module(name: str):
     """The module of job ``name`` (it has ``ARGUMENTS``, the dataclass, and ``run``)."""
     if name not in COMMANDS:

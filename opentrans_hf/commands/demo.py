@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..hub import check_local_or_hub
-from . import ArgumentError
+from . import ArgumentError, check_at_least_one, check_local_paths
 from .train import FRAMEWORKS, FreezeRule, Framework, check_data_arguments
 
 
@@ -59,14 +58,11 @@ class DemoArguments:
     def __post_init__(self):
         if self.framework not in FRAMEWORKS:
             raise ArgumentError(f"unknown framework {self.framework!r}; choose one of {FRAMEWORKS}")
-        if self.max_steps < 1:
-            raise ArgumentError(f"--max_steps must be >= 1, got {self.max_steps}")
+        check_at_least_one(self, "max_steps")
         if not 0 <= self.spectral_warmup_steps < self.max_steps:
             raise ArgumentError(f"--spectral_warmup_steps must be >= 0 and below --max_steps {self.max_steps}, "
                                 f"got {self.spectral_warmup_steps}")
-        check_local_or_hub(self.model_name_or_path, "--model_name_or_path")
-        if self.dataset != "embedded":
-            check_local_or_hub(self.dataset, "--dataset")
+        check_local_paths(self, "model_name_or_path")
         check_data_arguments(self)
 
 

@@ -30,8 +30,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..hub import check_local_or_hub
-from . import ArgumentError
+from . import ArgumentError, check_at_least_one, check_local_paths
 
 
 @dataclass
@@ -52,11 +51,8 @@ class EvaluateArguments:
     out: str | None = field(default=None, metadata={"help": "write the results as JSON here (metrics as fractions of 1) and the table (percent) beside it as .md"})
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ArgumentError(f"--batch_size must be >= 1, got {self.batch_size}")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ArgumentError(f"--max_examples must be >= 1 when given, got {self.max_examples}")
-        check_local_or_hub(self.model, "--model")
+        check_at_least_one(self, "batch_size", "max_examples")
+        check_local_paths(self, "model")
         self.dataset_specs()  # a bad spec fails here, before any model is loaded
 
     def dataset_specs(self) -> list:

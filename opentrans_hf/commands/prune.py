@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..hub import check_local_or_hub
-from . import ArgumentError
+from . import ArgumentError, check_at_least_one, check_local_paths, check_percentage
 
 
 @dataclass
@@ -47,14 +46,9 @@ class PruneArguments:
     def __post_init__(self):
         if self.push_to_hub and not self.hub_model_id:
             raise ArgumentError("--push_to_hub needs --hub_model_id")
-        if self.batch_size < 1:
-            raise ArgumentError(f"--batch_size must be >= 1, got {self.batch_size}")
-        pct = self.validation_split_percentage
-        if pct is not None and not 0 < pct < 100:
-            raise ArgumentError(f"--validation_split_percentage must be in (0, 100), got {pct:g}")
-        check_local_or_hub(self.model_name_or_path, "--model_name_or_path")
-        if self.dataset != "embedded":
-            check_local_or_hub(self.dataset, "--dataset")
+        check_at_least_one(self, "batch_size")
+        check_percentage("validation_split_percentage", self.validation_split_percentage)
+        check_local_paths(self, "model_name_or_path")
 
 
 ARGUMENTS = PruneArguments

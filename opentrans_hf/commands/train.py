@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..data.assembly import EMBEDDED
-from ..hub import check_local_or_hub
 from ..tuning.config import FREEZE_RULES
-from . import ArgumentError
+from . import ArgumentError, check_at_least_one, check_local_paths, check_percentage
 
 FRAMEWORKS = ("deeplabv3", "mask2former", "fcclip")
 Framework = Literal[FRAMEWORKS]
@@ -92,21 +91,14 @@ class TrainArguments:
         if self.max_steps <= 0 and not self.num_epochs > 0:
             raise ArgumentError(f"set --max_steps > 0 or --num_epochs > 0 (got max_steps={self.max_steps}, "
                                 f"num_epochs={self.num_epochs})")
-        for name in ("batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ArgumentError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpointing_steps", "eval_steps", "max_eval_examples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ArgumentError(f"--{name} must be >= 1 when given, got {getattr(self, name)}")
+        check_at_least_one(self, "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "eval_steps",
+                           "max_eval_examples")
         if self.push_to_hub and not self.hub_model_id:
             raise ArgumentError("--push_to_hub needs --hub_model_id")
         if self.spectral_config and self.freeze_rule:
             raise ArgumentError("give either --spectral_config or --freeze_rule, not both")
         check_spectral_warmup(self)
-        for flag in ("model_name_or_path", "mask", "spectral_config"):
-            check_local_or_hub(getattr(self, flag), f"--{flag}")
-        if self.dataset != EMBEDDED:
-            check_local_or_hub(self.dataset, "--dataset")
+        check_local_paths(self, "model_name_or_path", "mask", "spectral_config")
         check_data_arguments(self)
 
 
@@ -141,9 +133,8 @@ def check_data_arguments(args) -> None:
     from ..data.specs import parse_dataset_spec
 
     pct = args.validation_split_percentage
+    check_percentage("validation_split_percentage", pct)
     if pct is not None:
-        if not 0 < pct < 100:
-            raise ArgumentError(f"--validation_split_percentage must be in (0, 100), got {pct:g}")
         if getattr(args, "eval_split", None) is not None:
             raise ArgumentError(f"give either --eval_split ({args.eval_split!r}) or --validation_split_percentage "
                                 "(a held-out part of --train_split), not both")
