@@ -56,13 +56,13 @@ def write_model(out: Path, model, mask, spectral, spectral_warmup_steps: int = 0
 
 
 def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, spectral, eval_splits,
-                  paths: dict | None = None) -> dict:
-    """Write the run's artefacts under ``out``: the model directory (unless ``paths``, the result of
-    :func:`write_model`, says it is written), its card, metrics, history, plots; returns ``{what: path}``
-    (also printed by the CLI)."""
+                  paths: dict) -> dict:
+    """Write the rest of the run's artefacts under ``out`` once :func:`write_model` (whose result is
+    ``paths``) has written the model directory: its card, metrics, history, plots; returns
+    ``{what: path}`` (also printed by the CLI)."""
     from dataclasses import asdict
 
-    paths = dict(paths) if paths is not None else write_model(out, model, mask, spectral)
+    paths = dict(paths)
     plain = spectral.base_model if spectral is not None else model
     atomic_write_text(out / "model" / "README.md", render_training_card(args, metrics, spectral, mask))
     metrics = dict(metrics, args=asdict(args))
