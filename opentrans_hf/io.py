@@ -93,6 +93,16 @@ def json_safe(obj):
     return obj
 
 
+def is_number(value) -> bool:
+    """A JSON number: an int or a float, not a bool (``true`` is no number in a config file)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_integer(value) -> bool:
+    """A JSON integer: an int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_json(path: str | Path, what: str = "file"):
     """``json.loads`` of a file, with errors that name the file and what it was meant to be."""
     import json

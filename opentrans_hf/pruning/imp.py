@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fingerprint import differences, fingerprint as as_fingerprint
-from ..io import atomic_write_text, atomic_write_with
+from ..io import atomic_write_text, atomic_write_with, is_integer
 from .counting import vision_tower
 from .magnitude import SCOPES, magnitude_prune
 from .mask import SparseMask
@@ -53,7 +53,7 @@ class IMPConfig:
     def __post_init__(self):
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}; choose one of {SCOPES}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not is_integer(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r} ({type(self.seed).__name__})")
         if not 0.0 < self.rate < 1.0:
             raise ValueError(f"rate must be in (0, 1), got {self.rate}")
@@ -136,9 +136,11 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     the config's rate, scope, ...) is refused with the differences listed unless ``config.ignore_mismatch``.
     Returns the final mask (applied to ``model``).
     """
-    from ..distributed import make_accelerator, on_main_process
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
+
+    from ..distributed import make_accelerator, on_main_process
+    from ..hub import read_safetensors
 
     accelerator = accelerator or make_accelerator()
     out = Path(config.output_dir)
@@ -153,12 +155,12 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     if config.resume and ((out / "student.safetensors").is_file() or (out / "state.json").is_file()):
         state = read_imp_state(out)
         _check_resumable(out, state, run, config, say=accelerator.print)
-        student.load_state_dict(load_file(str(out / "student.safetensors")))
+        student.load_state_dict(read_safetensors(out / "student.safetensors", "IMP student weights"))
         resumed_mask = SparseMask.from_pretrained(out / f"round_{state['round']:02d}")
         _check_weights_match_mask(student, resumed_mask, out, state["round"])
         resumed_mask.apply(student)
         if initial is not None:
-            initial = load_file(str(out / "initial.safetensors"))
+            initial = read_safetensors(out / "initial.safetensors", "IMP initial weights")
         # the readable copy may lag behind the weights' state (a kill between the two writes)
         on_main_process(accelerator, lambda: atomic_write_text(out / "state.json", json.dumps(state, indent=2) + "\n"))
         accelerator.print(f"resuming after round {state['round']} (sparsity {config.sparsity_after(state['round']):.4f})")

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import adapters
 from ..adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterHubMixin
-from ..io import atomic_write_with
+from ..io import atomic_write_with, is_integer, is_number
 from ..naming import VISION_PREFIXES, canonical_name, resolve_name
 
 PEFT_TYPE = "SPARSE_MASK"
@@ -42,8 +42,6 @@ CONFIG_FIELDS = ("peft_type", "base_model_name_or_path", "method", "target_spars
                  "shapes", "layer_densities", "extra", "library_version")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _bad(name: str, expected: str, value):
@@ -59,12 +57,12 @@ def _check_config(cfg: dict, where) -> dict[str, list[int]]:
     if not isinstance(shapes, dict) or not shapes:
         raise ValueError(f"{where} lacks the 'shapes' of the masks (a non-empty object of name -> shape), got {shapes!r}")
     for name, shape in shapes.items():
-        if not (isinstance(shape, list) and shape and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+        if not (isinstance(shape, list) and shape and all(is_integer(x) and x > 0
                                                           for x in shape)):
             raise ValueError(f"{where}: field 'shapes' entry {name!r} must be a list of positive integers, got {shape!r}")
     for key in ("sparsity", "target_sparsity"):
         value = cfg.get(key)
-        if value is not None and not (_is_number(value) and 0.0 <= value <= 1.0):
+        if value is not None and not (is_number(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"{where}: field {key!r} must be a number in [0, 1]"
                              f"{' or null' if key == 'target_sparsity' else ''}, got {value!r} ({type(value).__name__})")
     num = cfg.get("num_weights")
@@ -75,7 +73,7 @@ def _check_config(cfg: dict, where) -> dict[str, list[int]]:
     if densities is not None:
         if not isinstance(densities, dict) or set(densities) != set(shapes):
             raise ValueError(f"{where}: field 'layer_densities' must have one entry per mask in 'shapes'")
-        bad = {n: v for n, v in densities.items() if not (_is_number(v) and 0.0 <= v <= 1.0)}
+        bad = {n: v for n, v in densities.items() if not (is_number(v) and 0.0 <= v <= 1.0)}
         if bad:
             raise ValueError(f"{where}: field 'layer_densities' must hold numbers in [0, 1], got {bad}")
     if cfg.get("library_version") is not None and not isinstance(cfg["library_version"], str):
@@ -110,7 +108,7 @@ class SparseMask(AdapterHubMixin):
             _bad("base_model_name_or_path", "a string or None", base_model_name_or_path)
         if not isinstance(method, str):
             _bad("method", "a string", method)
-        if target_sparsity is not None and not (_is_number(target_sparsity) and 0.0 <= target_sparsity <= 1.0):
+        if target_sparsity is not None and not (is_number(target_sparsity) and 0.0 <= target_sparsity <= 1.0):
             _bad("target_sparsity", "a number in [0, 1] or None", target_sparsity)
         if extra is not None and not isinstance(extra, dict):
             _bad("extra", "a dict or None", extra)

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..fingerprint import differences, fingerprint
-from ..io import atomic_write_text, read_json, replace_directory
+from ..io import atomic_write_text, is_integer, read_json, replace_directory
 
 CHECKPOINT_FILE = "checkpoint.json"
 # in checkpoint.json of a run with --spectral_warmup_steps, once past the switch: the spectral config applied
@@ -97,7 +97,7 @@ def read_checkpoint(path: Path) -> dict:
                          f"(written last, when a checkpoint is complete)")
     record = read_json(path / CHECKPOINT_FILE, "checkpoint record")
     step = record.get("step") if isinstance(record, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+    if not is_integer(step) or step < 0:
         raise ValueError(f"{path / CHECKPOINT_FILE} is not a valid checkpoint record: expected an integer "
                          f"'step' >= 0, got {step!r}")
     return record

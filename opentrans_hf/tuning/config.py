@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..io import is_integer, is_number
 from ..matching import normalize_patterns
 from ..naming import canonical_names, vision_prefix_regex
 
@@ -19,8 +20,6 @@ ESTIMATORS = ("opentrans", "ww")
 INVALID_ALPHA = ("train", "freeze", "error")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _bad(name: str, expected: str, value):
@@ -104,15 +103,15 @@ class SpectralTuningConfig:
                               ("invalid_alpha", INVALID_ALPHA)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {choices}")
-        if not _is_number(self.freeze_ratio):
+        if not is_number(self.freeze_ratio):
             _bad("freeze_ratio", "a number in [0, 1]", self.freeze_ratio)
         if not 0.0 <= self.freeze_ratio <= 1.0:
             raise ValueError(f"freeze_ratio must be in [0, 1], got {self.freeze_ratio}")
-        if self.alpha_threshold is not None and not (_is_number(self.alpha_threshold) and math.isfinite(self.alpha_threshold)):
+        if self.alpha_threshold is not None and not (is_number(self.alpha_threshold) and math.isfinite(self.alpha_threshold)):
             _bad("alpha_threshold", "a finite number or None", self.alpha_threshold)
-        if self.k is not None and not (isinstance(self.k, int) and not isinstance(self.k, bool)):
+        if self.k is not None and not is_integer(self.k):
             _bad("k", "an integer or None", self.k)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not is_integer(self.seed):
             _bad("seed", "an integer", self.seed)
         if self.freeze_rule == "threshold" and self.alpha_threshold is None:
             raise ValueError("freeze_rule='threshold' needs alpha_threshold (e.g. 4.0)")
@@ -137,7 +136,7 @@ class SpectralTuningConfig:
             if not isinstance(self.layer_alphas, dict):
                 _bad("layer_alphas", "a mapping of layer names to alphas, or None", self.layer_alphas)
             bad = [f"{k!r}: {v!r}" for k, v in self.layer_alphas.items()
-                   if not (isinstance(k, str) and _is_number(v) and math.isfinite(v))]
+                   if not (isinstance(k, str) and is_number(v) and math.isfinite(v))]
             if bad:
                 raise ValueError(f"SpectralTuningConfig.layer_alphas must map layer names to finite numbers; "
                                  f"{len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not: {', '.join(bad[:3])}"
