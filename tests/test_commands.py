@@ -177,6 +177,7 @@ def test_missing_local_paths_fail_at_once_without_the_hub(tmp_path, monkeypatch,
         ["prune", "--model_name_or_path", str(tmp_path / "nope")],         # absolute
         ["evaluate", "--model", "runs/model"],
         ["demo", "--dataset", "../nowhere/data"],
+        ["analyze", "runs/clip"],                                          # analyze's positional model
     ]
     for argv in cases:
         assert main(argv) == 2, argv

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from . import check_local_paths
+
 TOWERS = ("vision", "text", "all")
 
 
@@ -29,6 +31,12 @@ class AnalyzeArguments:
     plot: str | None = field(default=None, metadata={"help": "write a PNG plot (alpha per layer, ESDs) here"})
     no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
     print_layers: bool = field(default=True, metadata={"help": "print one line per layer (--no_print_layers: the overview lines only)"})
+
+    def __post_init__(self):
+        from ..random_clip import CLIP_SIZES
+
+        if self.model not in CLIP_SIZES:
+            check_local_paths(self, "model")
 
 
 ARGUMENTS = AnalyzeArguments
@@ -57,7 +65,7 @@ def load_model_for_analysis(name: str, tower: str = "vision", revision: str | No
     import torch
     from transformers import AutoConfig, AutoModel, CLIPModel, CLIPTextModel, CLIPVisionModel
 
-    from ..hub import load_or_explain
+    from ..hub import load_or_explain, quiet_loading
     from ..random_clip import CLIP_SIZES, build_random_clip_vision, random_clip_config
 
     if tower not in TOWERS:
@@ -74,7 +82,8 @@ def load_model_for_analysis(name: str, tower: str = "vision", revision: str | No
         cls = {"vision": CLIPVisionModel, "text": CLIPTextModel, "all": CLIPModel}[tower]
     else:
         cls = AutoModel
-    return load_or_explain(name, lambda: cls.from_pretrained(name, revision=revision), "model")
+    with quiet_loading():  # one tower of a CLIPModel checkpoint: the other tower's keys are expected to be unused
+        return load_or_explain(name, lambda: cls.from_pretrained(name, revision=revision), "model")
 
 
 def run(args: AnalyzeArguments):
