@@ -1,4 +1,5 @@
-"""The jobs of ``opentrans-hf``, one module each: ``analyze``, ``prune``, ``train``, ``evaluate``, ``demo``.
+"""The jobs of ``opentrans-hf``, one module each: ``analyze``, ``prune``, ``train``, ``evaluate``, ``demo``,
+``reproduce``.
 
 Every job is an arguments dataclass (parsed by ``transformers.HfArgumentParser``: one ``--flag`` per
 field, snake_case, with its default and, for enumerations, its choices in ``--help``) and one
@@ -22,6 +23,7 @@ COMMANDS = {
     "train": "fine-tune an OVS framework (mask + spectral tuning), evaluate zero-shot",
     "evaluate": "zero-shot evaluation of a trained OVS model on several datasets",
     "demo": "the whole pipeline: analyse, prune, spectral fine-tuning with the mask, evaluate",
+    "reproduce": "the paper's two tables in miniature: mask transfer (dense/Random/Ours) and spectral tuning, over seeds",
 }
 
 
