@@ -159,3 +159,22 @@ def test_no_seeds_from_python():
         ReproduceArguments(seeds=[])
     with pytest.raises(ArgumentError, match="--frameworks must name at least one"):
         ReproduceArguments(frameworks=[])
+
+
+def test_quick_with_the_real_defaults(tmp_path):
+    """`reproduce --quick` as a user runs it (default CLIP, all three frameworks, both tables; one seed):
+    about 3 minutes on 2 CPU cores."""
+    from opentrans_hf.commands.reproduce import QUICK_MAX_STEPS
+
+    out = tmp_path / "quick"
+    assert main(["reproduce", "--quick", "--output_dir", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["command"] == f"opentrans-hf reproduce --output_dir {out} --quick"
+    assert res["settings"]["seeds"] == [0] and res["settings"]["max_steps"] == QUICK_MAX_STEPS
+    assert list(res["table1"]["framework_rows"]) == ["deeplabv3", "mask2former", "fcclip"]
+    assert res["table1"]["pruning"]["sparsity"] >= 0.9 and (out / "prune_quick" / "mask").is_dir()
+    for rows in res["table1"]["framework_rows"].values():
+        assert all(len(r["runs"]) == 1 for r in rows.values())
+    assert list(res["table2"]["rows"]) == ["full", "random", "alpha_star", "alpha"]
+    md = (out / "results.md").read_text()
+    assert md.count("1 seed: cannot tell noise from difference") == 2 * (3 + 3)  # seen + unseen per comparison
