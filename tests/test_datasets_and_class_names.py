@@ -156,10 +156,10 @@ def test_hub_dataset_takes_the_id2label_json_of_its_repo(tmp_path, monkeypatch):
 
 
 def test_explicit_names_that_contradict_the_datasets_own_are_an_error(tiny_clip_dir, tmp_path, capsys):
-    # the embedded dataset has 8 classes of its own; 3 names for it used to be ignored without a word
+    # the embedded dataset has 16 classes of its own; 3 names for it used to be ignored without a word
     rc = cli_main(train_args(tiny_clip_dir, tmp_path / "run", "--class_names", "a", "b", "c"))
     err = capsys.readouterr().err
-    assert rc == 1 and "8" in err and "3" in err and "embedded" in err
+    assert rc == 1 and "16" in err and "3" in err and "embedded" in err
     with pytest.raises(ValueError, match="either"):
         load_source(str(tmp_path), "train", SIZE, class_names=["a"], id2label={"0": "a"})
 
@@ -195,7 +195,7 @@ def test_evaluate_gives_each_dataset_its_own_spec(ovs_model, tmp_path, capsys):
         str(specs["void7"]), "--max_examples", "3", "--out", str(tmp_path / "eval.json")]))
     three, ade = f"{tmp_path / 'three'}:validation", f"{tmp_path / 'ade'}:validation"
     assert list(results) == ["embedded:validation", three, ade, "void-seven"]
-    assert [len(results[k]["per_category_iou"]) for k in results] == [8, 3, 2, 3]
+    assert [len(results[k]["per_category_iou"]) for k in results] == [16, 3, 2, 3]
     assert "class_names" in results[three]["vocabulary"]
     assert "ade_names.json" in results[ade]["vocabulary"] and "reduce_labels" in results[ade]["vocabulary"]
     assert "ignore 7" in results["void-seven"]["vocabulary"]

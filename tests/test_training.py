@@ -36,10 +36,10 @@ def test_train_writes_model_adapters_metrics_card_plots(tiny_clip_dir, tiny_mask
     out = tmp_path / "run"
     metrics = train(tiny_clip_dir, out, "--max_steps", "6", "--freeze_rule", "median", "--mask", str(tiny_mask),
                     "--eval_steps", "3")
-    # trained on the seen classes, evaluated on all 8 (2 held out: zero-shot)
-    assert metrics["holdout_classes"] == ["snow", "forest"] and len(metrics["train_classes"]) == 6
+    # trained on the seen classes, evaluated on all 16 (4 held out: zero-shot)
+    assert metrics["holdout_classes"] == ["snow", "forest", "flower", "tile"] and len(metrics["train_classes"]) == 12
     res = metrics["eval"]["embedded:validation"]
-    assert len(res["per_category_iou"]) == 8 and 0.0 <= res["mean_iou"] <= 1.0
+    assert len(res["per_category_iou"]) == 16 and 0.0 <= res["mean_iou"] <= 1.0
     assert "mean_iou_seen" in res and "mean_iou_unseen" in res
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["eval"]["embedded:validation"]["mean_iou"] == pytest.approx(res["mean_iou"])
@@ -118,7 +118,7 @@ def test_evaluate_several_datasets_own_class_names(tiny_clip_dir, tmp_path):
     results = evaluate.run(parse_args("evaluate", ["--model", str(tmp_path / "run" / "model"), "--datasets", "embedded:validation",
                              str(tmp_path / "other" / "validation"), "--max_examples", "6", "--out", str(tmp_path / "eval.json")]))
     assert list(results) == ["embedded:validation", f"{tmp_path / 'other' / 'validation'}:validation"]
-    assert len(results["embedded:validation"]["per_category_iou"]) == 8
+    assert len(results["embedded:validation"]["per_category_iou"]) == 16
     other_res = results[f"{tmp_path / 'other' / 'validation'}:validation"]
     assert len(other_res["per_category_iou"]) == 3 and "mean_iou_unseen" in other_res  # "lava" never trained
     table = (tmp_path / "eval.md").read_text()
