@@ -184,17 +184,3 @@ def build_random_clip_vision(size: str, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return CLIPVisionModel(config)
-
-
-def clip_or_random(model_name_or_path: str | None, directory: str | Path, seed: int = 0, state=None) -> str:
-    """``model_name_or_path`` if given; else a random-initialised ``"small"`` CLIP written once to
-    ``directory/random-clip-small`` (by the main process when ``state``, an Accelerate
-    ``PartialState``/``Accelerator``, is given; the others wait) - the jobs' default without weights."""
-    if model_name_or_path:
-        return str(model_name_or_path)
-    path = Path(directory) / "random-clip-small"
-    if (state is None or state.is_main_process) and not (path / "config.json").is_file():
-        make_random_clip(path, "small", seed=seed)
-    if state is not None:
-        state.wait_for_everyone()
-    return str(path)

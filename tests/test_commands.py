@@ -84,18 +84,29 @@ def test_demo_calls_the_jobs_with_typed_arguments(tiny_clip_dir, tmp_path, monke
                                "--target_sparsity", "0.2", "--prune_rate", "0.2", "--prune_steps_per_round", "1",
                                "--max_steps", "1", "--embedded_size", "8", "--max_eval_examples", "2",
                                "--batch_size", "4"])
-    seen = []
+    seen, train_args = [], []
     for module in (analyze, prune, train):
         original = module.run
         monkeypatch.setattr(module, "run", lambda a, _run=original: (seen.append(type(a).__name__), _run(a))[1])
+    original_train = train.run
+    monkeypatch.setattr(train, "run", lambda a: (train_args.append(a), original_train(a))[1])
 
     def no_parsing(*a, **k):
         raise AssertionError("the demo must not compose and re-parse argument lists")
 
     monkeypatch.setattr(HfArgumentParser, "parse_args_into_dataclasses", no_parsing)
     summary = demo.run(args)
-    assert seen == ["AnalyzeArguments", "PruneArguments", "TrainArguments"]
+    # the run, then its dense baseline: the same fine-tuning without the mask and without freezing
+    assert seen == ["AnalyzeArguments", "PruneArguments", "TrainArguments", "TrainArguments"]
+    run, dense = train_args
+    assert run.mask and run.freeze_rule == "median" and dense.mask is None and dense.freeze_rule is None
+    assert (run.max_steps, run.learning_rate, run.seed) == (dense.max_steps, dense.learning_rate, dense.seed)
     assert summary["training"]["steps"] == 1 and summary["spectral"]["layers"] > 0
+    rows = summary["comparison"]
+    assert list(rows) == ["deeplabv3, pruned + spectrally tuned (this run)", "deeplabv3, dense, fully fine-tuned",
+                          "dense CLIP, no training (dense zero-shot)", "uniformly random labels"]
+    assert rows["deeplabv3, pruned + spectrally tuned (this run)"] == summary["eval"]["embedded:validation"]
+    assert all(0 <= r["mean_iou_unseen"] <= 1 and 0 <= r["mean_iou_seen"] <= 1 for r in rows.values())
 
 
 def _imports(path: Path) -> set[str]:
@@ -123,12 +134,12 @@ def test_library_packages_hold_no_cli_code_and_import_only_downward():
     for job in COMMANDS:  # every job is one file: an ARGUMENTS dataclass and run()
         module = command_module(job)
         assert dataclasses.is_dataclass(module.ARGUMENTS) and callable(module.run)
-        assert Path(module.__file__).name == f"{job}.py"
+        assert Path(module.__file__).name == f"{job.replace('-', '_')}.py"  # pretrain-clip: pretrain_clip.py
 
 
 def test_scripts_are_thin_shells_over_the_commands():
-    for script in ("train", "prune", "evaluate"):
-        text = (ROOT / "scripts" / f"{script}.py").read_text()
+    for script in ("train", "prune", "evaluate", "pretrain-clip", "reproduce"):
+        text = (ROOT / "scripts" / f"{script.replace('-', '_')}.py").read_text()
         code = [l for l in text.split('"""')[-1].splitlines() if l.strip()]
         assert f'main(["{script}", *sys.argv[1:]])' in text and len(code) <= 5, script
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "prune.py"), "--bogus"], capture_output=True,

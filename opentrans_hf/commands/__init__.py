@@ -1,5 +1,5 @@
 """The jobs of ``opentrans-hf``, one module each: ``analyze``, ``prune``, ``train``, ``evaluate``, ``demo``,
-``reproduce``.
+``pretrain-clip`` (``pretrain_clip.py``), ``reproduce``.
 
 Every job is an arguments dataclass (parsed by ``transformers.HfArgumentParser``: one ``--flag`` per
 field, snake_case, with its default and, for enumerations, its choices in ``--help``) and one
@@ -23,6 +23,7 @@ COMMANDS = {
     "train": "fine-tune an OVS framework (mask + spectral tuning), evaluate zero-shot",
     "evaluate": "zero-shot evaluation of a trained OVS model on several datasets",
     "demo": "the whole pipeline: analyse, prune, spectral fine-tuning with the mask, evaluate",
+    "pretrain-clip": "pretrain a small CLIP on the embedded captioned images (the jobs' default CLIP)",
     "reproduce": "the paper's two tables in miniature: mask transfer (dense/Random/Ours) and spectral tuning, over seeds",
 }
 
@@ -61,7 +62,7 @@ def command_module(name: str):
     """The module of job ``name`` (it has ``ARGUMENTS``, the dataclass, and ``run``)."""
     if name not in COMMANDS:
         raise ArgumentError(f"unknown command {name!r}; choose one of {sorted(COMMANDS)}")
-    return importlib.import_module(f"{__name__}.{name}")
+    return importlib.import_module(f"{__name__}.{name.replace('-', '_')}")  # pretrain-clip -> pretrain_clip.py
 
 
 def build_parser(name: str, prog: str | None = None):

@@ -1,16 +1,20 @@
 """The whole OpenTrans pipeline in one command (``opentrans-hf demo``, the README's main job):
 
+0. the CLIP: by default the pretrained embedded CLIP (``opentrans-hf pretrain-clip``, built once and
+   cached), whose training-free dense zero-shot result is the first baseline;
 1. heavy-tail spectral analysis of the CLIP image encoder (alpha per layer, report + plot);
 2. semantic-agnostic iterative magnitude pruning of the encoder (distillation to the dense CLIP) -> a
    sparse mask adapter;
 3. fine-tuning of an OVS framework around the CLIP with that mask applied and spectral tuning (the
    small-alpha layers frozen), on the seen classes;
-4. evaluation, zero-shot on the held-out classes and on any extra datasets.
+4. evaluation, zero-shot on the held-out classes and on any extra datasets, beside the baselines on the
+   same split: the same framework fine-tuned dense (no mask, nothing frozen), the dense CLIP without any
+   training, and uniformly random labels.
 
-With no arguments it runs on the embedded procedural dataset with a random-initialised small CLIP built
-from its config (no weights are downloaded) in a few minutes on 2 CPU cores; with
-``--model_name_or_path openai/clip-vit-base-patch16 --dataset <hub dataset>`` it is the real run.
-Runs under ``accelerate launch`` too.
+With no arguments it runs on the embedded procedural dataset (16 classes, 4 held out of training) in a
+few minutes on 2 CPU cores, no weights downloaded; with ``--model_name_or_path
+openai/clip-vit-base-patch16 --dataset <hub dataset>`` it is the real run. Runs under ``accelerate
+launch`` too.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from pathlib import Path
 from typing import Literal
 
 from . import ArgumentError, check_at_least_one, check_local_paths
-from .train import FRAMEWORKS, FreezeRule, Framework, check_data_arguments
+from .train import FRAMEWORKS, FreezeRule, Framework, check_config_overrides, check_data_arguments
 
 
 @dataclass
 class DemoArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP (Hub id or dir); default: a random-initialised small CLIP built locally"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP (Hub id or dir); default: the pretrained embedded CLIP (opentrans-hf pretrain-clip; built once, cached)"})
     dataset: str = field(default="embedded", metadata={"help": "training dataset (Hub name, save_to_disk dir, image/label folder, 'embedded')"})
     eval_datasets: list[str] = field(default_factory=list, metadata={"help": "extra zero-shot evaluation datasets, each a spec: NAME[:SPLIT] (a dataset with class names of its own) or a .json file with its class names and label conventions (see `opentrans-hf evaluate --help`)"})
     validation_split_percentage: float | None = field(default=None, metadata={"help": "evaluate on this percentage of --dataset's train split (a fixed part chosen by --seed, left out of fine-tuning) instead of its validation split"})
@@ -40,6 +44,7 @@ class DemoArguments:
     ignore_index: int = field(default=255, metadata={"help": "label value of unlabelled pixels in --dataset"})
     holdout_classes: list[str] | None = field(default=None, metadata={"help": "classes left out of training, evaluated zero-shot ('none': train on all)"})
     framework: Framework = field(default="deeplabv3", metadata={"help": "OVS framework"})
+    config_overrides: str | None = field(default=None, metadata={"help": "framework config settings, 'key=value,...' (as train's --config_overrides)"})
     output_dir: str = field(default="runs/demo", metadata={"help": "where everything is written"})
     estimator: Literal["opentrans", "ww"] = field(default="opentrans", metadata={"help": "alpha estimator"})
     freeze_rule: FreezeRule = field(default="median", metadata={"help": "spectral tuning rule"})
@@ -53,6 +58,7 @@ class DemoArguments:
     embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
     max_eval_examples: int | None = field(default=None, metadata={"help": "cap on evaluation examples per dataset"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    no_baselines: bool = field(default=False, metadata={"help": "skip the dense fine-tuned baseline (a second fine-tuning run) and the other baseline rows"})
     no_resume: bool = field(default=False, metadata={"help": "prune from round 0 even if output_dir/prune holds the rounds of an earlier run (needed after changing a pruning setting)"})
 
     def __post_init__(self):
@@ -62,6 +68,7 @@ class DemoArguments:
         if not 0 <= self.spectral_warmup_steps < self.max_steps:
             raise ArgumentError(f"--spectral_warmup_steps must be >= 0 and below --max_steps {self.max_steps}, "
                                 f"got {self.spectral_warmup_steps}")
+        check_config_overrides(self)
         check_local_paths(self, "model_name_or_path")
         check_data_arguments(self)
 
@@ -83,7 +90,7 @@ def run(args: DemoArguments) -> dict:
     state = PartialState(cpu=cpu_only_multiprocess())
     out = Path(args.output_dir)
     with ExitStack() as locks:
-        for directory in (out, out / "prune", out / "train"):
+        for directory in (out, out / "prune", out / "train", out / "dense"):
             locks.enter_context(output_dir_lock(directory, state, "demo"))
         return _run(args)
 
@@ -91,17 +98,22 @@ def run(args: DemoArguments) -> dict:
 def _run(args: DemoArguments) -> dict:
     from accelerate import PartialState
 
-    from ..distributed import cpu_only_multiprocess
+    from dataclasses import replace
+
+    from ..distributed import cpu_only_multiprocess, on_main_process
     from ..io import atomic_write_text, json_safe, read_json
-    from ..random_clip import clip_or_random
+    from ..pretraining import default_clip
     from ..training.evaluation import results_table
     from . import analyze, prune, train
 
     state = PartialState(cpu=cpu_only_multiprocess())
     out = Path(args.output_dir)
     t0 = time.time()
-    clip = clip_or_random(args.model_name_or_path, out, args.seed, state)
     say = print if state.is_main_process else (lambda *a, **k: None)
+    if not args.model_name_or_path:
+        say("[0/4] the pretrained embedded CLIP (built once by `opentrans-hf pretrain-clip`, then cached)")
+    clip = default_clip(args.model_name_or_path, state)
+    t_clip = time.time() - t0
 
     # 1. spectral analysis of the image encoder (a look at the dense model; cheap, so the main process alone)
     say(f"[1/4] spectral analysis ({args.estimator}) of the CLIP image encoder: {clip}")
@@ -122,7 +134,7 @@ def _run(args: DemoArguments) -> dict:
         spectral = {"estimator": args.estimator, "layers": len(alphas),
                     "median_alpha": statistics.median(alphas) if alphas else None}
     state.wait_for_everyone()
-    t_spectral = time.time() - t0
+    t_spectral = time.time() - t0 - t_clip
 
     # 2. semantic-agnostic IMP of the encoder -> mask adapter
     say(f"[2/4] iterative magnitude pruning to {args.target_sparsity:.0%} (rate {args.prune_rate}, "
@@ -134,21 +146,29 @@ def _run(args: DemoArguments) -> dict:
         image_column=args.image_column, label_column=args.label_column,
         validation_split_percentage=args.validation_split_percentage, no_resume=args.no_resume,
     ))
-    t_prune = time.time() - t0 - t_spectral
+    t_prune = time.time() - t0 - t_clip - t_spectral
 
     # 3 + 4. spectral fine-tuning of the framework with the mask applied, then evaluation
     say(f"[3/4] spectral fine-tuning ({args.freeze_rule} rule) of {args.framework} with the mask, {args.max_steps} steps")
-    metrics = train.run(train.TrainArguments(
-        model_name_or_path=clip, framework=args.framework, dataset=args.dataset, eval_datasets=list(args.eval_datasets),
+    train_args = train.TrainArguments(
+        model_name_or_path=clip, framework=args.framework, config_overrides=args.config_overrides, dataset=args.dataset, eval_datasets=list(args.eval_datasets),
         freeze_rule=args.freeze_rule, spectral_warmup_steps=args.spectral_warmup_steps, mask=pruned["mask"], max_steps=args.max_steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, output_dir=str(out / "train"), seed=args.seed,
         embedded_size=args.embedded_size, max_eval_examples=args.max_eval_examples,
         image_column=args.image_column, label_column=args.label_column, class_names=args.class_names,
         id2label=args.id2label, reduce_labels=args.reduce_labels, holdout_classes=args.holdout_classes,
         ignore_index=args.ignore_index, validation_split_percentage=args.validation_split_percentage,
-    ))
-    say("[4/4] evaluation (zero-shot on the held-out classes)")
+    )
+    metrics = train.run(train_args)
+    t_train = time.time() - t0 - t_clip - t_spectral - t_prune
+    say("[4/4] evaluation (zero-shot on the held-out classes)" + ("" if args.no_baselines else
+        ", beside the baselines: the same framework fine-tuned dense, the dense CLIP untrained, random labels"))
     table = results_table(metrics["eval"])
+    comparison = None
+    if not args.no_baselines:
+        dense = train.run(replace(train_args, mask=None, freeze_rule=None, spectral_warmup_steps=0,
+                                  output_dir=str(out / "dense")))
+        comparison = on_main_process(state, lambda: baseline_rows(train_args, clip, metrics, dense))
     summary = {
         "clip": clip,
         "spectral": spectral,
@@ -156,15 +176,72 @@ def _run(args: DemoArguments) -> dict:
         "training": {k: metrics[k] for k in ("framework", "steps", "train_seconds", "final_train_loss",
                                              "train_classes", "holdout_classes")},
         "eval": metrics["eval"],
-        "seconds": {"spectral": round(t_spectral, 1), "prune": round(t_prune, 1), "total": round(time.time() - t0, 1)},
+        "comparison": comparison,
+        "seconds": {"clip": round(t_clip, 1), "spectral": round(t_spectral, 1), "prune": round(t_prune, 1),
+                    "train": round(t_train, 1), "total": round(time.time() - t0, 1)},
     }
     if state.is_main_process:
         paths["pruned_mask"] = Path(pruned["mask"])
         paths.update(read_json(out / "train" / "outputs.json", "training outputs"))  # written by the train job
         paths["summary"] = atomic_write_text(out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
         say("\n" + table)
+        if comparison is not None:
+            say(f"\n{comparison_table(comparison)}")
         say(f"\nfinished in {summary['seconds']['total']:.0f} s; outputs:")
         for k, v in paths.items():
             say(f"  {k:17s} {v}")
     state.wait_for_everyone()
     return summary
+
+
+def uniform_random_labels(seed: int = 0):
+    """A "model" predicting uniformly random classes (seeded): the chance row of the comparison."""
+    import torch
+
+    class UniformRandomLabels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.device_anchor = torch.nn.Parameter(torch.zeros(0))  # where evaluation puts the inputs
+            self.generator = torch.Generator().manual_seed(seed)
+
+        def predict(self, pixel_values, class_names, allow_void: bool = False):
+            b, _, h, w = pixel_values.shape
+            return torch.randint(0, len(class_names), (b, h, w), generator=self.generator)
+
+    return UniformRandomLabels()
+
+
+def baseline_rows(train_args, clip: str, metrics: dict, dense: dict) -> dict:
+    """``{row: metrics}`` on the dataset's own evaluation split (the first row of ``metrics["eval"]``):
+    this run's model, the same framework fine-tuned dense, the dense CLIP untrained (training-free dense
+    zero-shot: patch tokens against the class prompts), and uniformly random labels."""
+    from transformers import CLIPConfig
+
+    from ..data.assembly import load_training_data
+    from ..frameworks.zeroshot import CLIPDenseZeroShot
+    from ..training.evaluation import evaluate_splits
+
+    name = next(iter(metrics["eval"]))
+    image_size = train_args.image_size or CLIPConfig.from_pretrained(clip).vision_config.image_size
+    _, eval_splits, _ = load_training_data(train_args, image_size)
+    split = {name: eval_splits[name]}
+    seen = metrics["train_classes"]
+    common = dict(seen_classes=seen, max_examples=train_args.max_eval_examples)
+    mask_note = "pruned + spectrally tuned" if train_args.mask else "fine-tuned"
+    return {
+        f"{metrics['framework']}, {mask_note} (this run)": metrics["eval"][name],
+        f"{metrics['framework']}, dense, fully fine-tuned": dense["eval"][name],
+        "dense CLIP, no training (dense zero-shot)": evaluate_splits(CLIPDenseZeroShot.from_pretrained(clip), split, **common)[name],
+        "uniformly random labels": evaluate_splits(uniform_random_labels(train_args.seed), split, **common)[name],
+    }
+
+
+def comparison_table(rows: dict) -> str:
+    """The demo's result beside its baselines, in percent."""
+    from ..training.evaluation import percent
+
+    lines = ["| model | mIoU (%) | pixel acc (%) | mIoU seen (%) | mIoU unseen (%) |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {percent(r['mean_iou'])} | {percent(r['overall_accuracy'])} | "
+                     f"{percent(r.get('mean_iou_seen'))} | {percent(r.get('mean_iou_unseen'))} |")
+    return "\n".join(lines)

@@ -4,7 +4,8 @@ mask adapter. Runs under ``accelerate launch`` (any number of processes) and pla
     accelerate launch scripts/prune.py --model_name_or_path openai/clip-vit-base-patch16 \
         --dataset <hf segmentation dataset or dir> --num_rounds 22 --steps_per_round 5000 --output_dir runs/prune
 
-Defaults run on the embedded procedural dataset with a random-initialised small CLIP (no downloads).
+Defaults run on the embedded procedural dataset with the pretrained embedded CLIP (``opentrans-hf
+pretrain-clip``: built once on first use and cached; no downloads).
 Writes <output_dir>/round_XX/ (the mask adapter after every round; an interrupted run resumes), the
 final mask in <output_dir>/mask/, its per-layer sparsity plot, and params/MACs in <output_dir>/counts.json.
 """
@@ -21,7 +22,7 @@ from . import ArgumentError, check_at_least_one, check_local_paths, check_percen
 
 @dataclass
 class PruneArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint (Hub id or dir); default: a random-initialised small CLIP built locally"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint (Hub id or dir); default: the pretrained embedded CLIP (opentrans-hf pretrain-clip; built once, cached)"})
     dataset: str = field(default="embedded", metadata={"help": "Hub dataset, save_to_disk dir, image/label folder, or 'embedded'"})
     split: str = field(default="train", metadata={"help": "split of --dataset to distil on"})
     image_column: str | None = field(default=None, metadata={"help": "image column (default: detected)"})
@@ -72,14 +73,14 @@ def _prune(accelerator, args: PruneArguments) -> dict:
     from ..data.assembly import distillation_split
     from ..distributed import on_main_process
     from ..hub import load_or_explain, quiet_loading
-    from ..random_clip import clip_or_random
+    from ..pretraining import default_clip
     from ..data.splits import make_loader
     from ..pruning.counting import count_params_and_flops
     from ..pruning.imp import IMPConfig, iterative_magnitude_prune
 
     set_seed(args.seed)
     out = Path(args.output_dir)
-    clip_path = clip_or_random(args.model_name_or_path, out, args.seed, accelerator)
+    clip_path = default_clip(args.model_name_or_path, accelerator)
     with quiet_loading():
         model = load_or_explain(clip_path, lambda: CLIPVisionModel.from_pretrained(clip_path), "CLIP model")
     split = distillation_split(args.dataset, args.split, model.config.image_size, seed=args.seed,

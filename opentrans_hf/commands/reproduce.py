@@ -61,7 +61,7 @@ NOISE_RULE = "|difference of means| < 2 x pooled sample std of the two rows (ove
 
 @dataclass
 class ReproduceArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint (Hub id or dir); default: the project's default CLIP"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint (Hub id or dir); default: the pretrained embedded CLIP (opentrans-hf pretrain-clip; built once, cached)"})
     output_dir: str = field(default="runs/reproduce", metadata={"help": "where every sub-run and the results are written"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seeds: every row is trained once per seed (mean +- std over them); --quick uses the first only"})
     quick: bool = field(default=False, metadata={"help": f"the first seed only, --max_steps {QUICK_MAX_STEPS}, at most {QUICK_MAX_EVAL_EXAMPLES} evaluation examples and a shorter IMP schedule (--prune_rate {QUICK_PRUNE_RATE}, --prune_steps_per_round {QUICK_PRUNE_STEPS_PER_ROUND}, in output_dir/prune_quick) unless those flags are given: a few minutes on 2 CPU cores"})
@@ -208,14 +208,14 @@ def run(args: ReproduceArguments) -> dict:
 
 def _run(args: ReproduceArguments, state) -> dict:
     from ..distributed import on_main_process
-    from ..random_clip import clip_or_random
+    from ..pretraining import default_clip
 
     out = Path(args.output_dir)
     seeds = resolved_seeds(args)
     t0 = time.time()
     say = print if state.is_main_process else (lambda *a, **k: None)
     # the one place the CLIP is looked up: every sub-run gets this path
-    clip = clip_or_random(args.model_name_or_path, out, seeds[0], state)
+    clip = default_clip(args.model_name_or_path, state)
     settings = {"clip": clip, "seeds": seeds, "max_steps": resolved_max_steps(args),
                 "spectral_warmup_steps": resolved_warmup_steps(args) if 2 in args.tables else None,
                 "max_eval_examples": resolved_max_eval_examples(args), "batch_size": args.batch_size,

@@ -41,7 +41,7 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 
 @dataclass
 class TrainArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint: Hub id or local dir. Default: a random-initialised 'small' CLIP built locally (no weights are downloaded)."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint: Hub id or local dir. Default: the pretrained embedded CLIP (opentrans-hf pretrain-clip; built once, cached); no weights are downloaded."})
     framework: Framework = field(default="deeplabv3", metadata={"help": "OVS framework"})
     dataset: str = field(default=EMBEDDED, metadata={"help": "training data: Hub dataset name, save_to_disk dir, image/label folder, or 'embedded' (procedural)"})
     train_split: str = field(default="train", metadata={"help": "split of --dataset to train on"})
@@ -55,6 +55,7 @@ class TrainArguments:
     holdout_classes: list[str] | None = field(default=None, metadata={"help": "classes left out of training (labels ignored), evaluated zero-shot ('none': train on all). Default for the embedded dataset: its held-out classes"})
     reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K), for --dataset"})
     ignore_index: int = field(default=255, metadata={"help": "label value of unlabelled pixels in --dataset"})
+    config_overrides: str | None = field(default=None, metadata={"help": "framework config settings, 'key=value,key=value' as transformers' PretrainedConfig.update_from_string reads them, e.g. 'clip_residual=true,aspp_channels=128' (see the framework's config class)"})
     image_size: int | None = field(default=None, metadata={"help": "train/eval resolution (default: CLIP's image size)"})
     spectral_config: str | None = field(default=None, metadata={"help": "SpectralTuningConfig: adapter dir / Hub id or a JSON file"})
     freeze_rule: FreezeRule | None = field(default=None, metadata={"help": "spectral tuning of the vision encoder with this rule when no --spectral_config (default: no spectral tuning)"})
@@ -98,8 +99,21 @@ class TrainArguments:
         if self.spectral_config and self.freeze_rule:
             raise ArgumentError("give either --spectral_config or --freeze_rule, not both")
         check_spectral_warmup(self)
+        check_config_overrides(self)
         check_local_paths(self, "model_name_or_path", "mask", "spectral_config")
         check_data_arguments(self)
+
+
+def check_config_overrides(args) -> None:
+    """--config_overrides names settings of --framework's config, with values of their types."""
+    if args.config_overrides:
+        from ..frameworks import FRAMEWORKS as CLASSES
+        from ..training.trainer import config_overrides
+
+        try:
+            config_overrides(CLASSES[args.framework], args.config_overrides)
+        except ValueError as err:
+            raise ArgumentError(str(err)) from None
 
 
 def check_spectral_warmup(args) -> None:

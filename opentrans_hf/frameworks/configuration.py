@@ -74,9 +74,16 @@ class CLIPDeepLabV3Config(OVSConfig):
 
     model_type = "opentrans_clip_deeplabv3"
 
-    def __init__(self, aspp_channels: int = 64, atrous_rates: tuple[int, ...] = (2, 4, 6), **kwargs):
+    def __init__(self, aspp_channels: int = 64, atrous_rates: tuple[int, ...] = (2, 4, 6), clip_residual: bool = False,
+                 **kwargs):
+        """``clip_residual``: the per-pixel embedding is CLIP's own dense embedding of the last layer
+        (``visual_projection(post_layernorm(tokens))``, CLIP's weights, frozen) plus the ASPP branch, whose
+        last projection starts at zero: the untrained model is the training-free dense zero-shot CLIP, and
+        training on the seen classes corrects it instead of learning a map to the text space from scratch
+        (which keeps a pretrained CLIP's knowledge of the unseen classes)."""
         self.aspp_channels = aspp_channels
         self.atrous_rates = list(atrous_rates)
+        self.clip_residual = bool(clip_residual)
         super().__init__(**kwargs)
 
 

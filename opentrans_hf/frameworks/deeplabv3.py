@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from .backbone import group_norm, vit_feature_maps
 from .configuration import CLIPDeepLabV3Config
@@ -35,7 +36,9 @@ class ASPP(nn.Module):
 class CLIPDeepLabV3ForOVS(OVSPreTrainedModel):
     """DeepLabV3 on a CLIP ViT: ASPP on the last ``feature_layers`` map (stride = patch size, 16 for
     ViT-B/16), a 1x1 projection to CLIP's text space, cosine logits against the class text
-    embeddings, bilinear upsampling to the input; cross-entropy with ``ignore_index``."""
+    embeddings, bilinear upsampling to the input; cross-entropy with ``ignore_index``. With
+    ``config.clip_residual`` the embedding is CLIP's own dense embedding plus that head (zero at
+    initialisation)."""
 
     config_class = CLIPDeepLabV3Config
 
@@ -46,6 +49,20 @@ class CLIPDeepLabV3ForOVS(OVSPreTrainedModel):
         self.pixel_embed = nn.Conv2d(config.aspp_channels, config.clip.projection_dim, 1)
         self.post_init()
 
+    @classmethod
+    def from_clip(cls, clip_name_or_path, **kwargs) -> "CLIPDeepLabV3ForOVS":
+        """As :meth:`OVSPreTrainedModel.from_clip`; new models start with ``clip_residual=True`` (CLIP's own
+        dense classifier plus a head that learns corrections), unless told otherwise. The config's default
+        stays False, so a model saved without the setting loads as it was trained."""
+        kwargs.setdefault("clip_residual", True)
+        return super().from_clip(clip_name_or_path, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is getattr(self, "pixel_embed", None) and self.config.clip_residual:
+            init.zeros_(module.weight)  # the residual branch starts silent: the model starts as CLIP's dense zero-shot
+            init.zeros_(module.bias)
+
     @property
     def vision_layers_used(self) -> list[int]:
         return [self.hidden_state_indices()[-1] - 1]
@@ -53,6 +70,11 @@ class CLIPDeepLabV3ForOVS(OVSPreTrainedModel):
     def forward_with_text(self, pixel_values, text, class_names, labels) -> OVSSegmentationOutput:
         (fmap,), _ = vit_feature_maps(self.clip, pixel_values, [self.hidden_state_indices()[-1]])
         emb = self.pixel_embed(self.aspp(fmap))
+        if self.config.clip_residual:
+            clip = self.clip
+            tokens = fmap.flatten(2).transpose(1, 2)
+            dense = clip.visual_projection(clip.vision_model.post_layernorm(tokens))  # CLIP's own (frozen) path
+            emb = emb + dense.transpose(1, 2).reshape_as(emb)
         logits = upsample(self.classifier(emb, text, dim=1), pixel_values.shape[-2:])
         loss = None
         if labels is not None:

@@ -24,6 +24,20 @@ def framework_class(name: str):
     return FRAMEWORKS[name]
 
 
+def config_overrides(cls, overrides: str | None) -> dict:
+    """``"key=value,key=value"`` -> the framework config settings it names, typed as the config's own
+    (transformers' ``PretrainedConfig.update_from_string``); an unknown key or a value of the wrong type
+    is a ValueError naming it."""
+    if not overrides:
+        return {}
+    probe = cls.config_class()
+    try:
+        probe.update_from_string(overrides)
+    except ValueError as err:
+        raise ValueError(f"--config_overrides {overrides!r} for {cls.config_class.__name__}: {err}") from None
+    return {kv.split("=", 1)[0]: getattr(probe, kv.split("=", 1)[0]) for kv in overrides.split(",")}
+
+
 def build_model(args, clip_path: str, image_size: int, seen_classes: list[str], spectral_state: dict | None = None):
     """The framework around the CLIP, with the mask applied and spectral tuning set up (before
     ``accelerator.prepare``: DDP needs the final ``requires_grad`` at wrap time) ->
@@ -36,7 +50,8 @@ def build_model(args, clip_path: str, image_size: int, seen_classes: list[str], 
     from .warmup import check_warmup_config, prepare_warmup, spectral_config_of
 
     cls = framework_class(args.framework)
-    model = cls.from_clip(clip_path, image_size=image_size, seen_class_names=list(seen_classes))
+    overrides = config_overrides(cls, getattr(args, "config_overrides", None))
+    model = cls.from_clip(clip_path, image_size=image_size, seen_class_names=list(seen_classes), **overrides)
     mask = None
     if args.mask:
         from ..pruning import SparseMask
@@ -91,7 +106,7 @@ def _train(accelerator, args, out: Path) -> dict:
     from transformers import CLIPConfig, get_scheduler
 
     from ..distributed import on_main_process
-    from ..random_clip import clip_or_random
+    from ..pretraining import default_clip
     from ..data.assembly import load_training_data
     from ..data.splits import make_loader
     from .checkpoints import (SPECTRAL_KEY, check_fingerprint, find_checkpoint, remove_partial_checkpoints,
@@ -124,7 +139,7 @@ def _train(accelerator, args, out: Path) -> dict:
                           f"steps it saves")
 
     set_seed(args.seed)
-    clip_path = clip_or_random(args.model_name_or_path, out, args.seed, accelerator)
+    clip_path = default_clip(args.model_name_or_path, accelerator)
     image_size = args.image_size or CLIPConfig.from_pretrained(clip_path).vision_config.image_size
     train_split, eval_splits, holdout = load_training_data(args, image_size)
     model, mask, spectral, pending = build_model(args, clip_path, image_size, train_split.class_names, spectral_state)
