@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .pretraining import pretrain_clip, pretrained_clip
 from .pruning import IMPConfig, SparseMask, count_params_and_flops, iterative_magnitude_prune, magnitude_prune
 from .random_clip import CLIP_SIZES, make_random_clip
 from .spectral import LayerSpectrum, SpectralReport, analyze_spectra
@@ -31,5 +32,7 @@ __all__ = [
     "iterative_magnitude_prune",
     "magnitude_prune",
     "make_random_clip",
+    "pretrain_clip",
+    "pretrained_clip",
     "spectral_param_groups",
 ]

@@ -20,6 +20,7 @@ cache directory and returns its path; every job accepts it as ``--model_name_or_
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -77,16 +78,6 @@ class CaptionedImages:
         pixels = self.pixels[idx].clone()
         pixels[flip] = pixels[flip].flip(-1)
         return pixels, texts, present
-
-
-def dense_class_logits(clip, pixel_values: torch.Tensor, class_embeddings: torch.Tensor, vision_out=None):
-    """(B, N, K) cosine logits (CLIP's logit scale) of every patch token, through ``post_layernorm`` and
-    ``visual_projection``, against L2-normalised class text embeddings (K, D)."""
-    if vision_out is None:
-        vision_out = clip.vision_model(pixel_values=pixel_values)
-    tokens = vision_out.last_hidden_state[:, 1:, :]
-    dense = F.normalize(clip.visual_projection(clip.vision_model.post_layernorm(tokens)), dim=-1)
-    return clip.logit_scale.exp() * dense @ class_embeddings.t()
 
 
 def caption_losses(out, patch_logits: torch.Tensor, present: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -158,7 +149,7 @@ def pretrain_clip(output_dir: str | Path, size: str = "small", seed: int = 0, *,
 
     from .frameworks.classifier import OpenVocabClassifier
     from .frameworks.configuration import DEFAULT_TEMPLATES
-    import json
+    from .frameworks.zeroshot import dense_class_logits
 
     from .io import atomic_directory, json_safe
     from .random_clip import build_clip_tokenizer, random_clip_config
@@ -202,7 +193,7 @@ def pretrain_clip(output_dir: str | Path, size: str = "small", seed: int = 0, *,
         out = clip(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                    pixel_values=pixels, return_loss=True)
         class_emb = classifier.class_embeddings(model, tok, CLASS_NAMES, trainable=True)
-        patch_logits = dense_class_logits(model, pixels, class_emb, vision_out=out.vision_model_output)
+        patch_logits = dense_class_logits(model, out.vision_model_output.last_hidden_state[:, 1:, :], class_emb)
         losses = caption_losses(out, patch_logits, present)
         loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
         if not torch.isfinite(loss):

@@ -7,6 +7,7 @@ from .deeplabv3 import CLIPDeepLabV3ForOVS
 from .fcclip import CLIPFCCLIPForOVS, geometric_ensemble
 from .mask2former import CLIPMask2FormerForOVS
 from .modeling_base import ENCODER_TARGET_MODULES, OVSPreTrainedModel, OVSSegmentationOutput
+from .zeroshot import CLIPDenseZeroShot
 
 FRAMEWORKS = {
     "deeplabv3": CLIPDeepLabV3ForOVS,
@@ -16,6 +17,7 @@ FRAMEWORKS = {
 
 __all__ = [
     "CLIPDeepLabV3Config",
+    "CLIPDenseZeroShot",
     "CLIPDeepLabV3ForOVS",
     "CLIPFCCLIPConfig",
     "CLIPFCCLIPForOVS",

@@ -51,6 +51,14 @@ def vit_feature_maps(clip, pixel_values: torch.Tensor, layers: list[int]):
     return maps, out
 
 
+def clip_dense_embeddings(clip, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's own embedding of every patch token: ``visual_projection(post_layernorm(tokens))``, the path
+    CLIP's pooled image embedding takes, applied per token; (B, N, hidden) -> (B, N, projection_dim).
+    What dense zero-shot, FC-CLIP's out-of-vocabulary branch and DeepLabV3's CLIP residual score
+    against the class text embeddings."""
+    return clip.visual_projection(clip.vision_model.post_layernorm(tokens))
+
+
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's simple feature pyramid: deconvolutions up, max-pool down, then 1x1 + 3x3 convs."""
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .backbone import group_norm, vit_feature_maps
+from .backbone import clip_dense_embeddings, group_norm, vit_feature_maps
 from .configuration import CLIPDeepLabV3Config
 from .modeling_base import OVSPreTrainedModel, OVSSegmentationOutput, upsample
 
@@ -71,9 +71,7 @@ class CLIPDeepLabV3ForOVS(OVSPreTrainedModel):
         (fmap,), _ = vit_feature_maps(self.clip, pixel_values, [self.hidden_state_indices()[-1]])
         emb = self.pixel_embed(self.aspp(fmap))
         if self.config.clip_residual:
-            clip = self.clip
-            tokens = fmap.flatten(2).transpose(1, 2)
-            dense = clip.visual_projection(clip.vision_model.post_layernorm(tokens))  # CLIP's own (frozen) path
+            dense = clip_dense_embeddings(self.clip, fmap.flatten(2).transpose(1, 2))  # CLIP's own (frozen) path
             emb = emb + dense.transpose(1, 2).reshape_as(emb)
         logits = upsample(self.classifier(emb, text, dim=1), pixel_values.shape[-2:])
         loss = None

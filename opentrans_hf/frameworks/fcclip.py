@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backbone import clip_dense_embeddings
 from .configuration import CLIPFCCLIPConfig
 from .mask2former import CLIPMask2FormerForOVS
 
@@ -45,7 +46,7 @@ class CLIPFCCLIPForOVS(CLIPMask2FormerForOVS):
         with torch.no_grad():
             clip = self.clip
             tokens = vision_out.last_hidden_state[:, 1:, :]
-            dense = clip.visual_projection(clip.vision_model.post_layernorm(tokens))  # (B, N, D)
+            dense = clip_dense_embeddings(clip, tokens)  # (B, N, D)
             b, _, d = dense.shape
             gh, gw = grid
             dense = dense.transpose(1, 2).reshape(b, d, gh, gw)

@@ -13,9 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import check_pixel_values, vit_feature_maps
+from .backbone import check_pixel_values, clip_dense_embeddings, vit_feature_maps
 from .classifier import OpenVocabClassifier, check_class_names
 from .configuration import DEFAULT_TEMPLATES
+
+
+def dense_class_logits(clip, tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """(B, N, K) cosine logits, at CLIP's logit scale, of patch tokens (B, N, hidden) of the image
+    encoder's last layer against L2-normalised class text embeddings (K, D)."""
+    dense = F.normalize(clip_dense_embeddings(clip, tokens).float(), dim=-1)
+    return clip.logit_scale.exp() * dense @ class_embeddings.t()
 
 
 class CLIPDenseZeroShot(nn.Module):
@@ -44,12 +51,9 @@ class CLIPDenseZeroShot(nn.Module):
         pixel_values = check_pixel_values(pixel_values)
         names = check_class_names(class_names)
         (fmap,), _ = vit_feature_maps(self.clip, pixel_values, [-1])
-        b, c, gh, gw = fmap.shape
-        vision = self.clip.vision_model
-        dense = self.clip.visual_projection(vision.post_layernorm(fmap.flatten(2).transpose(1, 2)))
-        dense = F.normalize(dense.float(), dim=-1)
+        b, _, gh, gw = fmap.shape
         text = self.classifier.class_embeddings(self.clip, self.tokenizer, names)
-        logits = self.clip.logit_scale.exp() * dense @ text.t()
+        logits = dense_class_logits(self.clip, fmap.flatten(2).transpose(1, 2), text)
         return logits.transpose(1, 2).reshape(b, len(names), gh, gw)
 
     @torch.no_grad()
