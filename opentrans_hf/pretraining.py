@@ -91,36 +91,43 @@ def caption_losses(out, patch_logits: torch.Tensor, present: torch.Tensor) -> di
 
 
 @torch.no_grad()
-def zero_shot_evaluation(clip, tokenizer, *, embedded_size: int = 384, seed: int = 0, batch_size: int = 32) -> dict:
+def zero_shot_evaluation(clip, tokenizer, *, embedded_size: int = 384, seed: int = 0, batch_size: int = 32,
+                         accelerator=None) -> dict:
     """Training-free zero-shot results of a CLIP on the embedded validation split (``embedded_size // 4``
     examples, the split the segmentation jobs evaluate on for that ``embedded_size``).
 
     Dense (:class:`~opentrans_hf.frameworks.zeroshot.CLIPDenseZeroShot`): mIoU over all classes, the seen
     ones and the held-out ones (fractions of 1). Image level: a class is "present" when it is the most
     likely class of at least one patch; accuracy of these decisions over every (image, class) pair, and
-    over the pairs of held-out classes.
+    over the pairs of held-out classes. With ``accelerator`` (a collective: every process calls it) each
+    process scores its share of the examples and every process returns the same numbers.
     """
     from .data.assembly import load_split
     from .data.transforms import collate_segmentation
     from .frameworks.zeroshot import CLIPDenseZeroShot
-    from .training.evaluation import evaluate_splits
+    from .training.evaluation import evaluate_splits, shard_indices
 
     was_training = clip.training
     model = CLIPDenseZeroShot(clip, tokenizer).eval()
     split = load_split("embedded", "validation", clip.config.vision_config.image_size, seed=seed,
                        embedded_size=embedded_size)
     seen = [c for c in CLASS_NAMES if c not in HELD_OUT_CLASSES]
-    dense = evaluate_splits(model, {"embedded": split}, seen_classes=seen, batch_size=batch_size)["embedded"]
+    dense = evaluate_splits(model, {"embedded": split}, seen_classes=seen, batch_size=batch_size,
+                            accelerator=accelerator)["embedded"]
     held = torch.tensor([c in HELD_OUT_CLASSES for c in CLASS_NAMES])
-    correct, n = torch.zeros(len(CLASS_NAMES)), 0
-    for start in range(0, len(split), batch_size):
-        batch = collate_segmentation([split[i] for i in range(start, min(start + batch_size, len(split)))])
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    idx = shard_indices(len(split), rank, world)
+    correct, n = torch.zeros(len(CLASS_NAMES)), torch.zeros(())
+    for start in range(0, len(idx), batch_size):
+        batch = collate_segmentation([split[i] for i in idx[start:start + batch_size]])
         logits = model.patch_logits(batch["pixel_values"].to(clip.logit_scale.device), CLASS_NAMES)
         predicted = F.one_hot(logits.argmax(1).flatten(1), len(CLASS_NAMES)).amax(1).bool().cpu()  # (B, K)
         labels = batch["labels"]
         truth = torch.stack([torch.bincount(y[y != 255].flatten(), minlength=len(CLASS_NAMES)) > 0 for y in labels])
         correct += (predicted == truth).float().sum(0)
         n += len(labels)
+    if accelerator is not None:
+        correct, n = (accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu() for t in (correct, n))
     clip.train(was_training)
     acc = correct / n
     return {
@@ -130,7 +137,7 @@ def zero_shot_evaluation(clip, tokenizer, *, embedded_size: int = 384, seed: int
         "dense_per_category_iou": dict(zip(CLASS_NAMES, dense["per_category_iou"])),
         "presence_accuracy": float(acc.mean()),
         "presence_accuracy_unseen": float(acc[held].mean()),
-        "examples": n,
+        "examples": int(n),
     }
 
 
@@ -220,8 +227,8 @@ def pretrain_clip(output_dir: str | Path, size: str = "small", seed: int = 0, *,
         "loss_weights": LOSS_WEIGHTS, "class_names": CLASS_NAMES, "held_out_classes": HELD_OUT_CLASSES,
         "train_seconds": round(train_seconds, 1), "loss_history": history,
     }
+    record["zero_shot"] = zero_shot_evaluation(model, tok, seed=seed, accelerator=accelerator)  # every process
     if main:
-        record["zero_shot"] = zero_shot_evaluation(model, tok, seed=seed)
         with atomic_directory(output_dir) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)

@@ -138,7 +138,7 @@ def test_library_packages_hold_no_cli_code_and_import_only_downward():
 
 
 def test_scripts_are_thin_shells_over_the_commands():
-    for script in ("train", "prune", "evaluate", "pretrain-clip", "reproduce"):
+    for script in ("train", "prune", "evaluate", "demo", "pretrain-clip", "reproduce"):
         text = (ROOT / "scripts" / f"{script.replace('-', '_')}.py").read_text()
         code = [l for l in text.split('"""')[-1].splitlines() if l.strip()]
         assert f'main(["{script}", *sys.argv[1:]])' in text and len(code) <= 5, script

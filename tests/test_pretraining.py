@@ -186,3 +186,18 @@ def test_config_overrides_are_checked_as_arguments(tiny_clip_dir, tmp_path, caps
     rc = main(["train", "--model_name_or_path", str(tiny_clip_dir), "--output_dir", str(tmp_path),
                "--config_overrides", "aspp_chanels=32"])
     assert rc == 2 and "aspp_chanels" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_pretrain_clip_under_accelerate_launch_with_two_processes(tmp_path):
+    from transformers import CLIPModel
+
+    from conftest import launch_two_processes
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "clip"
+    res = launch_two_processes(root / "scripts" / "pretrain_clip.py", *FAST, "--output_dir", out, port=29571)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((out / "pretraining.json").read_text())
+    assert record["processes"] == 2 and record["max_steps"] == 3
+    CLIPModel.from_pretrained(out)
+    assert res.stdout.count("pretrained CLIP (tiny") == 1  # the main process reports once

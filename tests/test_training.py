@@ -197,6 +197,20 @@ def test_two_processes_agree_and_adapters_load(tiny_clip_dir, tiny_mask, tmp_pat
     AutoModel.from_pretrained(tmp_path / "model")
 
 
+def test_demo_with_two_processes_including_its_baselines(tiny_clip_dir, tmp_path):
+    """Every step of the demo, the baselines' evaluation included, runs as a collective under accelerate
+    launch (a main-process-only evaluation would wait forever in the metric's all-reduce)."""
+    res = launch_two_processes(Path(__file__).parents[1] / "scripts" / "demo.py", "--model_name_or_path", tiny_clip_dir,
+                               "--output_dir", tmp_path, "--target_sparsity", "0.2", "--prune_rate", "0.2",
+                               "--prune_steps_per_round", "1", "--max_steps", "2", "--embedded_size", "8",
+                               "--max_eval_examples", "4", "--batch_size", "4", port=29641, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = summary["comparison"]
+    assert len(rows) == 4 and all(0 <= r["mean_iou"] <= 1 for r in rows.values())
+    assert res.stdout.count("| uniformly random labels |") == 1  # the table is printed once
+
+
 def test_demo_pipeline_end_to_end(tiny_clip_dir, tmp_path):
     from opentrans_hf.cli import main as cli_main
 

@@ -100,7 +100,7 @@ def _run(args: DemoArguments) -> dict:
 
     from dataclasses import replace
 
-    from ..distributed import cpu_only_multiprocess, on_main_process
+    from ..distributed import cpu_only_multiprocess, make_accelerator
     from ..io import atomic_write_text, json_safe, read_json
     from ..pretraining import default_clip
     from ..training.evaluation import results_table
@@ -168,7 +168,7 @@ def _run(args: DemoArguments) -> dict:
     if not args.no_baselines:
         dense = train.run(replace(train_args, mask=None, freeze_rule=None, spectral_warmup_steps=0,
                                   output_dir=str(out / "dense")))
-        comparison = on_main_process(state, lambda: baseline_rows(train_args, clip, metrics, dense))
+        comparison = baseline_rows(train_args, clip, metrics, dense, make_accelerator())  # every process: sharded
     summary = {
         "clip": clip,
         "spectral": spectral,
@@ -211,10 +211,11 @@ def uniform_random_labels(seed: int = 0):
     return UniformRandomLabels()
 
 
-def baseline_rows(train_args, clip: str, metrics: dict, dense: dict) -> dict:
+def baseline_rows(train_args, clip: str, metrics: dict, dense: dict, accelerator=None) -> dict:
     """``{row: metrics}`` on the dataset's own evaluation split (the first row of ``metrics["eval"]``):
     this run's model, the same framework fine-tuned dense, the dense CLIP untrained (training-free dense
-    zero-shot: patch tokens against the class prompts), and uniformly random labels."""
+    zero-shot: patch tokens against the class prompts), and uniformly random labels. With ``accelerator``
+    a collective: every process evaluates its share of the examples."""
     from transformers import CLIPConfig
 
     from ..data.assembly import load_training_data
@@ -226,7 +227,7 @@ def baseline_rows(train_args, clip: str, metrics: dict, dense: dict) -> dict:
     _, eval_splits, _ = load_training_data(train_args, image_size)
     split = {name: eval_splits[name]}
     seen = metrics["train_classes"]
-    common = dict(seen_classes=seen, max_examples=train_args.max_eval_examples)
+    common = dict(seen_classes=seen, max_examples=train_args.max_eval_examples, accelerator=accelerator)
     mask_note = "pruned + spectrally tuned" if train_args.mask else "fine-tuned"
     return {
         f"{metrics['framework']}, {mask_note} (this run)": metrics["eval"][name],
