@@ -168,6 +168,9 @@ def pretrain_clip(output_dir: str | Path, size: str = "small", seed: int = 0, *,
     batch_size = d["batch_size"] if batch_size is None else batch_size
     learning_rate = d["learning_rate"] if learning_rate is None else learning_rate
     num_examples = d["num_examples"] if num_examples is None else num_examples
+    if not 1 <= batch_size <= num_examples:
+        raise ValueError(f"batch_size {batch_size} must be between 1 and num_examples {num_examples} (each batch "
+                         "draws distinct images)")
     t0 = time.time()
 
     tok = build_clip_tokenizer()
@@ -203,9 +206,12 @@ def pretrain_clip(output_dir: str | Path, size: str = "small", seed: int = 0, *,
         patch_logits = dense_class_logits(model, out.vision_model_output.last_hidden_state[:, 1:, :], class_emb)
         losses = caption_losses(out, patch_logits, present)
         loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretraining diverged at step {step}: loss {loss.item()} "
-                                     f"({ {k: round(v.item(), 4) for k, v in losses.items()} })")
+        bad = not torch.isfinite(loss)
+        if accelerator is not None and accelerator.num_processes > 1:  # every process stops at the same step
+            bad = accelerator.reduce(torch.tensor(float(bad), device=device), reduction="sum").item() > 0
+        if bad:
+            raise FloatingPointError(f"pretraining diverged at step {step}: a non-finite loss (this process: "
+                                     f"{ {k: round(v.item(), 4) for k, v in losses.items()} }); nothing was written")
         if accelerator is not None:
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(clip.parameters(), 1.0)

@@ -201,3 +201,18 @@ def test_pretrain_clip_under_accelerate_launch_with_two_processes(tmp_path):
     assert record["processes"] == 2 and record["max_steps"] == 3
     CLIPModel.from_pretrained(out)
     assert res.stdout.count("pretrained CLIP (tiny") == 1  # the main process reports once
+
+
+def test_a_diverging_pretraining_stops_without_writing(tmp_path, monkeypatch, capsys):
+    from opentrans_hf import pretraining
+
+    real = pretraining.caption_losses
+    monkeypatch.setattr(pretraining, "caption_losses",
+                        lambda *a: {**real(*a), "patch": torch.tensor(float("nan"), requires_grad=True)})
+    out = tmp_path / "clip"
+    assert main(["pretrain-clip", *FAST, "--output_dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "pretraining diverged at step 0" in err and "nothing was written" in err
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["pretrain-clip", "--size", "tiny", "--num_examples", "8", "--output_dir", str(out)]) == 2
+    assert "--batch_size 16 is larger than --num_examples 8" in capsys.readouterr().err

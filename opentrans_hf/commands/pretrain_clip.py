@@ -36,8 +36,13 @@ class PretrainClipArguments:
 
     def __post_init__(self):
         check_at_least_one(self, "max_steps", "batch_size", "num_examples")
-        if self.num_examples is not None and self.batch_size is not None and self.batch_size > self.num_examples:
-            raise ArgumentError(f"--batch_size {self.batch_size} is larger than --num_examples {self.num_examples}")
+        from ..pretraining import PRETRAINING_DEFAULTS
+
+        recipe = PRETRAINING_DEFAULTS.get(self.size, {})
+        batch, examples = self.batch_size or recipe.get("batch_size"), self.num_examples or recipe.get("num_examples")
+        if batch is not None and examples is not None and batch > examples:
+            raise ArgumentError(f"--batch_size {batch} is larger than --num_examples {examples} (each batch draws "
+                                "distinct images)")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ArgumentError(f"--learning_rate must be > 0, got {self.learning_rate}")
         custom = [n for n in ("max_steps", "batch_size", "learning_rate", "num_examples") if getattr(self, n) is not None]
