@@ -69,16 +69,18 @@ def run(args: PretrainClipArguments) -> dict:
 
         from ..distributed import cpu_only_multiprocess
 
-        path = pretrained_clip(args.size, args.seed, state=PartialState(cpu=cpu_only_multiprocess()),
-                               progress=not args.no_progress)
+        state = PartialState(cpu=cpu_only_multiprocess())
+        path = pretrained_clip(args.size, args.seed, state=state, progress=not args.no_progress)
         record = read_json(path / "pretraining.json", "pretraining record")
+        if not state.is_main_process:
+            return record
     else:
         accelerator = make_accelerator()
         path = Path(args.output_dir)
         with output_dir_lock(path, accelerator, "pretrain-clip"):  # the finished checkpoint replaces the directory
             record = pretrain_clip(path, args.size, args.seed, max_steps=args.max_steps, batch_size=args.batch_size,
                                    learning_rate=args.learning_rate, num_examples=args.num_examples,
-                                   accelerator=accelerator if accelerator.num_processes > 1 else None,
+                                   accelerator=accelerator,  # its device: a GPU when there is one
                                    progress=not args.no_progress)
         if not accelerator.is_main_process:
             return record
