@@ -55,15 +55,15 @@ class CaptionedImages:
     caption phrasing per draw."""
 
     def __init__(self, num_examples: int, image_size: int, seed: int):
-        from .data.transforms import CLIP_MEAN, CLIP_STD
+        from .data.transforms import SegmentationTransform
 
-        imgs, self.present = [], []
+        to_pixels = SegmentationTransform(image_size)  # the frameworks' evaluation preprocessing
+        pixels, self.present = [], []
         for i in range(num_examples):
             img, lab = render_example(i, image_size, seed + _PRETRAIN_SEED_OFFSET)
-            imgs.append(img)
+            pixels.append(to_pixels(img)[0])
             self.present.append(sorted(int(c) for c in np.unique(lab)))
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
-        self.pixels = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+        self.pixels = torch.stack(pixels)
 
     def __len__(self) -> int:
         return len(self.present)
@@ -123,7 +123,8 @@ def zero_shot_evaluation(clip, tokenizer, *, embedded_size: int = 384, seed: int
         logits = model.patch_logits(batch["pixel_values"].to(clip.logit_scale.device), CLASS_NAMES)
         predicted = F.one_hot(logits.argmax(1).flatten(1), len(CLASS_NAMES)).amax(1).bool().cpu()  # (B, K)
         labels = batch["labels"]
-        truth = torch.stack([torch.bincount(y[y != 255].flatten(), minlength=len(CLASS_NAMES)) > 0 for y in labels])
+        ignore = split.transform.ignore_index
+        truth = torch.stack([torch.bincount(y[y != ignore].flatten(), minlength=len(CLASS_NAMES)) > 0 for y in labels])
         correct += (predicted == truth).float().sum(0)
         n += len(labels)
     if accelerator is not None:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import ArgumentError, check_at_least_one, check_local_paths
+from ..training.evaluation import percent
 from .train import FRAMEWORKS
 
 # what --quick changes (only where the flag itself is not given)
@@ -497,15 +498,15 @@ def _compare(what: str, row: dict, base: dict, row_name: str, base_name: str) ->
             v["difference"] = diff
             if min(a["n"], b["n"]) < 2:
                 v["verdict"] = "cannot tell"
-                text = (f"{label} mIoU {_signed_points(diff)} ({row_name} {_pct(a['mean'])}, {base_name} "
-                        f"{_pct(b['mean'])}): 1 seed: cannot tell noise from difference")
+                text = (f"{label} mIoU {_signed_points(diff)} ({row_name} {percent(a['mean'])}, {base_name} "
+                        f"{percent(b['mean'])}): 1 seed: cannot tell noise from difference")
             else:
                 pooled = math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2)
                 v["threshold"] = 2 * pooled
                 within = abs(diff) < 2 * pooled or diff == 0
                 v["verdict"] = "within noise" if within else "beyond noise"
-                text = (f"{label} mIoU {_signed_points(diff)} ({row_name} {_pct(a['mean'])} ± {_pct(a['std'])}, "
-                        f"{base_name} {_pct(b['mean'])} ± {_pct(b['std'])}; 2 × pooled std = "
+                text = (f"{label} mIoU {_signed_points(diff)} ({row_name} {percent(a['mean'])} ± {percent(a['std'])}, "
+                        f"{base_name} {percent(b['mean'])} ± {percent(b['std'])}; 2 × pooled std = "
                         f"{100 * 2 * pooled:.2f} points): {v['verdict']}")
         verdicts[key] = v
         parts.append(text)
@@ -513,10 +514,6 @@ def _compare(what: str, row: dict, base: dict, row_name: str, base_name: str) ->
 
 
 # ----- rendering -----------------------------------------------------------------------------------------
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
-
 
 def _signed_points(diff: float) -> str:
     return f"{100 * diff:+.2f} points"

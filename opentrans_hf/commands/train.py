@@ -107,11 +107,10 @@ class TrainArguments:
 def check_config_overrides(args) -> None:
     """--config_overrides names settings of --framework's config, with values of their types."""
     if args.config_overrides:
-        from ..frameworks import FRAMEWORKS as CLASSES
-        from ..training.trainer import config_overrides
+        from ..training.trainer import config_overrides, framework_class
 
         try:
-            config_overrides(CLASSES[args.framework], args.config_overrides)
+            config_overrides(framework_class(args.framework), args.config_overrides)
         except ValueError as err:
             raise ArgumentError(str(err)) from None
 
