@@ -1,5 +1,6 @@
 """The jobs of ``opentrans-hf``, one module each: ``analyze``, ``prune``, ``train``, ``evaluate``, ``demo``,
-``pretrain-clip`` (``pretrain_clip.py``), ``reproduce``.
+``pretrain-clip`` (``pretrain_clip.py``), ``reproduce``, ``benchmarks``, ``prepare-dataset``
+(``prepare_dataset.py``), ``predict``.
 
 Every job is an arguments dataclass (parsed by ``transformers.HfArgumentParser``: one ``--flag`` per
 field, snake_case, with its default and, for enumerations, its choices in ``--help``) and one
@@ -25,6 +26,9 @@ COMMANDS = {
     "demo": "the whole pipeline: analyse, prune, spectral fine-tuning with the mask, evaluate",
     "pretrain-clip": "pretrain a small CLIP on the embedded captioned images (the jobs' default CLIP)",
     "reproduce": "the paper's two tables in miniature: mask transfer (dense/Random/Ours) and spectral tuning, over seeds",
+    "benchmarks": "list the standard open-vocabulary benchmarks (classes, label conventions, Hub ids)",
+    "prepare-dataset": "convert a benchmark's official release into a dataset with its conventions and vocabulary",
+    "predict": "segment your own images with a trained model: label maps, overlays with a legend, class areas",
 }
 
 
