@@ -165,18 +165,28 @@ def list_benchmarks() -> list[Benchmark]:
     return [reg[n] for n in BENCHMARK_NAMES]
 
 
+def _key(name) -> str:
+    return "".join(c for c in str(name).lower() if c.isalnum())
+
+
+@lru_cache(maxsize=None)
+def _lookup() -> dict[str, str]:
+    """Normalised names and titles (``ade150``, ``ade20k150``, ``pascalcontext59``, ...) -> name."""
+    return {k: b.name for b in _registry().values() for k in (_key(b.name), _key(b.title))}
+
+
 def get_benchmark(name: str) -> Benchmark:
-    """The benchmark called ``name`` (see :func:`list_benchmarks`); an unknown name is an error listing them."""
-    reg = _registry()
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in reg:
+    """The benchmark called ``name`` (its name or title, case, dashes and spaces ignored: ``ade150``,
+    ``ADE20K-150``); an unknown name is an error listing them."""
+    found = _lookup().get(_key(name))
+    if found is None:
         raise ValueError(f"unknown benchmark {name!r}; the benchmarks are {', '.join(BENCHMARK_NAMES)} "
                          "(opentrans-hf benchmarks lists them)")
-    return reg[key]
+    return _registry()[found]
 
 
 def is_benchmark(name: str) -> bool:
-    return str(name).strip().lower().replace("-", "_") in _registry()
+    return _key(name) in _lookup()
 
 
 PREPARED_RECORD = "benchmark.json"

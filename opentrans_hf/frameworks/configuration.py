@@ -6,6 +6,33 @@ from transformers import CLIPConfig, PretrainedConfig
 
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "there is a {} in the scene.", "a photo of many {}."]
 
+FCCLIP_TEMPLATES = [
+    "a photo of a {}.", "This is a photo of a {}", "There is a {} in the scene", "There is the {} in the scene",
+    "a photo of a {} in the scene", "a photo of a small {}.", "a photo of a medium {}.", "a photo of a large {}.",
+    "This is a photo of a small {}.", "This is a photo of a medium {}.", "This is a photo of a large {}.",
+    "There is a small {} in the scene.", "There is a medium {} in the scene.", "There is a large {} in the scene.",
+]
+"""The 14 prompt templates FC-CLIP evaluates with (ViLD's)."""
+
+PROMPT_TEMPLATE_SETS = {"default": DEFAULT_TEMPLATES, "fcclip": FCCLIP_TEMPLATES}
+"""Prompt-template sets by name: ``prompt_templates="fcclip"`` in a framework config (or ``--prompt_templates
+fcclip`` on evaluate / predict) selects FC-CLIP's evaluation set."""
+
+
+def resolve_prompt_templates(templates) -> list[str]:
+    """A template list from a set name (:data:`PROMPT_TEMPLATE_SETS`) or a list, checked: each has a ``{}``."""
+    if templates is None:
+        return list(DEFAULT_TEMPLATES)
+    if isinstance(templates, str):
+        if templates not in PROMPT_TEMPLATE_SETS:
+            raise ValueError(f"unknown prompt template set {templates!r}; the sets are {sorted(PROMPT_TEMPLATE_SETS)} "
+                             "(or give a list of templates, each with a '{}' for the class name)")
+        return list(PROMPT_TEMPLATE_SETS[templates])
+    out = list(templates)
+    if not out or any(not isinstance(t, str) or "{}" not in t for t in out):
+        raise ValueError(f"every prompt template needs a '{{}}' for the class name; got {out}")
+    return out
+
 
 class OVSConfig(PretrainedConfig):
     """What every framework shares: the CLIP it is built on and the open-vocabulary classifier.
@@ -14,7 +41,11 @@ class OVSConfig(PretrainedConfig):
         clip_config: the ``CLIPConfig`` (as a dict) of the CLIP model inside, so that
             ``from_pretrained`` rebuilds without the original checkpoint.
         clip_name_or_path: where the CLIP came from (informative).
-        prompt_templates: prompt ensemble for the class text embeddings.
+        prompt_templates: prompt ensemble for the class text embeddings: a list of templates with a ``{}``,
+            or the name of a set (``"default"``, ``"fcclip"``: FC-CLIP's 14 evaluation templates).
+        class_name_aggregation: how a class with several names (synonyms) is scored: ``"max"`` over its
+            names (FC-CLIP's and OpenSeg's rule, default), ``"mean"`` of the names' embeddings, or
+            ``"first"`` name only.
         feature_layers: which ViT layers' patch tokens feed the simple feature pyramid, one per level
             (strides 4/8/16/32 for a patch-16 ViT; index into ``hidden_states``, 1 = first layer,
             negative from the end). Default: the layers at 1/4, 1/2, 3/4 and the end of the encoder.
@@ -36,14 +67,18 @@ class OVSConfig(PretrainedConfig):
                  prompt_templates: list[str] | None = None, feature_layers: list[int] | None = None, fpn_channels: int = 64,
                  logit_scale_init: float = 2.6592600,
                  learn_void_embedding: bool = False, freeze_text_encoder: bool = True, image_size: int | None = None,
-                 ignore_index: int = 255, seen_class_names: list[str] | None = None, **kwargs):
+                 ignore_index: int = 255, seen_class_names: list[str] | None = None,
+                 class_name_aggregation: str = "max", **kwargs):
         if isinstance(clip_config, CLIPConfig):
             clip_config = clip_config.to_dict()
         self.clip_config = clip_config if clip_config is not None else CLIPConfig().to_dict()
         self.clip_name_or_path = clip_name_or_path
-        self.prompt_templates = list(prompt_templates or DEFAULT_TEMPLATES)
-        if not self.prompt_templates or any("{}" not in t for t in self.prompt_templates):
-            raise ValueError(f"every prompt template needs a '{{}}' for the class name; got {self.prompt_templates}")
+        self.prompt_templates = resolve_prompt_templates(prompt_templates or None)
+        from .classifier import NAME_AGGREGATIONS
+
+        if class_name_aggregation not in NAME_AGGREGATIONS:
+            raise ValueError(f"class_name_aggregation must be one of {NAME_AGGREGATIONS}, got {class_name_aggregation!r}")
+        self.class_name_aggregation = class_name_aggregation
         num_layers = CLIPConfig(**self.clip_config).vision_config.num_hidden_layers
         if feature_layers is None:
             feature_layers = [max(1, round(num_layers * q)) for q in (0.25, 0.5, 0.75, 1.0)]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import clip_dense_embeddings
+from .classifier import class_scores, class_synonyms
 from .configuration import CLIPFCCLIPConfig
 from .mask2former import CLIPMask2FormerForOVS
 
@@ -52,7 +53,7 @@ class CLIPFCCLIPForOVS(CLIPMask2FormerForOVS):
             dense = dense.transpose(1, 2).reshape(b, d, gh, gw)
             m = F.interpolate(mask_logits.float(), size=(gh, gw), mode="bilinear", align_corners=False).sigmoid()
             pooled = torch.einsum("bqhw,bdhw->bqd", m, dense.float()) / (m.sum((-2, -1))[..., None] + 1e-6)
-            logits = clip.logit_scale.exp() * F.normalize(pooled, dim=-1) @ text.float().t()
+            logits = clip.logit_scale.exp() * class_scores(F.normalize(pooled, dim=-1), text)
             return logits.softmax(-1)
 
     def class_probabilities(self, class_logits, mask_logits, vision_out, text, class_names, grid) -> torch.Tensor:
@@ -62,8 +63,10 @@ class CLIPFCCLIPForOVS(CLIPMask2FormerForOVS):
         p_all = class_logits.softmax(-1)
         p_in = class_logits[..., :k].softmax(-1)
         p_out = self.out_of_vocabulary_probabilities(mask_logits, vision_out, text, grid)
+        # a class counts as seen when any of its names is a training class (FC-CLIP's category overlap)
         seen_names = set(self.config.seen_class_names)
-        seen = torch.tensor([n in seen_names for n in class_names], device=class_logits.device)
+        seen = torch.tensor([not seen_names.isdisjoint(class_synonyms(n)) for n in class_names],
+                            device=class_logits.device)
         probs = geometric_ensemble(p_in, p_out.to(p_in.dtype), seen, self.config.ensemble_alpha,
                                    self.config.ensemble_beta, p_all[..., -1:])
         return probs[..., :k]

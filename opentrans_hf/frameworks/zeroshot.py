@@ -14,15 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import check_pixel_values, clip_dense_embeddings, vit_feature_maps
-from .classifier import OpenVocabClassifier, check_class_names
+from .classifier import OpenVocabClassifier, check_class_names, class_scores
 from .configuration import DEFAULT_TEMPLATES
 
 
 def dense_class_logits(clip, tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
     """(B, N, K) cosine logits, at CLIP's logit scale, of patch tokens (B, N, hidden) of the image
-    encoder's last layer against L2-normalised class text embeddings (K, D)."""
+    encoder's last layer against L2-normalised class text embeddings ((K, D), or (K, M, D) with synonyms:
+    see :func:`~opentrans_hf.frameworks.classifier.class_scores`)."""
     dense = F.normalize(clip_dense_embeddings(clip, tokens).float(), dim=-1)
-    return clip.logit_scale.exp() * dense @ class_embeddings.t()
+    return clip.logit_scale.exp() * class_scores(dense, class_embeddings)
 
 
 class CLIPDenseZeroShot(nn.Module):

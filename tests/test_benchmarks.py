@@ -1,0 +1,149 @@
+"""The benchmark registry (class lists against the published ones), synonym scoring in the classifier
+(FC-CLIP's max over names), prompt-template sets by name, and --benchmark on the jobs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opentrans_hf.benchmarks import BENCHMARK_NAMES, get_benchmark, list_benchmarks
+
+
+# ----- the registry ---------------------------------------------------------------------------------
+COUNTS = {"coco_panoptic133": 133, "coco_stuff171": 171, "ade150": 150, "ade847": 847, "pc59": 59, "pc459": 459,
+          "voc20": 20, "voc21": 21, "cityscapes19": 19}
+
+# (index, first name, a synonym the field's list has) at known positions of the published lists
+SPOT_CHECKS = {
+    "ade150": [(0, "wall", "brick wall"), (1, "building", "edifice"), (2, "sky", None), (12, "person", None),
+               (20, "car", None), (149, "flag", None)],
+    "ade847": [(0, "wall", "stone wall"), (1, "building", "edifice"), (846, "adding machine", "totalizer")],
+    "coco_panoptic133": [(0, "person", "child"), (1, "bicycle", "bike"), (79, "toothbrush", None), (132, "rug", None)],
+    "coco_stuff171": [(0, "person", "girl"), (79, "toothbrush", None), (170, "wood", None)],
+    "pc59": [(0, "aeroplane", "airplane"), (1, "bag", None), (58, "wood piece", None)],
+    "pc459": [(0, "accordion", None), (1, "aeroplane", "airplane"), (458, "wool", None)],
+    "voc21": [(0, "background", "sky"), (1, "aeroplane", "airplane"), (15, "person", None), (20, "tvmonitor", "tv")],
+    "voc20": [(0, "aeroplane", None), (14, "person", None), (19, "tvmonitor", "monitor")],
+    "cityscapes19": [(0, "road", None), (10, "sky", None), (11, "person", None), (13, "car", None), (18, "bicycle", "bike")],
+}
+
+
+@pytest.mark.parametrize("name", BENCHMARK_NAMES)
+def test_every_benchmark_has_the_published_number_of_classes_and_names_at_known_indices(name):
+    b = get_benchmark(name)
+    assert b.num_classes == COUNTS[name] == len(b.class_names) == len(b.raw_ids) == len(b.class_prompts)
+    assert len(set(b.class_names)) == b.num_classes, "display names are unique"
+    assert len(set(b.raw_ids)) == b.num_classes
+    for index, first, synonym in SPOT_CHECKS.get(name, []):
+        assert b.synonyms[index][0] == first, (name, index, b.synonyms[index])
+        if synonym:
+            assert synonym in b.synonyms[index]
+
+
+def test_label_conventions_and_sources():
+    assert get_benchmark("ade150").raw_reduce_labels and get_benchmark("voc20").raw_reduce_labels
+    assert not get_benchmark("voc21").raw_reduce_labels
+    assert get_benchmark("ade847").label_bits == 16 and get_benchmark("ade847").prepared_ignore_index == 65535
+    assert get_benchmark("pc459").label_bits == 16
+    assert all(get_benchmark(n).label_bits == 8 for n in ("ade150", "pc59", "voc20", "voc21", "coco_stuff171", "cityscapes19"))
+    hub = get_benchmark("ade150").hub
+    assert (hub.repo_id, hub.revision, hub.label_column) == ("scene_parse_150", "refs/convert/parquet", "annotation")
+    # raw ids: what the official releases store (ADE challenge 1..150, COCO category ids, Cityscapes labelIds)
+    assert get_benchmark("ade150").raw_ids == tuple(range(1, 151))
+    assert get_benchmark("cityscapes19").raw_ids[:3] == (7, 8, 11) and get_benchmark("cityscapes19").raw_ids[-1] == 33
+    assert get_benchmark("coco_panoptic133").raw_ids[:3] == (1, 2, 3) and get_benchmark("coco_panoptic133").raw_ids[-1] == 200
+    assert get_benchmark("cityscapes19").shortest_side == 1024
+    # ADE20K-847's classes that share a first name get all their names as display name
+    names = get_benchmark("ade847").class_names
+    assert "pot, flowerpot" in names and "pot" in names
+    assert get_benchmark("ADE-150") is get_benchmark("ade150")
+    with pytest.raises(ValueError, match="unknown benchmark 'ade999'.*ade150"):
+        get_benchmark("ade999")
+    assert [b.name for b in list_benchmarks()][0] == "coco_panoptic133"
+
+
+# ----- synonyms in the classifier -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clip_and_tokenizer(tiny_clip_dir):
+    from transformers import AutoTokenizer, CLIPModel
+
+    return CLIPModel.from_pretrained(tiny_clip_dir).eval(), AutoTokenizer.from_pretrained(tiny_clip_dir)
+
+
+def _name_embedding(clip, tok, name, templates):
+    """The reference: one name's embedding as FC-CLIP computes it (normalised features of every template,
+    averaged, normalised), computed here prompt by prompt."""
+    feats = []
+    for t in templates:
+        ids = tok([t.format(name)], return_tensors="pt")
+        f = clip.get_text_features(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+        feats.append(F.normalize(getattr(f, "pooler_output", f).float(), dim=-1)[0])
+    return F.normalize(torch.stack(feats).mean(0), dim=-1)
+
+
+@torch.no_grad()
+def test_a_class_scores_the_maximum_over_its_names(clip_and_tokenizer):
+    from opentrans_hf.frameworks import OpenVocabClassifier
+    from opentrans_hf.frameworks.configuration import FCCLIP_TEMPLATES
+
+    clip, tok = clip_and_tokenizer
+    clf = OpenVocabClassifier(FCCLIP_TEMPLATES, clip.config.projection_dim)
+    classes = ["sky", ("road", "street", "lane"), ("car", "automobile")]
+    text = clf.class_embeddings(clip, tok, classes)
+    assert text.shape == (3, 3, clip.config.projection_dim)
+    x = torch.randn(5, 7, clip.config.projection_dim)
+    logits = clf(x, text)  # (5, 7, 3)
+    ref = {n: _name_embedding(clip, tok, n, FCCLIP_TEMPLATES) for n in ("sky", "road", "street", "lane", "car", "automobile")}
+    xn = F.normalize(x, dim=-1)
+    scale = clf.logit_scale.exp()
+    expected = torch.stack([
+        scale * xn @ ref["sky"],
+        scale * torch.stack([xn @ ref[n] for n in ("road", "street", "lane")]).amax(0),
+        scale * torch.stack([xn @ ref[n] for n in ("car", "automobile")]).amax(0)], -1)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    # one name per class: (K, D), as before
+    assert clf.class_embeddings(clip, tok, ["sky", "road"]).shape == (2, clip.config.projection_dim)
+    # "mean" and "first"
+    mean = OpenVocabClassifier(FCCLIP_TEMPLATES, clip.config.projection_dim, name_aggregation="mean")
+    emb = mean.class_embeddings(clip, tok, classes)
+    torch.testing.assert_close(emb[2], F.normalize((ref["car"] + ref["automobile"]) / 2, dim=0), atol=1e-5, rtol=1e-5)
+    first = OpenVocabClassifier(FCCLIP_TEMPLATES, clip.config.projection_dim, name_aggregation="first")
+    torch.testing.assert_close(first.class_embeddings(clip, tok, classes)[1], ref["road"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="name_aggregation"):
+        OpenVocabClassifier(FCCLIP_TEMPLATES, 8, name_aggregation="sum")
+
+
+def test_class_name_checks_accept_synonyms_and_refuse_bad_entries():
+    from opentrans_hf.frameworks.classifier import check_class_names
+
+    assert check_class_names(["a", ("b", "c"), ["d"], ("e", "e", "f")]) == ["a", ("b", "c"), "d", ("e", "f")]
+    with pytest.raises(ValueError, match=r"class_names\[1\]"):
+        check_class_names(["a", ()])
+    with pytest.raises(ValueError, match=r"class_names\[1\]"):
+        check_class_names(["a", ("b", "")])
+    with pytest.raises(ValueError, match="duplicates: \\['a'\\]"):
+        check_class_names(["a", ("a", "b")])
+
+
+@torch.no_grad()
+def test_frameworks_predict_with_synonyms_and_switch_templates(tiny_clip_dir, tmp_path):
+    from opentrans_hf.frameworks import CLIPDeepLabV3ForOVS, CLIPFCCLIPForOVS
+    from opentrans_hf.frameworks.configuration import FCCLIP_TEMPLATES
+
+    x = torch.randn(2, 3, 32, 32)
+    for cls in (CLIPDeepLabV3ForOVS, CLIPFCCLIPForOVS):
+        model = cls.from_clip(tiny_clip_dir, image_size=32, seen_class_names=["sky"]).eval()
+        # a class given with one extra name that repeats its own name scores exactly as the plain name
+        plain = model(pixel_values=x, class_names=["sky", "road"]).logits
+        same = model(pixel_values=x, class_names=["sky", ("road", "road")]).logits
+        torch.testing.assert_close(plain, same)
+        syn = model(pixel_values=x, class_names=["sky", ("road", "street")]).logits
+        assert syn.shape == plain.shape and not torch.allclose(syn, plain)
+        assert model.predict(x, ["sky", ("road", "street")])[0].shape == (32, 32)
+        model.set_prompt_templates("fcclip")
+        assert model.classifier.templates == FCCLIP_TEMPLATES == model.config.prompt_templates
+        assert not torch.allclose(model(pixel_values=x, class_names=["sky", "road"]).logits, plain)
+        model.save_pretrained(tmp_path / cls.__name__)
+        again = cls.from_pretrained(tmp_path / cls.__name__)
+        assert again.classifier.templates == FCCLIP_TEMPLATES and again.config.class_name_aggregation == "max"
+    with pytest.raises(ValueError, match="unknown prompt template set 'clipx'"):
+        CLIPDeepLabV3ForOVS.from_clip(tiny_clip_dir, prompt_templates="clipx")
