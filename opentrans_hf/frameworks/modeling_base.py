@@ -66,7 +66,8 @@ class OVSPreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.clip = CLIPModel(config.clip)
         self.classifier = OpenVocabClassifier(
-            config.prompt_templates, config.clip.projection_dim, config.logit_scale_init, config.learn_void_embedding
+            config.prompt_templates, config.clip.projection_dim, config.logit_scale_init, config.learn_void_embedding,
+            name_aggregation=config.class_name_aggregation,
         )
         self.tokenizer = tokenizer
 
@@ -174,6 +175,15 @@ class OVSPreTrainedModel(PreTrainedModel):
     def text_embeddings(self, class_names: list[str]) -> torch.Tensor:
         trainable = not self.config.freeze_text_encoder and self.training
         return self.classifier.class_embeddings(self.clip, self.tokenizer, class_names, trainable=trainable)
+
+    def set_prompt_templates(self, templates) -> None:
+        """Score class names with other prompt templates from now on (a set name such as ``"fcclip"``, or a
+        list with ``{}`` each); recorded in the config, so ``save_pretrained`` keeps them."""
+        from .configuration import resolve_prompt_templates
+
+        self.config.prompt_templates = resolve_prompt_templates(templates)
+        self.classifier.templates = list(self.config.prompt_templates)
+        self.classifier.clear_cache()
 
     def check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor, num_classes: int) -> torch.Tensor:
         if labels.dim() != 3 or labels.shape[0] != pixel_values.shape[0] or labels.shape[-2:] != pixel_values.shape[-2:]:
