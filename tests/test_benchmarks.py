@@ -147,3 +147,148 @@ def test_frameworks_predict_with_synonyms_and_switch_templates(tiny_clip_dir, tm
         assert again.classifier.templates == FCCLIP_TEMPLATES and again.config.class_name_aggregation == "max"
     with pytest.raises(ValueError, match="unknown prompt template set 'clipx'"):
         CLIPDeepLabV3ForOVS.from_clip(tiny_clip_dir, prompt_templates="clipx")
+
+
+# ----- benchmarks as data: the Hub copy, prepared directories, --benchmark on the jobs ------------------
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+from datasets import Dataset, DatasetDict, Features  # noqa: E402
+from datasets import Image as ImageFeature  # noqa: E402
+from PIL import Image  # noqa: E402
+
+SIZE = 30  # the tiny CLIP's image size
+
+
+def _rgb(seed, h=SIZE, w=SIZE):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _ade_raw(n=3):
+    """scene_parse_150's parquet form: image, annotation (0 = other, 1..150), scene_category."""
+    labels = []
+    for i in range(n):
+        lab = np.zeros((SIZE, SIZE), np.uint8)
+        lab[:, 10:20] = 1 + i      # wall, building, sky
+        lab[:, 20:] = 150          # flag
+        labels.append(Image.fromarray(lab))
+    return Dataset.from_dict({"image": [_rgb(i) for i in range(n)], "annotation": labels, "scene_category": [0] * n},
+                             features=Features({"image": ImageFeature(), "annotation": ImageFeature(),
+                                                "scene_category": datasets_classlabel()}))
+
+
+def datasets_classlabel():
+    from datasets import ClassLabel
+
+    return ClassLabel(names=["bathroom", "street"])
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """``datasets.load_dataset`` answering for scene_parse_150 only, recording how it was called."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, split=None, revision=None, **kwargs):
+        calls.append(dict(path=path, split=split, revision=revision, **kwargs))
+        if path != "scene_parse_150":
+            raise FileNotFoundError(f"Dataset {path} not found")
+        return _ade_raw()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_a_benchmark_name_loads_its_hub_copy_with_its_names_synonyms_and_conventions(fake_hub):
+    from opentrans_hf.data.assembly import load_source, make_split
+
+    source = load_source("ade150", "validation", SIZE)
+    assert fake_hub == [dict(path="scene_parse_150", split="validation", revision="refs/convert/parquet",
+                             data_dir="scene_parsing")]
+    assert source["names"][:3] == ["wall", "building", "sky"] and len(source["names"]) == 150
+    assert source["prompts"][1] == ("building", "buildings", "edifice", "edifices")
+    assert source["label_column"] == "annotation" and source["benchmark"] == "ade150"
+    split = make_split(source, SIZE)
+    _, y = split[0]
+    # reduce_labels: 0 (other) ignored, 1 -> 0 (wall), 150 -> 149 (flag)
+    assert y[0, 0] == 255 and y[0, 10] == 0 and y[0, 25] == 149
+    assert "benchmark ade150" in split.vocabulary and "reduce_labels" in split.vocabulary
+    assert split.class_prompts[1] == ("building", "buildings", "edifice", "edifices")
+    # a benchmark without a Hub copy says how to prepare it
+    with pytest.raises(ValueError, match="prepare-dataset pc59 --raw_dir"):
+        load_source("pc59", "validation", SIZE)
+
+
+def _prepared(tmp_path, name, ignore, values, bits=8):
+    """A directory as prepare-dataset writes it: DatasetDict + id2label.json + benchmark.json."""
+    from opentrans_hf.benchmarks import get_benchmark
+
+    b = get_benchmark(name)
+    labels = []
+    for i in range(2):
+        lab = np.full((SIZE, SIZE), ignore, np.uint16 if bits == 16 else np.uint8)
+        for j, v in enumerate(values):
+            lab[:, 5 * j : 5 * j + 5] = v
+        labels.append(Image.fromarray(lab))
+    ds = Dataset.from_dict({"image": [_rgb(i) for i in range(2)], "label": labels},
+                           features=Features({"image": ImageFeature(), "label": ImageFeature()}))
+    out = tmp_path / name
+    DatasetDict({"validation": ds, "train": ds}).save_to_disk(out)
+    (out / "id2label.json").write_text(json.dumps({str(i): n for i, n in enumerate(b.class_names)}))
+    (out / "benchmark.json").write_text(json.dumps({"benchmark": name, "title": b.title, "num_classes": len(b),
+                                                    "ignore_index": ignore, "label_bits": bits,
+                                                    "splits": ["validation", "train"], "format_version": 1}))
+    return out
+
+
+def test_a_prepared_directory_brings_its_benchmark_without_flags(tmp_path):
+    from opentrans_hf.data.assembly import load_split
+
+    out = _prepared(tmp_path, "pc459", 65535, [0, 300, 458], bits=16)
+    split = load_split(str(out), "validation", SIZE)
+    assert len(split.class_names) == 459 and split.class_prompts[1] == ("aeroplane", "aeroplanes", "airplanes", "airplane")
+    _, y = split[0]
+    assert set(y.unique().tolist()) == {0, 300, 458, 255}  # 65535 is the prepared ignore value
+    assert "prepared" in split.vocabulary and "ignore 65535" in split.vocabulary
+    with pytest.raises(ValueError, match="prepared as benchmark 'pc459'"):
+        from opentrans_hf.data.assembly import load_source
+
+        load_source(str(out), "validation", SIZE, benchmark="voc21")
+
+
+def test_evaluate_and_train_with_benchmark(tiny_clip_dir, tmp_path, fake_hub, capsys):
+    from opentrans_hf.cli import main as cli_main
+    from opentrans_hf.frameworks import CLIPDeepLabV3ForOVS
+
+    model_dir = tmp_path / "model"
+    CLIPDeepLabV3ForOVS.from_clip(str(tiny_clip_dir), image_size=SIZE, seen_class_names=["wall"]).save_pretrained(model_dir)
+    voc = _prepared(tmp_path, "voc21", 255, [0, 15, 20])
+    out = tmp_path / "eval.json"
+    rc = cli_main(["evaluate", "--model", str(model_dir), "--benchmark", "ADE20K-150", "--datasets", str(voc),
+                   "--out", str(out), "--batch_size", "2"])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"ade150:validation", f"{voc}:validation"}
+    assert len(results["ade150:validation"]["per_category_iou"]) == 150
+    assert len(results[f"{voc}:validation"]["per_category_iou"]) == 21
+    assert "benchmark ade150" in results["ade150:validation"]["vocabulary"]
+
+    # train on a prepared benchmark: every class seen, synonyms recorded as seen names
+    from opentrans_hf.commands import parse_args
+    from opentrans_hf.commands.train import run
+
+    metrics = run(parse_args("train", ["--model_name_or_path", str(tiny_clip_dir), "--benchmark", "voc21",
+                                       "--dataset", str(voc), "--output_dir", str(tmp_path / "run"), "--batch_size", "2",
+                                       "--max_steps", "1", "--max_eval_examples", "2"]))
+    assert len(metrics["train_classes"]) == 21 and metrics["holdout_classes"] == []
+    seen = CLIPDeepLabV3ForOVS.from_pretrained(tmp_path / "run" / "model").config.seen_class_names
+    assert seen[:21] == metrics["train_classes"] and "tv" in seen and "airplane" in seen
+
+    # bad input: unknown benchmark, names given beside a benchmark, a benchmark without a Hub copy
+    assert cli_main(["evaluate", "--model", str(model_dir), "--benchmark", "ade999"]) == 2
+    assert "unknown benchmark 'ade999'" in capsys.readouterr().err
+    assert cli_main(["train", "--benchmark", "voc21", "--class_names", "a", "b"]) == 2
+    assert "brings its class names" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--model", str(model_dir), "--datasets", "pc59"]) == 1
+    assert "prepare-dataset pc59" in capsys.readouterr().err

@@ -116,6 +116,12 @@ def _entry(name: str, title: str, **kwargs) -> Benchmark:
     return Benchmark(name=name, title=title, raw_ids=ids, synonyms=synonyms, **kwargs)
 
 
+PASCAL_CONTEXT_LAYOUT = ("VOCdevkit/VOC2010/JPEGImages/*.jpg, VOCdevkit/VOC2010/ImageSets/Main/{train,val}.txt, "
+                         "trainval/*.mat (Pascal Context's 459-label LabelMap; also VOCdevkit/VOC2010/trainval/)")
+VOC_LAYOUT = ("VOCdevkit/VOC2012/JPEGImages/*.jpg, VOCdevkit/VOC2012/SegmentationClass/*.png, "
+              "VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt")
+
+
 @lru_cache(maxsize=None)
 def _registry() -> dict[str, Benchmark]:
     entries = [
@@ -138,16 +144,14 @@ def _registry() -> dict[str, Benchmark]:
                           "each (class = R / 10 * 256 + G, the full ADE20K index)",
                notes="images with a shorter side over 512 are resized to 512, as the field's preparation does"),
         _entry("pc59", "Pascal Context-59",
-               raw_layout="VOCdevkit/VOC2010/JPEGImages/*.jpg, VOCdevkit/VOC2010/ImageSets/Main/{train,val}.txt, "
-                          "trainval/*.mat (Pascal Context's 459-label LabelMap; also VOCdevkit/VOC2010/trainval/)",
+               raw_layout=PASCAL_CONTEXT_LAYOUT,
                notes="the 59 frequent classes; every other label is ignored"),
         _entry("pc459", "Pascal Context-459", label_bits=16, raw_ignore_index=65535,
-               raw_layout="as pc59", notes="all 459 labels"),
+               raw_layout=PASCAL_CONTEXT_LAYOUT, notes="all 459 labels"),
         _entry("voc20", "Pascal VOC-20", raw_reduce_labels=True,
-               raw_layout="VOCdevkit/VOC2012/JPEGImages/*.jpg, VOCdevkit/VOC2012/SegmentationClass/*.png, "
-                          "VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt",
+               raw_layout=VOC_LAYOUT,
                notes="background ignored"),
-        _entry("voc21", "Pascal VOC-21", raw_layout="as voc20", notes="background is a class (with many synonyms)"),
+        _entry("voc21", "Pascal VOC-21", raw_layout=VOC_LAYOUT, notes="background is a class (with many synonyms)"),
         _entry("cityscapes19", "Cityscapes-19", shortest_side=1024, max_size=2560,
                raw_layout="leftImg8bit/{train,val}/<city>/*_leftImg8bit.png, "
                           "gtFine/{train,val}/<city>/*_gtFine_labelIds.png (labelIds -> the 19 trainIds)"),

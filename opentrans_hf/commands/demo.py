@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from . import ArgumentError, check_at_least_one, check_local_paths
-from .train import FRAMEWORKS, FreezeRule, Framework, check_config_overrides, check_data_arguments
+from .train import FRAMEWORKS, FreezeRule, Framework, check_benchmark, check_config_overrides, check_data_arguments
 
 
 @dataclass
@@ -41,7 +41,8 @@ class DemoArguments:
     class_names: list[str] | None = field(default=None, metadata={"help": "class names of --dataset, index = label value"})
     id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names of --dataset"})
     reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K), for --dataset"})
-    ignore_index: int = field(default=255, metadata={"help": "label value of unlabelled pixels in --dataset"})
+    ignore_index: int | None = field(default=None, metadata={"help": "label value of unlabelled pixels in --dataset (default: 255, or the benchmark's)"})
+    benchmark: str | None = field(default=None, metadata={"help": "train on a standard benchmark (opentrans-hf benchmarks), e.g. coco_panoptic133: its class names with synonyms and label conventions; its Hub copy unless --dataset gives the data (a prepare-dataset directory or the raw form)"})
     holdout_classes: list[str] | None = field(default=None, metadata={"help": "classes left out of training, evaluated zero-shot ('none': train on all)"})
     framework: Framework = field(default="deeplabv3", metadata={"help": "OVS framework"})
     config_overrides: str | None = field(default=None, metadata={"help": "framework config settings, 'key=value,...' (as train's --config_overrides)"})
@@ -70,6 +71,7 @@ class DemoArguments:
                                 f"got {self.spectral_warmup_steps}")
         check_config_overrides(self)
         check_local_paths(self, "model_name_or_path")
+        check_benchmark(self)
         check_data_arguments(self)
 
 
@@ -158,6 +160,7 @@ def _run(args: DemoArguments) -> dict:
         image_column=args.image_column, label_column=args.label_column, class_names=args.class_names,
         id2label=args.id2label, reduce_labels=args.reduce_labels, holdout_classes=args.holdout_classes,
         ignore_index=args.ignore_index, validation_split_percentage=args.validation_split_percentage,
+        benchmark=args.benchmark,
     )
     metrics = train.run(train_args)
     t_train = time.time() - t0 - t_clip - t_spectral - t_prune

@@ -7,6 +7,11 @@ processes) and plain ``python``:
 
 Steps vs epochs as in transformers: --num_epochs sets the length unless --max_steps is positive.
 
+Benchmarks: --benchmark NAME (e.g. coco_panoptic133, the field's training vocabulary; `opentrans-hf
+benchmarks` lists them) trains on that benchmark: its Hub copy, or the data --dataset gives (a directory
+written by `opentrans-hf prepare-dataset`, or the benchmark in its raw form), with its class names and
+synonyms, its label conventions, and every class seen.
+
 Data: --class_names / --id2label / --reduce_labels / --ignore_index / --image_column / --label_column
 describe --dataset (its training split and its evaluation split) and nothing else. Its class names come
 from those flags or from the dataset itself (an id2label.json in its directory or Hub repo, a ClassLabel
@@ -54,7 +59,8 @@ class TrainArguments:
     id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names of --dataset"})
     holdout_classes: list[str] | None = field(default=None, metadata={"help": "classes left out of training (labels ignored), evaluated zero-shot ('none': train on all). Default for the embedded dataset: its held-out classes"})
     reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K), for --dataset"})
-    ignore_index: int = field(default=255, metadata={"help": "label value of unlabelled pixels in --dataset"})
+    ignore_index: int | None = field(default=None, metadata={"help": "label value of unlabelled pixels in --dataset (default: 255, or the benchmark's)"})
+    benchmark: str | None = field(default=None, metadata={"help": "train on a standard benchmark (opentrans-hf benchmarks), e.g. coco_panoptic133: its class names with synonyms and label conventions; its Hub copy unless --dataset gives the data (a prepare-dataset directory or the raw form)"})
     config_overrides: str | None = field(default=None, metadata={"help": "framework config settings, 'key=value,key=value' as transformers' PretrainedConfig.update_from_string reads them, e.g. 'clip_residual=true,aspp_channels=128' (see the framework's config class)"})
     image_size: int | None = field(default=None, metadata={"help": "train/eval resolution (default: CLIP's image size)"})
     spectral_config: str | None = field(default=None, metadata={"help": "SpectralTuningConfig: adapter dir / Hub id or a JSON file"})
@@ -101,6 +107,7 @@ class TrainArguments:
         check_spectral_warmup(self)
         check_config_overrides(self)
         check_local_paths(self, "model_name_or_path", "mask", "spectral_config")
+        check_benchmark(self)
         check_data_arguments(self)
 
 
@@ -138,6 +145,24 @@ def check_spectral_warmup(args) -> None:
             check_warmup_config(spectral_config_of(args, None), n, f"--spectral_config {args.spectral_config}")
         except ValueError as err:
             raise ArgumentError(str(err)) from err
+
+
+def check_benchmark(args) -> None:
+    """--benchmark: a known name (normalised), with no class names of its own given; the data is its Hub
+    copy unless --dataset names other data."""
+    if not args.benchmark:
+        return
+    from ..benchmarks import get_benchmark
+
+    try:
+        args.benchmark = get_benchmark(args.benchmark).name
+    except ValueError as err:
+        raise ArgumentError(f"--benchmark: {err}") from err
+    given = [flag for flag, value in (("--class_names", args.class_names), ("--id2label", args.id2label)) if value]
+    if given:
+        raise ArgumentError(f"--benchmark {args.benchmark} brings its class names; {' / '.join(given)} cannot be given with it")
+    if args.dataset == EMBEDDED:
+        args.dataset = args.benchmark
 
 
 def check_data_arguments(args) -> None:

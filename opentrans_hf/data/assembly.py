@@ -11,16 +11,40 @@ CLI_FLAGS = ("--class_names", "--id2label", "--vocabulary")
 
 def load_source(name: str, split: str, image_size: int, *, seed: int = 0, embedded_size: int = 192,
                 class_names=None, id2label=None, vocabulary=None, image_column=None, label_column=None,
-                flags: tuple[str, str, str] = CLI_FLAGS) -> dict:
-    """One split of a dataset (``'embedded'``, Hub name, ``save_to_disk`` dir or image/label folder):
-    the HF dataset, its class names (see :mod:`~opentrans_hf.data.vocabulary`: an explicit source, else
-    the dataset's own ``id2label.json`` or label-column ``ClassLabel``, never a guess) and where they came
-    from, its columns, and its default held-out classes. ``flags`` name the explicit sources in messages."""
-    from .loading import find_columns, find_id2label, load_segmentation_dataset
-    from .vocabulary import Vocabulary, resolve_vocabulary
+                benchmark: str | None = None, flags: tuple[str, str, str] = CLI_FLAGS) -> dict:
+    """One split of a dataset (``'embedded'``, a benchmark name, Hub name, ``save_to_disk`` dir or
+    image/label folder): the HF dataset, its class names (see :mod:`~opentrans_hf.data.vocabulary`: an
+    explicit source, else the dataset's own ``benchmark.json`` / ``id2label.json`` / label-column
+    ``ClassLabel``, never a guess), what the model is given per class (``prompts``: synonyms), where the
+    names came from, its columns, its default held-out classes and its label conventions
+    (``reduce_labels``, ``ignore_index``: a benchmark's raw ones, a prepared benchmark's, else none).
+
+    ``benchmark``: the data is this benchmark (:mod:`opentrans_hf.benchmarks`) in its raw form (a
+    benchmark name as ``name`` implies it): its names and conventions apply. A directory written by
+    ``prepare-dataset`` carries its benchmark in its ``benchmark.json``. ``flags`` name the explicit
+    sources in messages."""
+    from .loading import find_columns, find_id2label, find_prepared_record, load_segmentation_dataset
+    from .specs import benchmark_name
+    from .vocabulary import Vocabulary, benchmark_vocabulary, resolve_vocabulary
 
     what = f"dataset {name!r} split {split!r}"
     searched = ""
+    conventions = {}
+    if benchmark is not None:
+        from ..benchmarks import get_benchmark
+
+        benchmark = get_benchmark(benchmark).name
+    else:
+        benchmark = benchmark_name(name) if name != EMBEDDED else None
+    record, record_file = find_prepared_record(name) if name != EMBEDDED else (None, None)
+    if record is not None:
+        if benchmark is not None and benchmark != record["benchmark"]:
+            raise ValueError(f"{what}: it was prepared as benchmark {record['benchmark']!r} ({record_file}), not "
+                             f"{benchmark!r}")
+        benchmark = record["benchmark"]
+    if benchmark is not None and (class_names or id2label or vocabulary):
+        raise ValueError(f"{what} is benchmark {benchmark!r}, which brings its own class names: give "
+                         f"{' / '.join(f for f, v in zip(flags, (class_names, id2label, vocabulary)) if v)} only for other data")
     if name == EMBEDDED:
         from . import synthetic
 
@@ -29,27 +53,45 @@ def load_source(name: str, split: str, image_size: int, *, seed: int = 0, embedd
         holdout = list(synthetic.HELD_OUT_CLASSES)
     else:
         ds = load_segmentation_dataset(name, split)
-        own, searched = find_id2label(name)
         holdout = []
+        if record is not None:
+            own = benchmark_vocabulary(benchmark, f"prepared: {record_file}")
+            conventions = {"reduce_labels": False, "ignore_index": int(record.get("ignore_index", 255))}
+        elif benchmark is not None:
+            from ..benchmarks import get_benchmark
+
+            bench = get_benchmark(benchmark)
+            own = benchmark_vocabulary(benchmark, "raw labels")
+            conventions = {"reduce_labels": bench.raw_reduce_labels, "ignore_index": bench.raw_ignore_index}
+            if bench.hub is not None and not Path(name).exists():
+                image_column = image_column or bench.hub.image_column
+                label_column = label_column or bench.hub.label_column
+        else:
+            own, searched = find_id2label(name)
     img_col, lab_col = find_columns(ds, image_column, label_column)
     if lab_col is None:
         raise ValueError(f"{what} has no label column (columns: {ds.column_names}); name it with --label_column "
                          "(or \"label_column\" in a dataset spec)")
     vocab = resolve_vocabulary(ds, label_column=lab_col, class_names=class_names, id2label=id2label,
                                vocabulary=vocabulary, own=own, what=what, flags=flags, searched=searched)
-    return {"ds": ds, "names": list(vocab.names), "vocabulary": vocab.source, "image_column": img_col,
-            "label_column": lab_col, "holdout": holdout, "dataset": name, "split": split}
+    return {"ds": ds, "names": list(vocab.names), "prompts": vocab.class_prompts, "vocabulary": vocab.source,
+            "image_column": img_col, "label_column": lab_col, "holdout": holdout, "dataset": name, "split": split,
+            "benchmark": benchmark, **conventions}
 
 
 def make_split(source: dict, image_size: int, *, train: bool = False, reduce_labels: bool = False,
                ignore_index: int | None = None, keep_classes=None, seed: int = 0):
     """A :class:`SegmentationSplit` of a :func:`load_source` result with the training or evaluation
-    transform; ``ignore_index`` is the dataset's value for unlabelled pixels (default 255). Checked to
-    have a labelled pixel (an error, not a NaN mIoU later)."""
+    transform; ``ignore_index`` is the dataset's value for unlabelled pixels (default: the source's
+    convention, else 255), ``reduce_labels`` applies if asked or if the source's convention says so.
+    Checked to have a labelled pixel (an error, not a NaN mIoU later)."""
     from .transforms import SegmentationTransform
     from .splits import SegmentationSplit
 
     names = source["names"]
+    reduce_labels = bool(reduce_labels or source.get("reduce_labels", False))
+    if ignore_index is None:
+        ignore_index = source.get("ignore_index")
     void = None if ignore_index is None or ignore_index == SegmentationTransform.ignore_index else int(ignore_index)
     tf = SegmentationTransform(image_size, train=train, reduce_labels=reduce_labels, num_labels=len(names),
                                label_ignore_index=void)
@@ -63,7 +105,8 @@ def make_split(source: dict, image_size: int, *, train: bool = False, reduce_lab
     split = SegmentationSplit(source["ds"], source["image_column"], source["label_column"], names, tf,
                               keep_classes=keep_classes, seed=seed,
                               origin=(source.get("dataset", "?"), source.get("split", "?")),
-                              vocabulary=", ".join(conventions))
+                              vocabulary=", ".join(conventions), class_prompts=source.get("prompts"))
+    split.benchmark = source.get("benchmark")
     split.check_labelled()
     return split
 
@@ -131,7 +174,7 @@ def load_training_data(args, image_size: int):
 
     common = dict(seed=args.seed, embedded_size=args.embedded_size)
     options = dict(class_names=args.class_names, id2label=args.id2label, image_column=args.image_column,
-                   label_column=args.label_column)
+                   label_column=args.label_column, benchmark=getattr(args, "benchmark", None))
     labels = dict(reduce_labels=args.reduce_labels, ignore_index=getattr(args, "ignore_index", None))
     source = load_source(args.dataset, args.train_split, image_size, **common, **options)
     percentage = getattr(args, "validation_split_percentage", None)

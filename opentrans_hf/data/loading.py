@@ -25,6 +25,9 @@ def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", re
     * an image/label folder: ``<dir>/<split>/images`` + ``<dir>/<split>/labels``, paired by file stem;
       a folder without split folders (``<dir>/images`` + ``<dir>/labels``) is the ``train`` split, as in
       ``datasets``' imagefolder;
+    * a benchmark name of :mod:`opentrans_hf.benchmarks` (``ade150``): its Hub copy, in the form the
+      registry records (repo, revision such as ``refs/convert/parquet``, sub-folder, split names); a
+      benchmark without one is an error saying how to prepare it;
     * a Hugging Face Hub dataset name (``datasets.load_dataset``).
 
     A split the dataset does not have is an error, never another split; so is an empty split.
@@ -32,6 +35,19 @@ def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", re
     import datasets
 
     p = Path(name_or_path)
+    data_dir = None
+    if not p.exists():
+        from ..benchmarks import get_benchmark, is_benchmark
+
+        if is_benchmark(name_or_path):
+            bench = get_benchmark(name_or_path)
+            if bench.hub is None:
+                raise ValueError(
+                    f"benchmark {bench.name} ({bench.title}) has no copy on the Hugging Face Hub: prepare it from its "
+                    f"official release with `opentrans-hf prepare-dataset {bench.name} --raw_dir DIR --output_dir OUT` "
+                    "and give OUT as the dataset")
+            name_or_path, revision, data_dir = bench.hub.repo_id, revision or bench.hub.revision, bench.hub.data_dir
+            split = bench.hub.splits.get(split, split)
     if p.is_dir():
         if (p / "dataset_dict.json").is_file():
             splits = _dataset_dict_splits(p)
@@ -73,7 +89,8 @@ def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", re
 
     def load():
         try:
-            return datasets.load_dataset(str(name_or_path), split=split, revision=revision)
+            extra = {"data_dir": data_dir} if data_dir else {}
+            return datasets.load_dataset(str(name_or_path), split=split, revision=revision, **extra)
         except ValueError as err:
             if "unknown split" in str(err).lower():
                 raise _MissingSplit(str(err)) from err
@@ -144,6 +161,28 @@ def find_id2label(name_or_path: str | Path, revision: str | None = None):
         return None, f"the Hub repo's {ID2LABEL_FILE} could not be fetched ({err})"
     where = f"{ID2LABEL_FILE} of Hub dataset {str(name_or_path)!r}"
     return Vocabulary(read_id2label(path, where), where), ""
+
+
+def find_prepared_record(name_or_path) -> tuple[dict | None, Path | None]:
+    """``(record, file)`` of the ``benchmark.json`` that ``opentrans-hf prepare-dataset`` wrote beside a
+    dataset (in its directory, or for a split directory of a ``DatasetDict``, in the ``DatasetDict``'s),
+    or ``(None, None)``. A record naming no known benchmark is an error naming the file."""
+    from ..benchmarks.registry import PREPARED_RECORD, is_benchmark
+
+    p = Path(name_or_path)
+    if not p.is_dir():
+        return None, None
+    candidates = [p / PREPARED_RECORD]
+    if p.name in _dataset_dict_splits(p.parent):
+        candidates.append(p.parent / PREPARED_RECORD)
+    for f in candidates:
+        if f.is_file():
+            record = read_json(f, "prepared benchmark record")
+            if not isinstance(record, dict) or not is_benchmark(record.get("benchmark", "")):
+                raise ValueError(f"{f}: expected {{\"benchmark\": NAME, \"ignore_index\": ...}} naming a known benchmark "
+                                 f"(opentrans-hf benchmarks), got {str(record)[:200]}")
+            return record, f
+    return None, None
 
 
 def _image_label_folder(root: Path):

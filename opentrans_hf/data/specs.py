@@ -3,20 +3,25 @@ reduction, void value, columns). Each evaluation dataset has its own.
 
 A spec on the command line (``evaluate --datasets``, ``train`` / ``demo --eval_datasets``) is either
 
-* ``NAME[:SPLIT]``: a dataset that carries its own class names (``embedded``, a directory or Hub repo
-  with an ``id2label.json``, a label column with a ``ClassLabel`` feature); SPLIT defaults to
-  ``validation``; or
+* ``NAME[:SPLIT]``: a dataset that carries its own class names (``embedded``, a benchmark name such as
+  ``ade150`` (its Hub copy, names and label conventions; see ``opentrans-hf benchmarks``), a directory
+  written by ``opentrans-hf prepare-dataset``, a directory or Hub repo with an ``id2label.json``, a
+  label column with a ``ClassLabel`` feature); SPLIT defaults to ``validation``; or
 * the path of a ``.json`` file with one object::
 
-      {"dataset": "ade20k_dir",             # required: Hub name, save_to_disk dir, image/label folder, "embedded"
+      {"dataset": "ade20k_dir",             # Hub name, save_to_disk dir, image/label folder, "embedded"
+       "benchmark": "ade150",               # the data is this benchmark in its raw form: its names (with
+                                            # synonyms), reduce_labels, ignore value; alone: its Hub copy
        "split": "validation",               # default "validation"
        "name": "ade150",                    # row name in the results; default "DATASET:SPLIT"
        "id2label": {"0": "wall", ...},      # or the path of an id2label JSON file ...
        "class_names": ["wall", ...],        # ... or a list ...
-       "vocabulary": "ade150",              # ... or a named benchmark vocabulary (at most one of the three)
+       "vocabulary": "ade150",              # ... or a named vocabulary (at most one of the three)
        "reduce_labels": true,               # label 0 -> ignored, the others -1 (ADE20K); default false
        "ignore_index": 255,                 # the dataset's label value for unlabelled pixels; default 255
        "image_column": "image", "label_column": "annotation"}   # default: detected
+
+  ``dataset`` or ``benchmark`` is required.
 
   Relative paths in it (``dataset``, an ``id2label`` file) are relative to the spec file's directory
   (a ``dataset`` that is no path there is taken as given: a Hub name).
@@ -43,9 +48,13 @@ class DatasetSpec:
     class_names: list[str] | None = None
     vocabulary: str | None = None
     reduce_labels: bool = False
-    ignore_index: int = DEFAULT_IGNORE_INDEX
+    ignore_index: int | None = None
+    """None: 255, or what the benchmark / prepared record says."""
     image_column: str | None = None
     label_column: str | None = None
+    benchmark: str | None = None
+    """The benchmark the data is (:mod:`opentrans_hf.benchmarks`): names with synonyms, label conventions
+    and, in ``evaluate``, the field's evaluation protocol."""
     origin: str | None = field(default=None, compare=False)
     """The spec file it was read from (None for ``NAME[:SPLIT]``)."""
 
@@ -58,7 +67,7 @@ class DatasetSpec:
     def label_options(self) -> dict:
         """The keyword arguments of :func:`~opentrans_hf.data.assembly.load_source` this spec sets."""
         return dict(class_names=self.class_names, id2label=self.id2label, vocabulary=self.vocabulary,
-                    image_column=self.image_column, label_column=self.label_column)
+                    image_column=self.image_column, label_column=self.label_column, benchmark=self.benchmark)
 
     @property
     def is_file(self) -> bool:
@@ -67,7 +76,8 @@ class DatasetSpec:
 
 SPEC_KEYS = tuple(f.name for f in fields(DatasetSpec) if f.name != "origin")
 _TYPES = {"dataset": str, "split": str, "name": str, "id2label": (str, dict), "class_names": list,
-          "vocabulary": str, "reduce_labels": bool, "ignore_index": int, "image_column": str, "label_column": str}
+          "vocabulary": str, "reduce_labels": bool, "ignore_index": int, "image_column": str, "label_column": str,
+          "benchmark": str}
 
 
 def is_spec_file(spec: str) -> bool:
@@ -80,9 +90,21 @@ def parse_dataset_spec(spec: str, default_split: str = DEFAULT_SPLIT) -> Dataset
     if is_spec_file(spec):
         return read_spec_file(spec, default_split)
     if Path(spec).exists() or ":" not in spec:
-        return DatasetSpec(dataset=spec, split=default_split)
-    name, _, split = spec.rpartition(":")
-    return DatasetSpec(dataset=name, split=split or default_split)
+        name, split = spec, default_split
+    else:
+        name, _, split = spec.rpartition(":")
+        split = split or default_split
+    return DatasetSpec(dataset=name, split=split, benchmark=benchmark_name(name))
+
+
+def benchmark_name(dataset: str) -> str | None:
+    """The registered name of a dataset given as a benchmark name (``ADE20K-150`` -> ``ade150``); None for
+    anything else (an existing path is always a path)."""
+    from ..benchmarks import get_benchmark, is_benchmark
+
+    if Path(dataset).exists() or not is_benchmark(dataset):
+        return None
+    return get_benchmark(dataset).name
 
 
 def read_spec_file(path: str | Path, default_split: str = DEFAULT_SPLIT) -> DatasetSpec:
@@ -105,9 +127,17 @@ def read_spec_file(path: str | Path, default_split: str = DEFAULT_SPLIT) -> Data
         if value is not None and (not isinstance(value, kinds) or bad_bool):
             expected = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
             raise ValueError(f"{where}: {key!r} must be a {expected}, got {json.dumps(value)}")
+    if raw.get("benchmark"):
+        from ..benchmarks import get_benchmark
+
+        try:
+            raw["benchmark"] = get_benchmark(raw["benchmark"]).name
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        raw.setdefault("dataset", raw["benchmark"])
     if not raw.get("dataset"):
-        raise ValueError(f"{where}: 'dataset' is required (a Hub name, a save_to_disk directory, an image/label "
-                         "folder or 'embedded')")
+        raise ValueError(f"{where}: 'dataset' or 'benchmark' is required (a Hub name, a save_to_disk directory, an "
+                         "image/label folder or 'embedded'; a benchmark name)")
     values = {k: v for k, v in raw.items() if v is not None}
     values.setdefault("split", default_split)
     here = path.parent
@@ -118,4 +148,6 @@ def read_spec_file(path: str | Path, default_split: str = DEFAULT_SPLIT) -> Data
         values["id2label"] = str(here / values["id2label"])
     if "class_names" in values and not all(isinstance(c, str) for c in values["class_names"]):
         raise ValueError(f"{where}: 'class_names' must be a list of strings")
+    if "benchmark" not in values:
+        values["benchmark"] = benchmark_name(values["dataset"])
     return DatasetSpec(**values, origin=str(path))

@@ -4,10 +4,12 @@ Names are never guessed. They come from, in this order:
 
 1. an explicit source, at most one: a list of names (``--class_names``, ``"class_names"`` in a dataset
    spec), an ``id2label`` mapping or JSON file (``--id2label``, ``"id2label"``), or a named benchmark
-   vocabulary (``"vocabulary"``; see :data:`VOCABULARIES`);
-2. metadata that describes the label map itself: an ``id2label.json`` in the dataset's directory or
-   Hub repo (as transformers' semantic-segmentation examples read it), or a ``ClassLabel`` feature of
-   the label column itself (e.g. ``List(List(ClassLabel))``).
+   vocabulary (``--benchmark``, ``"vocabulary"``: one of :mod:`opentrans_hf.benchmarks`, with its synonyms,
+   or one registered in :data:`VOCABULARIES`);
+2. metadata that describes the label map itself: the ``benchmark.json`` of a dataset written by
+   ``opentrans-hf prepare-dataset``, an ``id2label.json`` in the dataset's directory or Hub repo (as
+   transformers' semantic-segmentation examples read it), or a ``ClassLabel`` feature of the label
+   column itself (e.g. ``List(List(ClassLabel))``).
 
 A ``ClassLabel`` of another column (ADE20K's ``scene_category``, a per-image list of present classes)
 describes something else and is never used. When the explicit names and the dataset's own names
@@ -24,9 +26,9 @@ from ..io import read_json
 ID2LABEL_FILE = "id2label.json"
 
 VOCABULARIES: dict[str, tuple[str, ...]] = {}
-"""Named benchmark vocabularies (``{"ade150": ("wall", "building", ...)}``) that a dataset spec can
-refer to with ``"vocabulary": NAME``. None are registered yet: register one here (or at run time,
-``VOCABULARIES[name] = names``) with names from the benchmark's official id2label."""
+"""Extra named vocabularies (``{"my_labels": ("wall", "building", ...)}``) that a dataset spec can refer to
+with ``"vocabulary": NAME``, beside the benchmarks of :mod:`opentrans_hf.benchmarks` (``ade150``, ...),
+which are always known. Register one at run time: ``VOCABULARIES[name] = names``."""
 
 SOURCES_HINT = (
     "class names come from --id2label FILE ({\"0\": \"wall\", ...}) or --class_names A B ... (the training "
@@ -38,22 +40,46 @@ SOURCES_HINT = (
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """The class names of a label map (index = label value) and, for people, where they came from."""
+    """The class names of a label map (index = label value) and, for people, where they came from.
+
+    ``prompts``: what the model is given per class when it differs from the name: a tuple of synonyms
+    (a benchmark's ``("building", "edifice")``), else None."""
 
     names: tuple[str, ...]
     source: str
+    prompts: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def class_prompts(self) -> list:
+        """One entry per class for the model: its name, or the tuple of its names (synonyms)."""
+        if self.prompts is None:
+            return list(self.names)
+        return [p[0] if isinstance(p, tuple) and len(p) == 1 else p for p in self.prompts]
+
+
+def benchmark_vocabulary(name: str, how: str = "") -> Vocabulary:
+    """The vocabulary of a benchmark of :mod:`opentrans_hf.benchmarks` (display names + synonyms)."""
+    from ..benchmarks import get_benchmark
+
+    b = get_benchmark(name)
+    return Vocabulary(tuple(b.class_names), f"benchmark {b.name} ({b.title}{', ' + how if how else ''})",
+                      tuple(b.class_prompts))
+
 
 def named_vocabulary(name: str) -> Vocabulary:
-    """A registered benchmark vocabulary (:data:`VOCABULARIES`)."""
-    if name not in VOCABULARIES:
-        known = ", ".join(sorted(VOCABULARIES)) or "none are registered yet"
-        raise ValueError(f"unknown vocabulary {name!r} (known vocabularies: {known}); give the class names with "
-                         "\"id2label\" or \"class_names\" instead")
-    return Vocabulary(_check_names(VOCABULARIES[name], f"vocabulary {name!r}"), f"vocabulary {name!r}")
+    """A benchmark's vocabulary (:mod:`opentrans_hf.benchmarks`) or one registered in :data:`VOCABULARIES`."""
+    from ..benchmarks import BENCHMARK_NAMES, is_benchmark
+
+    if name in VOCABULARIES:
+        return Vocabulary(_check_names(VOCABULARIES[name], f"vocabulary {name!r}"), f"vocabulary {name!r}")
+    if is_benchmark(name):
+        return benchmark_vocabulary(name)
+    known = ", ".join([*BENCHMARK_NAMES, *sorted(VOCABULARIES)])
+    raise ValueError(f"unknown vocabulary {name!r} (known vocabularies: {known}); give the class names with "
+                     "\"id2label\" or \"class_names\" instead")
 
 
 def read_id2label(id2label: str | Path | dict, what: str = "id2label") -> tuple[str, ...]:

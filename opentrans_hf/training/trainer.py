@@ -142,7 +142,11 @@ def _train(accelerator, args, out: Path) -> dict:
     clip_path = default_clip(args.model_name_or_path, accelerator)
     image_size = args.image_size or CLIPConfig.from_pretrained(clip_path).vision_config.image_size
     train_split, eval_splits, holdout = load_training_data(args, image_size)
-    model, mask, spectral, pending = build_model(args, clip_path, image_size, train_split.class_names, spectral_state)
+    # seen classes: the training classes' names, then their other names (synonyms), so that a class of another
+    # vocabulary counts as seen when any of its names was trained on (FC-CLIP's category overlap)
+    seen = list(dict.fromkeys([*train_split.class_names, *(n for p in train_split.class_prompts
+                                                           for n in ((p,) if isinstance(p, str) else p))]))
+    model, mask, spectral, pending = build_model(args, clip_path, image_size, seen, spectral_state)
     if accelerator.is_main_process and spectral is not None:
         spectral.print_trainable_parameters()
 
@@ -187,6 +191,7 @@ def _train(accelerator, args, out: Path) -> dict:
                                 f"({kept}); try a lower --learning_rate or some --warmup_steps")
 
     class_names = train_split.class_names
+    class_prompts = train_split.class_prompts  # what the model scores per class (synonyms for benchmarks)
     bar = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     model.train()
     t0 = time.time()
@@ -199,7 +204,7 @@ def _train(accelerator, args, out: Path) -> dict:
         running = []
         for batch in epoch_loader:
             with accelerator.accumulate(model):
-                outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"], class_names=class_names)
+                outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"], class_names=class_prompts)
                 accelerator.backward(outputs.loss)
                 running.append(outputs.loss.detach())
                 if accelerator.sync_gradients:  # the micro-batches' losses and the gradients, before the step
