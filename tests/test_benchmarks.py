@@ -292,3 +292,26 @@ def test_evaluate_and_train_with_benchmark(tiny_clip_dir, tmp_path, fake_hub, ca
     assert "brings its class names" in capsys.readouterr().err
     assert cli_main(["evaluate", "--model", str(model_dir), "--datasets", "pc59"]) == 1
     assert "prepare-dataset pc59" in capsys.readouterr().err
+
+
+def test_benchmark_flag_on_demo_and_train_selects_the_data(tmp_path):
+    from opentrans_hf.commands import ArgumentError, parse_args
+
+    demo = parse_args("demo", ["--benchmark", "Pascal VOC-21", "--output_dir", str(tmp_path / "d")])
+    assert (demo.benchmark, demo.dataset) == ("voc21", "voc21")  # the Hub copy / benchmark name, prune included
+    train = parse_args("train", ["--benchmark", "ade150", "--dataset", str(tmp_path)])
+    assert (train.benchmark, train.dataset) == ("ade150", str(tmp_path))  # the data given, the benchmark's names
+    with pytest.raises(ArgumentError, match="unknown benchmark"):
+        parse_args("demo", ["--benchmark", "nope"])
+
+
+def test_benchmarks_command_lists_every_benchmark(capsys):
+    from opentrans_hf.cli import main as cli_main
+
+    assert cli_main(["benchmarks"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == list(BENCHMARK_NAMES)
+    assert cli_main(["benchmarks", "--names", "voc20", "--json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["num_classes"] == 20 and record["raw"] == {"reduce_labels": True, "ignore_index": 255}
+    assert record["synonyms"][19] == ["tvmonitor", "monitor", "tv"]
