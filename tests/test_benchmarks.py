@@ -121,7 +121,11 @@ def test_class_name_checks_accept_synonyms_and_refuse_bad_entries():
     with pytest.raises(ValueError, match=r"class_names\[1\]"):
         check_class_names(["a", ("b", "")])
     with pytest.raises(ValueError, match="duplicates: \\['a'\\]"):
-        check_class_names(["a", ("a", "b")])
+        check_class_names(["a", "b", "a"])
+    with pytest.raises(ValueError, match="duplicates: \\['a, b'\\]"):
+        check_class_names([("a", "b"), ("a", "b", "a")])
+    # classes may share a first name when their other names differ (ADE20K-847's "bag"s)
+    assert check_class_names(["pot", ("pot", "flowerpot")]) == ["pot", ("pot", "flowerpot")]
 
 
 @torch.no_grad()

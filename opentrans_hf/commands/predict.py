@@ -79,15 +79,6 @@ class PredictArguments:
         except ValueError as err:
             raise ArgumentError(f"--benchmark: {err}") from err
         prompts = [tuple(p) for p in bench.class_prompts]
-        firsts = [p[0] for p in prompts]
-        for i, p in enumerate(prompts):
-            # a few classes share a first name (ADE20K-847's three "bag"s); the model needs distinct first
-            # names, so such a class leads with a synonym of its own (the max over its names is unchanged)
-            if len(p) > 1 and firsts.count(p[0]) > 1:
-                own = next((n for n in p[1:] if n not in firsts), None)
-                if own is not None:
-                    prompts[i] = (own, *[n for n in p if n != own])
-                    firsts[i] = own
         return [p[0] if len(p) == 1 else p for p in prompts]
 
     def class_names(self) -> list[str]:

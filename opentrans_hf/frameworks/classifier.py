@@ -27,7 +27,8 @@ def display_name(entry) -> str:
 
 def check_class_names(class_names) -> list:
     """A non-empty list of classes, each a non-empty string or a non-empty list/tuple of non-empty strings
-    (synonyms), with distinct first names; returned as strings and tuples. A ValueError says what is wrong."""
+    (synonyms), no two the same; returned as strings and tuples. Classes may share a first name when
+    their other names differ (ADE20K-847's three "bag"s). A ValueError says what is wrong."""
     if isinstance(class_names, str):
         raise ValueError(f"class_names must be a list of names, got the string {class_names!r}")
     entries = list(class_names) if class_names is not None else []
@@ -44,8 +45,7 @@ def check_class_names(class_names) -> list:
         elif not isinstance(n, str) or not n.strip():
             raise ValueError(f"class_names[{i}] = {n!r} is not a non-empty string (or a list of synonyms)")
         names.append(n)
-    firsts = [display_name(n) for n in names]
-    dup = sorted({n for n in firsts if firsts.count(n) > 1})
+    dup = sorted({", ".join(class_synonyms(n)) for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"class_names has duplicates: {dup}")
     return names
