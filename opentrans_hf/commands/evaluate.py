@@ -49,9 +49,19 @@ class EvaluateArguments:
     embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
     seed: int = field(default=0, metadata={"help": "random seed (embedded dataset)"})
     out: str | None = field(default=None, metadata={"help": "write the results as JSON here (metrics as fractions of 1) and the table (percent) beside it as .md"})
+    eval_resize: str | None = field(default=None, metadata={"choices": ["square", "shortest_side"], "help": "square: image and label resized to --image_size x --image_size; shortest_side: the field's protocol (shorter side --shortest_side, longer at most --max_size, sliding --image_size windows, scored at the label's original size). Default: shortest_side for benchmark datasets (with the benchmark's sizes) or when --shortest_side / --max_size are given, else square"})
+    shortest_side: int | None = field(default=None, metadata={"help": "shortest_side protocol: the images' shorter side (default: the benchmark's, else 800)"})
+    max_size: int | None = field(default=None, metadata={"help": "shortest_side protocol: cap on the longer side (default: the benchmark's, else 1333)"})
+    sliding_stride: int | None = field(default=None, metadata={"help": "shortest_side protocol: pixels between sliding windows (default: 2/3 of the window, as mmsegmentation)"})
+
 
     def __post_init__(self):
-        check_at_least_one(self, "batch_size", "max_examples")
+        check_at_least_one(self, "batch_size", "max_examples", "shortest_side", "max_size", "sliding_stride")
+        if self.eval_resize == "square" and (self.shortest_side or self.max_size or self.sliding_stride):
+            raise ArgumentError("--shortest_side / --max_size / --sliding_stride set the shortest_side protocol; they do not "
+                                "apply with --eval_resize square")
+        if self.shortest_side and self.max_size and self.max_size < self.shortest_side:
+            raise ArgumentError(f"--max_size {self.max_size} is smaller than --shortest_side {self.shortest_side}")
         check_local_paths(self, "model")
         self.dataset_specs()  # a bad spec fails here, before any model is loaded
 
@@ -95,12 +105,13 @@ ARGUMENTS = EvaluateArguments
 def run(args: EvaluateArguments) -> dict:
     from transformers import AutoModel
 
-    from ..distributed import make_accelerator
+    from ..distributed import make_accelerator, on_main_process
     from ..frameworks import FRAMEWORKS  # noqa: F401  (registers the frameworks with AutoModel)
     from ..hub import load_or_explain
     from ..io import atomic_write_text, json_safe
     from ..data.assembly import load_eval_splits
-    from ..training.evaluation import METRIC_UNITS, evaluate_splits, results_table
+    from ..training.cost import cost_table, evaluation_cost, load_model_mask
+    from ..training.evaluation import METRIC_UNITS, evaluate_splits, resolve_eval_resize, results_table
 
     accelerator = make_accelerator()
     model = load_or_explain(args.model, lambda: AutoModel.from_pretrained(args.model), "OVS model")
@@ -111,18 +122,39 @@ def run(args: EvaluateArguments) -> dict:
     check_finite_weights(model, f"model {args.model}")  # a diverged model's mIoU would be meaningless
     model.to(accelerator.device)
     size = args.image_size or model.config.image_size
-    splits = load_eval_splits(args.dataset_specs(), size, seed=args.seed, embedded_size=args.embedded_size)
+    specs = args.dataset_specs()
+    splits = load_eval_splits(specs, size, seed=args.seed, embedded_size=args.embedded_size)
+    for spec in specs:  # the evaluation protocol of each dataset: square, or the field's (benchmarks' default)
+        split = splits[spec.row_name]
+        bench = getattr(spec, "benchmark", None) or getattr(split, "benchmark", None)
+        resize, side, cap = resolve_eval_resize(bench, args.eval_resize, args.shortest_side, args.max_size)
+        if resize == "shortest_side":
+            split.use_eval_resize("shortest_side", side, cap)
+    timing = {}
     results = evaluate_splits(model, splits, seen_classes=model.config.seen_class_names, batch_size=args.batch_size,
-                              accelerator=accelerator, max_examples=args.max_examples)
+                              accelerator=accelerator, max_examples=args.max_examples, window=size,
+                              stride=args.sliding_stride, timing=timing)
+
+    def cost_of_evaluation():  # parameters, FLOPs per image, throughput (the main process's own shard)
+        mask, mask_path = load_model_mask(args.model)
+        return evaluation_cost(model, splits, timing, batch_size=args.batch_size, device=accelerator.device, mask=mask,
+                               mask_path=mask_path)
+
+    cost = on_main_process(accelerator, cost_of_evaluation)
     table = results_table(results)
     if accelerator.is_main_process:
+        costs = cost_table(cost)
         print(table)
+        print()
+        print(costs)
         if args.out:
             out = Path(args.out)
             record = {"model": args.model, "units": METRIC_UNITS,
-                      "results": results}
+                      "results": results, "cost": cost}
             atomic_write_text(out, json.dumps(json_safe(record), indent=2) + "\n")
             atomic_write_text(out.with_suffix(".md"), table + "\n")
-            print(f"results written to {out} and {out.with_suffix('.md')}")
+            cost_md = out.with_name(out.stem + "_cost.md")
+            atomic_write_text(cost_md, costs + "\n")
+            print(f"results written to {out}, {out.with_suffix('.md')} and {cost_md}")
     accelerator.wait_for_everyone()
     return results

@@ -55,6 +55,23 @@ class SegmentationSplit(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def use_eval_resize(self, resize: str, size: int | None = None, max_size: int | None = None) -> None:
+        """Evaluate with another resize from now on: ``"square"`` (image and label ``size x size``; default
+        the current size) or ``"shortest_side"`` (the field's protocol: the image's shorter side ``size``,
+        default 800, longer side at most ``max_size``, default 1333 (FC-CLIP's / detectron2's test
+        resize); the label map keeps its original size and evaluation runs sliding windows). Only
+        the transform changes (label conventions, kept classes and checks stay); evaluation splits only."""
+        from dataclasses import replace
+
+        if self.transform.train:
+            raise ValueError(f"{self.name}: use_eval_resize is for evaluation splits; this one has the training transform")
+        if resize == "shortest_side":
+            size = 800 if size is None else int(size)
+            max_size = 1333 if max_size is None else int(max_size)
+        else:
+            size, max_size = (self.transform.size if size is None else int(size)), None
+        self.transform = replace(self.transform, resize=resize, size=size, max_size=max_size)
+
     def __getitem__(self, i: int):
         i = int(i)
         if not -len(self.ds) <= i < len(self.ds):

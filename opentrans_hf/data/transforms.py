@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+EVAL_RESIZE_MODES = ("square", "shortest_side")
 
 
 def to_image_tensor(image) -> torch.Tensor:
@@ -62,8 +63,13 @@ class SegmentationTransform:
     """Turn one ``(image, label)`` pair into ``(pixel_values (3, S, S), labels (S, S))``.
 
     Training: random scale in ``scale_range`` of the shorter side relative to ``size``, random
-    ``size x size`` crop (padding with 0 / ``ignore_index``), random horizontal flip. Evaluation: resize
-    to ``size x size``. Images are bilinear, labels nearest. ``label_ignore_index``, when set, is the
+    ``size x size`` crop (padding with 0 / ``ignore_index``), random horizontal flip. Evaluation, with
+    ``resize="square"`` (the default): resize image and label to ``size x size``; with
+    ``resize="shortest_side"`` (the field's benchmark protocol, detectron2's ``ResizeShortestEdge``):
+    resize the image so its shorter side is ``size``, keeping the aspect ratio, the longer side capped
+    at ``max_size`` (:func:`shortest_side_size`), and return the label map at its ORIGINAL size, never
+    resized (the prediction is brought back to it; see ``OVSPreTrainedModel.predict_sliding``). Images
+    are bilinear, labels nearest. ``label_ignore_index``, when set, is the
     dataset's own value for unlabelled pixels, mapped to ``ignore_index`` (the value losses and metrics
     skip). ``reduce_labels`` then maps 0 to ``ignore_index`` and subtracts 1 from the others (ADE20K's
     convention). With ``num_labels`` set, a label value outside ``[0, num_labels)`` other than
@@ -80,6 +86,16 @@ class SegmentationTransform:
     reduce_labels: bool = False
     num_labels: int | None = None
     label_ignore_index: int | None = None
+    resize: str = "square"
+    max_size: int | None = None
+
+    def __post_init__(self):
+        if self.resize not in EVAL_RESIZE_MODES:
+            raise ValueError(f"resize must be one of {EVAL_RESIZE_MODES}, got {self.resize!r}")
+        if self.resize == "shortest_side" and self.train:
+            raise ValueError("resize='shortest_side' is an evaluation mode; the training transform crops size x size")
+        if self.max_size is not None and self.max_size < self.size:
+            raise ValueError(f"max_size {self.max_size} is smaller than the shortest side {self.size}")
 
     def __call__(self, image, label=None, index: int | None = None, rng: random.Random | None = None):
         rng = rng or random
@@ -92,6 +108,8 @@ class SegmentationTransform:
             self.check_labels(lab, index)
         if self.train:
             img, lab = self._random_scale_crop_flip(img, lab, rng)
+        elif self.resize == "shortest_side":  # the label keeps its original size
+            img = _resize(img, shortest_side_size(tuple(img.shape[1:]), self.size, self.max_size), "bilinear")
         else:
             img = _resize(img, (self.size, self.size), "bilinear")
             lab = _resize(lab, (self.size, self.size), "nearest") if lab is not None else None
@@ -140,6 +158,19 @@ class SegmentationTransform:
             img = img.flip(-1)
             lab = lab.flip(-1) if lab is not None else None
         return img.contiguous(), (lab.contiguous() if lab is not None else None)
+
+
+def shortest_side_size(hw: tuple[int, int], shortest_side: int, max_size: int | None = None) -> tuple[int, int]:
+    """``(h, w)`` scaled so the shorter side is ``shortest_side`` (aspect ratio kept), then, if the longer
+    side exceeds ``max_size``, scaled down so it is ``max_size``; rounded half up. detectron2's
+    ``ResizeShortestEdge.get_output_shape`` (FC-CLIP's test resize: 800 / 1333; Cityscapes 1024 / 2560)."""
+    h, w = hw
+    scale = shortest_side / min(h, w)
+    newh, neww = (shortest_side, scale * w) if h < w else (scale * h, shortest_side)
+    if max_size is not None and max(newh, neww) > max_size:
+        scale = max_size / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return max(1, int(newh + 0.5)), max(1, int(neww + 0.5))
 
 
 def _resize(t: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

@@ -273,6 +273,90 @@ class OVSPreTrainedModel(PreTrainedModel):
                      for p, hw in zip(preds, sizes)]
         return preds
 
+    @torch.no_grad()
+    def predict_sliding(self, pixel_values: torch.Tensor, class_names: list, *, window: int | None = None,
+                        stride: int | None = None, batch_size: int = 8, allow_void: bool = False) -> torch.Tensor:
+        """The (H, W) int64 label map of one image of any size by sliding-window inference
+        (mmsegmentation's ``slide`` mode), the field's protocol for images larger than the model's input.
+
+        ``pixel_values``: one normalised image, ``(3, H, W)`` (or ``(1, 3, H, W)``), e.g. resized to a
+        shortest side by ``SegmentationTransform(resize="shortest_side")``. Windows are ``window x window``
+        (default ``config.image_size``) every ``stride`` pixels (default 2/3 of the window,
+        :func:`default_sliding_stride`), the last window of a row/column ending at the image's edge
+        (:func:`sliding_window_starts`); an image smaller than the window is zero-padded (bottom/right)
+        to it. Windows run ``batch_size`` at a time; their scores (``semantic_scores``, void channel
+        dropped unless ``allow_void``) are summed into one ``(K, H, W)`` float buffer and divided by the
+        number of windows covering each pixel, then argmax. Memory: that buffer plus one batch of windows.
+        Values index ``class_names`` (each a name or a tuple of synonyms); with ``allow_void`` pixels the
+        void embedding wins get ``ignore_index``. Default ``allow_void=False``: every pixel gets a class,
+        as benchmark evaluation expects."""
+        names = check_class_names(class_names)
+        x = pixel_values[0] if pixel_values.dim() == 4 and pixel_values.shape[0] == 1 else pixel_values
+        if x.dim() != 3:
+            raise ValueError(f"predict_sliding takes one image, (3, H, W) or (1, 3, H, W); got shape {tuple(pixel_values.shape)}")
+        check_pixel_values(x[None], self.config.clip.vision_config.num_channels)
+        window = int(window or self.config.image_size)
+        stride = int(stride or default_sliding_stride(window))
+        if not 1 <= stride <= window:
+            raise ValueError(f"sliding stride must be in [1, window = {window}] (a larger one leaves pixels without a "
+                             f"window); got {stride}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        dtype = next(self.clip.vision_model.parameters()).dtype
+        k = len(names)
+        h, w = x.shape[-2:]
+        ph, pw = max(h, window), max(w, window)
+        x = x.to(device=device, dtype=dtype)
+        if (ph, pw) != (h, w):
+            x = F.pad(x, (0, pw - w, 0, ph - h), value=0.0)
+        boxes = sliding_windows(ph, pw, window, stride)
+        total, count = None, torch.zeros(ph, pw, device=device)
+        try:
+            for s in range(0, len(boxes), batch_size):
+                chunk = boxes[s : s + batch_size]
+                crops = torch.stack([x[:, t : t + window, left : left + window] for t, left in chunk])
+                scores = self.semantic_scores(self(pixel_values=crops, class_names=names), k)
+                if not allow_void:
+                    scores = scores[:, :k]
+                scores = upsample(scores.float(), (window, window))
+                if total is None:
+                    total = torch.zeros(scores.shape[1], ph, pw, device=device)
+                for (t, left), sc in zip(chunk, scores):
+                    total[:, t : t + window, left : left + window] += sc
+                    count[t : t + window, left : left + window] += 1
+        finally:
+            self.train(was_training)
+        total = total[:, :h, :w].div_(count[:h, :w])
+        pred = total.argmax(0)
+        if total.shape[0] > k:
+            pred[pred >= k] = self.config.ignore_index
+        return pred.cpu()
+
+
+def default_sliding_stride(window: int) -> int:
+    """2/3 of the window, rounded down: mmsegmentation's slide-mode configs (512 -> 341, 640 -> 426)."""
+    return max(1, window * 2 // 3)
+
+
+def sliding_window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window starts along one axis of ``length`` pixels (mmsegmentation's ``slide_inference``):
+    ``ceil((length - window) / stride) + 1`` windows ``stride`` apart, the last one moved back to end at
+    the edge; one window at 0 when ``length <= window`` (the image is then padded to the window)."""
+    if length <= window:
+        return [0]
+    n = (length - window + stride - 1) // stride + 1
+    return [min(i * stride, length - window) for i in range(n)]
+
+
+def sliding_windows(height: int, width: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """``(top, left)`` of every window over a ``height x width`` image (see :func:`sliding_window_starts`),
+    row by row; ``len()`` is the number of forward passes per image."""
+    return [(t, left) for t in sliding_window_starts(height, window, stride)
+            for left in sliding_window_starts(width, window, stride)]
+
 
 def _image_hw(image) -> tuple[int, int]:
     if isinstance(image, torch.Tensor):
