@@ -54,7 +54,6 @@ class EvaluateArguments:
     max_size: int | None = field(default=None, metadata={"help": "shortest_side protocol: cap on the longer side (default: the benchmark's, else 1333)"})
     sliding_stride: int | None = field(default=None, metadata={"help": "shortest_side protocol: pixels between sliding windows (default: 2/3 of the window, as mmsegmentation)"})
 
-
     def __post_init__(self):
         check_at_least_one(self, "batch_size", "max_examples", "shortest_side", "max_size", "sliding_stride")
         if self.eval_resize == "square" and (self.shortest_side or self.max_size or self.sliding_stride):
