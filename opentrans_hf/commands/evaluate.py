@@ -7,13 +7,17 @@ under ``accelerate launch`` (the confusion matrices are summed across processes)
 
 Each --datasets entry is a dataset spec:
 
-  NAME[:SPLIT]  a dataset that carries its own class names: 'embedded', a save_to_disk directory or
+  NAME[:SPLIT]  a dataset that carries its own class names: 'embedded', a benchmark name (ade150, ...: its
+                Hub copy with its names, synonyms and label conventions; `opentrans-hf benchmarks`), a
+                directory written by `opentrans-hf prepare-dataset`, a save_to_disk directory or
                 image/label folder with an id2label.json in it, a Hub dataset whose repo has one, or a
                 label column with a ClassLabel feature. SPLIT defaults to 'validation'.
+  --benchmark NAME ...  the same as --datasets NAME:validation for each (beside any --datasets).
   FILE.json     one JSON object for any other dataset, e.g.
                 {"dataset": "/data/pascal_context", "split": "validation", "id2label": "pc59_id2label.json",
                  "reduce_labels": false, "ignore_index": 255, "label_column": "label", "name": "pc59"}
-                keys: dataset (required), split, name (the row), one of id2label ({id: name} or a JSON
+                keys: dataset (or benchmark: the data is that benchmark in its raw form), split, name (the
+                row), one of id2label ({id: name} or a JSON
                 file) / class_names (a list) / vocabulary (a named benchmark vocabulary), reduce_labels,
                 ignore_index (the dataset's value for unlabelled pixels), image_column, label_column.
                 Relative paths are relative to the spec file.
@@ -36,7 +40,8 @@ from . import ArgumentError, check_at_least_one, check_local_paths
 @dataclass
 class EvaluateArguments:
     model: str = field(metadata={"help": "trained framework: output_dir/model of a training run, or a Hub id"})
-    datasets: list[str] = field(default_factory=lambda: ["embedded:validation"], metadata={"help": "dataset specs, each NAME[:SPLIT] (a dataset with class names of its own: 'embedded', a Hub dataset, a save_to_disk dir or an image/label folder) or a .json spec file with its class names and label conventions (see above)"})
+    datasets: list[str] | None = field(default=None, metadata={"help": "dataset specs, each NAME[:SPLIT] (a dataset with class names of its own: 'embedded', a benchmark name, a prepared benchmark directory, a Hub dataset, a save_to_disk dir or an image/label folder) or a .json spec file with its class names and label conventions (see above). Default: embedded:validation, unless --benchmark is given"})
+    benchmark: list[str] | None = field(default=None, metadata={"help": "standard benchmarks to evaluate on, by name (opentrans-hf benchmarks lists them): each its Hub copy with its class names, synonyms, label conventions and the field's evaluation protocol (a benchmark without a Hub copy: prepare it with opentrans-hf prepare-dataset and give the directory in --datasets)"})
     class_names: list[str] | None = field(default=None, metadata={"help": "class names, index = label value (one NAME[:SPLIT] dataset only)"})
     id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names (one NAME[:SPLIT] dataset only)"})
     reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K) (one NAME[:SPLIT] dataset only)"})
@@ -71,8 +76,17 @@ class EvaluateArguments:
 
         from ..data.specs import parse_dataset_spec
 
+        from ..benchmarks import get_benchmark
+
         specs = []
-        for text in self.datasets:
+        texts = list(self.datasets or ([] if self.benchmark else ["embedded:validation"]))
+        for name in self.benchmark or []:
+            try:
+                bench = get_benchmark(name)
+            except ValueError as err:
+                raise ArgumentError(f"--benchmark: {err}") from err
+            texts.append(f"{bench.name}:{bench.eval_split}")
+        for text in texts:
             try:
                 specs.append(parse_dataset_spec(text))
             except ValueError as err:
@@ -89,8 +103,8 @@ class EvaluateArguments:
                     "dataset that needs them a .json spec file of its own (e.g. {\"dataset\": ..., \"split\": ..., "
                     "\"id2label\": ..., \"reduce_labels\": ...}; see --help)")
             specs[0] = replace(specs[0], class_names=self.class_names, id2label=self.id2label,
-                               reduce_labels=self.reduce_labels, ignore_index=255 if self.ignore_index is None
-                               else self.ignore_index, image_column=self.image_column, label_column=self.label_column)
+                               reduce_labels=self.reduce_labels, ignore_index=self.ignore_index,
+                               image_column=self.image_column, label_column=self.label_column)
         rows = [s.row_name for s in specs]
         twice = sorted({r for r in rows if rows.count(r) > 1})
         if twice:

@@ -21,11 +21,14 @@ class SegmentationSplit(Dataset):
     ``origin`` is ``(dataset, split)``; ``name`` (default ``"dataset 'ade' split 'validation'"``) starts
     every error about an example, which also names the example's files when the dataset knows them;
     ``vocabulary`` says, for people, where the class names came from and which label conventions apply.
+    ``class_prompts`` (aligned with ``class_names``) is what the model is given per class: the name, or a
+    tuple of synonyms (a benchmark's class lists); ``benchmark`` names the benchmark the data is, if any.
     """
 
     def __init__(self, hf_dataset, image_column: str, label_column: str | None, class_names: list[str],
                  transform: SegmentationTransform, keep_classes: list[str] | None = None, seed: int = 0,
-                 origin: tuple[str, str] | None = None, vocabulary: str | None = None, name: str | None = None):
+                 origin: tuple[str, str] | None = None, vocabulary: str | None = None, name: str | None = None,
+                 class_prompts: list | None = None):
         self.ds = hf_dataset
         self.origin = origin
         self.name = name or (f"dataset {origin[0]!r} split {origin[1]!r}" if origin else "dataset")
@@ -36,14 +39,20 @@ class SegmentationSplit(Dataset):
         self.seed = seed
         self.epoch = 0
         self.all_class_names = list(class_names)
+        prompts = list(class_prompts) if class_prompts is not None else list(class_names)
+        if len(prompts) != len(self.all_class_names):
+            raise ValueError(f"class_prompts has {len(prompts)} entries for {len(self.all_class_names)} classes")
+        self.benchmark = None
         if keep_classes is None:
             self.class_names = list(class_names)
+            self.class_prompts = prompts
             self.lut = None
         else:
             unknown = [c for c in keep_classes if c not in class_names]
             if unknown:
                 raise ValueError(f"classes {unknown} are not among the dataset's classes {class_names}")
             self.class_names = list(keep_classes)
+            self.class_prompts = [prompts[class_names.index(n)] for n in keep_classes]
             lut = torch.full((max(256, len(class_names)),), transform.ignore_index, dtype=torch.long)
             for new, name in enumerate(keep_classes):
                 lut[class_names.index(name)] = new
