@@ -466,3 +466,48 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     args = prepare_dataset.ARGUMENTS(benchmark="ADE-150", raw_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "o"))
     assert args.benchmark == "ade150" and args.splits == ["validation"]
+
+
+# -- prepared, then evaluated with no flags ------------------------------------------------------------------
+def test_a_prepared_benchmark_evaluates_without_flags(tmp_path, tiny_clip_dir, capsys):
+    """prepare-dataset pc459 -> evaluate OUT:validation: the 459 names with synonyms and the 16-bit ignore
+    value come from the record; the field's protocol (shortest side, sliding windows) applies; scores agree
+    with the model's own sliding-window predictions at the labels' size; --prompt_templates fcclip."""
+    from opentrans_hf.frameworks import CLIPDeepLabV3ForOVS
+
+    make_pc459(tmp_path / "raw")
+    prepare("pc459", tmp_path / "raw", tmp_path / "pc459")
+    model_dir = tmp_path / "model"
+    CLIPDeepLabV3ForOVS.from_clip(str(tiny_clip_dir), image_size=30).save_pretrained(model_dir)
+    out = tmp_path / "eval.json"
+    rc = cli_main(["evaluate", "--model", str(model_dir), "--datasets", f"{tmp_path / 'pc459'}:validation",
+                   "--shortest_side", "40", "--max_size", "60", "--prompt_templates", "fcclip", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    row = next(iter(json.loads(out.read_text())["results"].values()))
+    assert len(row["per_category_iou"]) == 459
+    assert "benchmark pc459" in row["vocabulary"] and "prepared" in row["vocabulary"] and "ignore 65535" in row["vocabulary"]
+    assert "shortest side 40" in row["protocol"]
+    # the reference: the model's own sliding-window predictions on the prepared images, scored here
+    import torch
+
+    from opentrans_hf.benchmarks import get_benchmark
+    from opentrans_hf.data.transforms import SegmentationTransform
+
+    model = CLIPDeepLabV3ForOVS.from_pretrained(model_dir).eval()
+    model.set_prompt_templates("fcclip")
+    prompts = get_benchmark("pc459").class_prompts
+    prompts = [p[0] if len(p) == 1 else p for p in prompts]
+    confusion = torch.zeros(459, 459, dtype=torch.long)
+    tf = SegmentationTransform(40, resize="shortest_side", max_size=60)
+    for example in load_segmentation_dataset(tmp_path / "pc459", "validation"):
+        x, _ = tf(example["image"])
+        pred = model.predict_sliding(x, prompts)
+        label = to_label_tensor(example["label"])
+        pred = torch.nn.functional.interpolate(pred[None, None].float(), size=label.shape, mode="nearest")[0, 0].long()
+        keep = label != 65535
+        confusion += torch.bincount(label[keep] * 459 + pred[keep], minlength=459 * 459).view(459, 459)
+    inter = confusion.diag().double()
+    union = confusion.sum(0).double() + confusion.sum(1).double() - inter
+    present = union > 0
+    assert row["mean_iou"] == pytest.approx(float((inter[present] / union[present]).mean()), abs=1e-9)
+    assert row["overall_accuracy"] == pytest.approx(float(inter.sum() / confusion.sum()), abs=1e-9)

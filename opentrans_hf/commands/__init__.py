@@ -62,6 +62,17 @@ def check_local_paths(args, *names: str) -> None:
         check_local_or_hub(args.dataset, "--dataset")
 
 
+def check_prompt_templates(args) -> None:
+    """``--prompt_templates``, when given, names a prompt-template set of the frameworks."""
+    if getattr(args, "prompt_templates", None):
+        from ..frameworks.configuration import resolve_prompt_templates
+
+        try:
+            resolve_prompt_templates(args.prompt_templates)
+        except ValueError as err:
+            raise ArgumentError(f"--prompt_templates: {err}") from None
+
+
 def command_module(name: str):
     """The module of job ``name`` (it has ``ARGUMENTS``, the dataclass, and ``run``)."""
     if name not in COMMANDS:

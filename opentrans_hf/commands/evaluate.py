@@ -34,7 +34,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ArgumentError, check_at_least_one, check_local_paths
+from . import ArgumentError, check_at_least_one, check_local_paths, check_prompt_templates
 
 
 @dataclass
@@ -58,6 +58,7 @@ class EvaluateArguments:
     shortest_side: int | None = field(default=None, metadata={"help": "shortest_side protocol: the images' shorter side (default: the benchmark's, else 800)"})
     max_size: int | None = field(default=None, metadata={"help": "shortest_side protocol: cap on the longer side (default: the benchmark's, else 1333)"})
     sliding_stride: int | None = field(default=None, metadata={"help": "shortest_side protocol: pixels between sliding windows (default: 2/3 of the window, as mmsegmentation)"})
+    prompt_templates: str | None = field(default=None, metadata={"help": "score the class names with this prompt-template set instead of the model's: 'fcclip' (FC-CLIP's 14 evaluation templates) or 'default' (the 4 the frameworks start with)"})
 
     def __post_init__(self):
         check_at_least_one(self, "batch_size", "max_examples", "shortest_side", "max_size", "sliding_stride")
@@ -66,6 +67,7 @@ class EvaluateArguments:
                                 "apply with --eval_resize square")
         if self.shortest_side and self.max_size and self.max_size < self.shortest_side:
             raise ArgumentError(f"--max_size {self.max_size} is smaller than --shortest_side {self.shortest_side}")
+        check_prompt_templates(self)
         check_local_paths(self, "model")
         self.dataset_specs()  # a bad spec fails here, before any model is loaded
 
@@ -133,6 +135,8 @@ def run(args: EvaluateArguments) -> dict:
     from ..training.divergence import check_finite_weights
 
     check_finite_weights(model, f"model {args.model}")  # a diverged model's mIoU would be meaningless
+    if args.prompt_templates:
+        model.set_prompt_templates(args.prompt_templates)
     model.to(accelerator.device)
     size = args.image_size or model.config.image_size
     specs = args.dataset_specs()

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import ArgumentError, check_at_least_one, check_local_paths
+from . import ArgumentError, check_at_least_one, check_local_paths, check_prompt_templates
 
 
 @dataclass
@@ -36,9 +36,11 @@ class PredictArguments:
     batch_size: int = field(default=4, metadata={"help": "images per forward pass"})
     allow_void: bool = field(default=False, metadata={"help": "let the model's void/background embedding leave pixels unlabelled (255 / 65535); default: every pixel gets a class"})
     alpha: float = field(default=0.5, metadata={"help": "opacity of the class colours in the overlays, 0..1"})
+    prompt_templates: str | None = field(default=None, metadata={"help": "score the class names with this prompt-template set instead of the model's: 'fcclip' (FC-CLIP's 14 evaluation templates) or 'default' (the 4 the frameworks start with)"})
     device: str | None = field(default=None, metadata={"help": "torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)"})
 
     def __post_init__(self):
+        check_prompt_templates(self)
         check_at_least_one(self, "batch_size")
         if not 0.0 <= self.alpha <= 1.0:
             raise ArgumentError(f"--alpha must be in [0, 1], got {self.alpha:g}")
@@ -153,6 +155,8 @@ def run(args: PredictArguments) -> dict:
         raise ValueError(f"{args.model} is a {type(model).__name__}, not an opentrans-hf OVS framework "
                          f"({', '.join(FRAMEWORKS)})")
     check_finite_weights(model, f"model {args.model}")
+    if args.prompt_templates:
+        model.set_prompt_templates(args.prompt_templates)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
