@@ -266,17 +266,20 @@ def test_evaluate_and_train_with_benchmark(tiny_clip_dir, tmp_path, fake_hub, ca
     from opentrans_hf.frameworks import CLIPDeepLabV3ForOVS
 
     model_dir = tmp_path / "model"
-    CLIPDeepLabV3ForOVS.from_clip(str(tiny_clip_dir), image_size=SIZE, seen_class_names=["wall"]).save_pretrained(model_dir)
+    # trained on "edifice": ADE20K's "building" (building, buildings, edifice, edifices) counts as seen
+    CLIPDeepLabV3ForOVS.from_clip(str(tiny_clip_dir), image_size=SIZE, seen_class_names=["edifice"]).save_pretrained(model_dir)
     voc = _prepared(tmp_path, "voc21", 255, [0, 15, 20])
     out = tmp_path / "eval.json"
     rc = cli_main(["evaluate", "--model", str(model_dir), "--benchmark", "ADE20K-150", "--datasets", str(voc),
-                   "--out", str(out), "--batch_size", "2"])
+                   "--out", str(out), "--batch_size", "2", "--shortest_side", "40", "--max_size", "60"])
     assert rc == 0, capsys.readouterr().err
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"ade150:validation", f"{voc}:validation"}
     assert len(results["ade150:validation"]["per_category_iou"]) == 150
     assert len(results[f"{voc}:validation"]["per_category_iou"]) == 21
     assert "benchmark ade150" in results["ade150:validation"]["vocabulary"]
+    ade = results["ade150:validation"]
+    assert ade["mean_iou_seen"] == pytest.approx(ade["per_category_iou"][1])
 
     # train on a prepared benchmark: every class seen, synonyms recorded as seen names
     from opentrans_hf.commands import parse_args

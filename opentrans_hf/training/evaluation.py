@@ -166,7 +166,8 @@ def evaluate_splits(model, splits: dict, *, seen_classes: list[str] | None = Non
                     accelerator=None, max_examples: int | None = None, window: int | None = None,
                     stride: int | None = None, timing: dict | None = None) -> dict:
     """``{name: metrics}`` for several splits (each with its own class names); with ``seen_classes``,
-    also ``mean_iou_seen`` / ``mean_iou_unseen`` over the classes in / not in it (zero-shot); and, for
+    also ``mean_iou_seen`` / ``mean_iou_unseen`` over the classes in / not in it (zero-shot; a class with
+    synonyms is seen when any of its names is in it); and, for
     people and model cards, ``vocabulary`` (where the split's class names came from, its label
     conventions), ``dataset`` and ``split``; ``protocol`` (:func:`protocol_description`) for splits in
     the sliding protocol (``window`` / ``stride``: see :func:`evaluate_segmentation`). ``timing``, when
@@ -183,10 +184,14 @@ def evaluate_splits(model, splits: dict, *, seen_classes: list[str] | None = Non
         if timing is not None:
             timing[name] = clock
         if seen_set:
+            from ..frameworks.classifier import class_synonyms
+
+            # a class is seen when any of its names was a training class (FC-CLIP's category overlap)
+            seen = [not seen_set.isdisjoint((c, *class_synonyms(p)))
+                    for c, p in zip(split.class_names, model_class_names(split))]
             for key, keep in (("mean_iou_seen", True), ("mean_iou_unseen", False)):
-                vals = [iou for c, iou in zip(split.class_names, res["per_category_iou"])
-                        if (c in seen_set) == keep and not math.isnan(iou)]
-                if any((c in seen_set) == keep for c in split.class_names):
+                vals = [iou for s, iou in zip(seen, res["per_category_iou"]) if s == keep and not math.isnan(iou)]
+                if keep in seen:
                     res[key] = sum(vals) / len(vals) if vals else float("nan")
         res["vocabulary"] = getattr(split, "vocabulary", None)
         if getattr(split, "origin", None):
