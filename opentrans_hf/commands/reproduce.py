@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import ArgumentError, check_at_least_one, check_local_paths
+from ..training.cost import si
 from ..training.evaluation import percent
 from .train import FRAMEWORKS
 
@@ -526,15 +527,6 @@ def _pm(agg: dict, scale=100.0, fmt="{:.2f}") -> str:
     return text + (f" ± {fmt.format(scale * agg['std'])}" if agg.get("std") is not None else "")
 
 
-def _si(value) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
-
-
 def render_markdown(results: dict) -> str:
     s = results["settings"]
     lines = ["# OpenTrans in miniature: the paper's two tables", "",
@@ -557,8 +549,8 @@ def render_markdown(results: dict) -> str:
             for row in TABLE1_ROWS:
                 r = rows[row]
                 a = r["mean_std"]
-                lines.append(f"| {fw} | {r['label']} | {_si(a['effective_params']['mean'])} | "
-                             f"{_si(a['effective_inference_flops']['mean'])} | {_pm(a['mean_iou_seen'])} | "
+                lines.append(f"| {fw} | {r['label']} | {si(a['effective_params']['mean'])} | "
+                             f"{si(a['effective_inference_flops']['mean'])} | {_pm(a['mean_iou_seen'])} | "
                              f"{_pm(a['mean_iou_unseen'])} | {a['mean_iou_seen']['n']} |")
         lines += ["", *[f"- {c['statement']}" for c in t["noise"]], ""]
     if "table2" in results:
@@ -577,8 +569,8 @@ def render_markdown(results: dict) -> str:
             r = t["rows"][row]
             a = r["mean_std"]
             fr, tr = a.get("flops_ratio_to_full"), a.get("time_ratio_to_full")
-            lines.append(f"| {r['label']} | {_si(a['trainable_encoder_params']['mean'])} | "
-                         f"{_si(a['training_flops']['mean'])} | {'-' if fr is None else f'{fr:.2f}'} | "
+            lines.append(f"| {r['label']} | {si(a['trainable_encoder_params']['mean'])} | "
+                         f"{si(a['training_flops']['mean'])} | {'-' if fr is None else f'{fr:.2f}'} | "
                          f"{_pm(a['seconds_per_step'], 1000, '{:.1f}')} | {'-' if tr is None else f'{tr:.2f}'} | "
                          f"{_pm(a['mean_iou_seen'])} | {_pm(a['mean_iou_unseen'])} | {a['mean_iou_seen']['n']} |")
         lines += ["", f"Trainable parameters: {t['trainable']}.", "",
