@@ -34,7 +34,8 @@ class PruneArguments:
     steps_per_round: int = field(default=5000, metadata={"help": "distillation steps between rounds (the paper's 5000)"})
     batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the distillation"})
-    scope: Literal["global", "layerwise", "alpha", "random"] = field(default="global", metadata={"help": "magnitude ranking: global (the paper), per layer, or alpha-allocated; random: the paper's Random baseline, a random mask of the same sparsity drawn by --seed (nested across rounds)"})
+    scope: Literal["global", "layerwise", "alpha", "random", "structured", "structured-layerwise"] = field(default="global", metadata={"help": "magnitude ranking: global (the paper), per layer, or alpha-allocated; random: the paper's Random baseline, a random mask of the same sparsity drawn by --seed (nested across rounds); structured: whole attention heads and MLP neurons (importance: L1 / weights of the unit, ranked globally; structured-layerwise: the same fraction of each layer's units), a mask that SparseMask.compact turns into a smaller model"})
+    max_layer_sparsity: float = field(default=0.99, metadata={"help": "global and structured scopes: at most this fraction of one layer pruned, the rest taken elsewhere (1.0: no cap; structured: below 1 keeps a head and a neuron per layer)"})
     no_region_loss: bool = field(default=False, metadata={"help": "distil image embedding + patch tokens only"})
     output_dir: str = field(default="runs/prune", metadata={"help": "where rounds, the final mask and counts are written"})
     no_resume: bool = field(default=False, metadata={"help": "start from round 0 even if output_dir holds a finished round"})
@@ -49,6 +50,8 @@ class PruneArguments:
             raise ArgumentError("--push_to_hub needs --hub_model_id")
         check_at_least_one(self, "batch_size")
         check_percentage("validation_split_percentage", self.validation_split_percentage)
+        if not 0.0 < self.max_layer_sparsity <= 1.0:
+            raise ArgumentError(f"--max_layer_sparsity must be in (0, 1], got {self.max_layer_sparsity}")
         check_local_paths(self, "model_name_or_path")
 
 
@@ -90,6 +93,7 @@ def _prune(accelerator, args: PruneArguments) -> dict:
     loader = make_loader(split, args.batch_size, shuffle=True, seed=args.seed)
     config = IMPConfig(rate=args.rate, num_rounds=args.num_rounds, target_sparsity=args.target_sparsity,
                        steps_per_round=args.steps_per_round, learning_rate=args.learning_rate, scope=args.scope, seed=args.seed,
+                       max_layer_sparsity=args.max_layer_sparsity,
                        region_weight=0.0 if args.no_region_loss else 1.0, output_dir=str(out),
                        resume=not args.no_resume, ignore_mismatch=args.ignore_checkpoint_mismatch)
     # the job's settings that change the result, beside the IMP config's own: a resume must share them

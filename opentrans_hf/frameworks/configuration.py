@@ -59,6 +59,9 @@ class OVSConfig(PretrainedConfig):
         ignore_index: label value ignored by the loss and the metrics.
         seen_class_names: the classes of the training set (set by the trainer): the others count as
             unseen in FC-CLIP's ensemble and in the seen/unseen mIoU of evaluations.
+        compact_structure: the kept attention heads and MLP neurons of a compacted vision tower
+            (written by ``SparseMask.compact``; ``{"encoder.layers.3": {"heads": [...], "num_heads": H,
+            "neurons": [...], "intermediate_size": I}}``): the model is built with those shapes.
     """
 
     model_type = "opentrans_ovs"
@@ -68,7 +71,7 @@ class OVSConfig(PretrainedConfig):
                  logit_scale_init: float = 2.6592600,
                  learn_void_embedding: bool = False, freeze_text_encoder: bool = True, image_size: int | None = None,
                  ignore_index: int = 255, seen_class_names: list[str] | None = None,
-                 class_name_aggregation: str = "max", **kwargs):
+                 class_name_aggregation: str = "max", compact_structure: dict | None = None, **kwargs):
         if isinstance(clip_config, CLIPConfig):
             clip_config = clip_config.to_dict()
         self.clip_config = clip_config if clip_config is not None else CLIPConfig().to_dict()
@@ -97,6 +100,11 @@ class OVSConfig(PretrainedConfig):
         self.image_size = image_size or CLIPConfig(**self.clip_config).vision_config.image_size
         self.ignore_index = ignore_index
         self.seen_class_names = list(seen_class_names or [])
+        if compact_structure is not None:
+            from ..pruning.structured import check_structure
+
+            check_structure(compact_structure, "compact_structure")
+        self.compact_structure = compact_structure
         super().__init__(**kwargs)
 
     @property

@@ -65,6 +65,10 @@ class OVSPreTrainedModel(PreTrainedModel):
     def __init__(self, config: OVSConfig, tokenizer=None):
         super().__init__(config)
         self.clip = CLIPModel(config.clip)
+        if getattr(config, "compact_structure", None):  # compacted (SparseMask.compact): build with its shapes
+            from ..pruning.compact import shrink_to_structure
+
+            shrink_to_structure(self.clip, config.compact_structure)
         self.classifier = OpenVocabClassifier(
             config.prompt_templates, config.clip.projection_dim, config.logit_scale_init, config.learn_void_embedding,
             name_aggregation=config.class_name_aggregation,

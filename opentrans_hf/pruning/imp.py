@@ -22,7 +22,7 @@ from torch import nn
 from ..fingerprint import differences, fingerprint as as_fingerprint
 from ..io import atomic_write_text, atomic_write_with, is_integer
 from .counting import vision_tower
-from .magnitude import SCOPES, magnitude_prune
+from .magnitude import DEFAULT_MAX_LAYER_SPARSITY, SCOPES, STRUCTURED_SCOPES, magnitude_prune
 from .mask import SparseMask
 
 
@@ -36,7 +36,12 @@ class IMPConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     scope: str = field(default="global", metadata={"help": "magnitude_prune scope: global (the paper), layerwise, alpha, "
                                                            "or random (the paper's Random baseline: a seeded random "
-                                                           "mask of each round's sparsity, nested like IMP's)"})
+                                                           "mask of each round's sparsity, nested like IMP's), "
+                                                           "structured (whole attention heads and MLP neurons, "
+                                                           "ranked globally) or structured-layerwise"})
+    max_layer_sparsity: float = field(default=DEFAULT_MAX_LAYER_SPARSITY, metadata={
+        "help": "global and structured scopes: most of one layer pruned (1.0: no cap; structured: below 1 keeps "
+                "at least one head and one neuron per layer)"})
     seed: int = field(default=0, metadata={"help": "seed of the random scope's masks (the same seed, the same masks)"})
     target_modules: str | list[str] | None = field(default=None, metadata={"help": "layers to prune (default: the encoder blocks)"})
     exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "layers never pruned"})
@@ -53,6 +58,9 @@ class IMPConfig:
     def __post_init__(self):
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}; choose one of {SCOPES}")
+        if isinstance(self.max_layer_sparsity, bool) or not isinstance(self.max_layer_sparsity, (int, float)) \
+                or not 0.0 < self.max_layer_sparsity <= 1.0:
+            raise ValueError(f"max_layer_sparsity must be in (0, 1], got {self.max_layer_sparsity!r}")
         if not is_integer(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r} ({type(self.seed).__name__})")
         if not 0.0 < self.rate < 1.0:
@@ -116,6 +124,7 @@ def _region_loss(student, teacher, s_out, x, labels, config) -> torch.Tensor:
     return (1 - F.cosine_similarity(region, target, dim=-1)).mean()
 
 
+CAPPED_SCOPES = ("global", *STRUCTURED_SCOPES)  # the scopes max_layer_sparsity applies to
 STATE_KEY = "opentrans_hf.imp_state"  # the state's key in the student weights' safetensors metadata
 # settings a resumed run may change: how far it goes, and where/whether it resumes
 RESUMABLE_CHANGES = frozenset({"num_rounds", "target_sparsity", "output_dir", "resume", "ignore_mismatch"})
@@ -146,8 +155,11 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     out = Path(config.output_dir)
     # the seed only changes a random-scope run; under its own key, apart from a caller's "seed" (data order)
     run = as_fingerprint({"model": getattr(model, "name_or_path", None) or None, **(fingerprint or {}),
-                          **{k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES and k != "seed"},
-                          **({"random_mask_seed": config.seed} if config.scope == "random" else {})})
+                          **{k: v for k, v in asdict(config).items()
+                             if k not in RESUMABLE_CHANGES and k not in ("seed", "max_layer_sparsity")},
+                          **({"random_mask_seed": config.seed} if config.scope == "random" else {}),
+                          # the cap changes the global and structured scopes' masks only
+                          **({"max_layer_sparsity": config.max_layer_sparsity} if config.scope in CAPPED_SCOPES else {})})
     student = vision_tower(model)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()} if config.rewind else None
@@ -178,7 +190,8 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     for round_ in range(state["round"] + 1, config.num_rounds + 1):
         target = config.sparsity_after(round_)
         mask = magnitude_prune(student, target, scope=config.scope, target_modules=config.target_modules,
-                               exclude_modules=config.exclude_modules, seed=round_seed(config.seed, round_))
+                               exclude_modules=config.exclude_modules, seed=round_seed(config.seed, round_),
+                               max_layer_sparsity=config.max_layer_sparsity)
         mask.apply(student)
         if initial is not None:
             with torch.no_grad():
@@ -207,7 +220,10 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
         mask.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         mask.method = f"imp-{config.scope}"
         mask.target_sparsity = target
-        mask.extra = {"round": round_, "rate": config.rate, "steps_per_round": config.steps_per_round,
+        structure = mask.extra.get("structure")  # a structured scope's kept heads/neurons
+        mask.extra = {**({"structure": structure} if structure is not None else {}),
+                      **({"max_layer_sparsity": config.max_layer_sparsity} if "max_layer_sparsity" in mask.extra else {}),
+                      "round": round_, "rate": config.rate, "steps_per_round": config.steps_per_round,
                       "objective": "distillation (embedding + patch tokens" + (" + regions)" if config.region_weight else ")"),
                       **({"seed": config.seed} if config.scope == "random" else {})}
         on_main_process(accelerator, lambda: _save_round(out, round_, mask, accelerator.unwrap_model(wrapped), state))

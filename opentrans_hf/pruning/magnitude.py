@@ -1,7 +1,11 @@
-"""Magnitude pruning criteria: global (the paper), layer-wise, AlphaPruning's alpha allocation, and the
-paper's ``Random(...)`` baseline: a seeded random mask of the same size."""
+"""Magnitude pruning criteria: global (the paper), layer-wise, AlphaPruning's alpha allocation, the
+paper's ``Random(...)`` baseline (a seeded random mask of the same size), and structured pruning of
+whole attention heads and MLP neurons (:mod:`.structured`)."""
 
 from __future__ import annotations
+
+import math
+import warnings
 
 import torch
 from torch import nn
@@ -9,7 +13,10 @@ from torch import nn
 from ..matching import Patterns, is_selected, normalize_patterns
 from .mask import _BUFFER, SparseMask, canonical_name
 
-SCOPES = ("global", "layerwise", "alpha", "random")
+SCOPES = ("global", "layerwise", "alpha", "random", "structured", "structured-layerwise")
+STRUCTURED_SCOPES = ("structured", "structured-layerwise")
+DEFAULT_MAX_LAYER_SPARSITY = 0.99
+"""The global scopes' default cap on one layer's sparsity: no layer is pruned away entirely."""
 CLIP_ENCODER_TARGETS = r"(.*vision_model\.)?encoder\.layers\.\d+\..*"
 """Every Linear of the CLIP image encoder's blocks: the patch embedding (the stem) and the text tower are spared."""
 
@@ -41,7 +48,8 @@ def _current_mask(module: nn.Module) -> torch.Tensor | None:
 
 def magnitude_prune(model: nn.Module, sparsity: float | None, scope: str = "global", target_modules: Patterns = None,
                     exclude_modules: Patterns = None, alphas: dict[str, float] | None = None,
-                    epsilon: float = 0.3, like: SparseMask | None = None, seed: int = 0) -> SparseMask:
+                    epsilon: float = 0.3, like: SparseMask | None = None, seed: int = 0,
+                    max_layer_sparsity: float = DEFAULT_MAX_LAYER_SPARSITY) -> SparseMask:
     """L1-magnitude masks reaching ``sparsity`` (fraction of the target weights pruned, overall).
 
     * ``"global"``: one threshold over all target weights, as the paper: the ``round(sparsity * N)``
@@ -60,12 +68,32 @@ def magnitude_prune(model: nn.Module, sparsity: float | None, scope: str = "glob
       ``random_unstructured`` draws at that layer's sparsity); ``sparsity`` may then be None, or must
       agree with ``like``'s, and ``target_modules``/``exclude_modules`` are not given. The seed (and
       ``like``'s method) are recorded in the mask's ``extra``.
+    * ``"structured"``: whole attention heads and MLP neurons of the encoder blocks (see
+      :mod:`opentrans_hf.pruning.structured`), ranked globally by importance = the L1 norm of the unit's
+      weights / their number (a head: its q/k/v weight rows and out_proj weight columns, ``4 x head_dim
+      x hidden`` weights; a neuron: its fc1 row and fc2 column, ``2 x hidden``; biases not counted),
+      least important first, until ``round(sparsity * N)`` target weights are pruned (the last unit may
+      overshoot by less than its size). ``"structured-layerwise"``: every attention module loses
+      ``round(sparsity * heads)`` heads and every MLP ``round(sparsity * neurons)`` neurons. The result
+      is an ordinary mask (the units' weights masked; biases stay, see :meth:`SparseMask.compact`) that
+      also records the kept units in ``extra["structure"]``.
+
+    ``max_layer_sparsity`` (default 0.99) keeps global pruning from removing a layer entirely (layer
+    collapse: global magnitude pruning of a randomly initialised CLIP removes all of q/k/v/fc2, whose
+    initial weights are smaller): ``"global"`` prunes at most ``floor(cap * n)`` of a layer's ``n``
+    weights and takes the rest of the target from the other layers; the structured scopes remove at
+    most ``floor(cap * count)`` of a module's heads / neurons, so any cap below 1 keeps at least one.
+    A binding cap warns, naming the layers; ``1.0`` disables it. When it does not bind, ``"global"``
+    is exactly ``global_unstructured``. The other scopes ignore it.
 
     Weights already masked (a SparseMask applied to ``model``) stay pruned and count towards
     ``sparsity``: pruning a masked model prunes among the survivors. The model is not changed.
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
+    if isinstance(max_layer_sparsity, bool) or not isinstance(max_layer_sparsity, (int, float)) \
+            or not 0.0 < max_layer_sparsity <= 1.0:
+        raise ValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity!r}")
     if like is not None and scope != "random":
         raise ValueError(f"like= (a mask whose per-layer sparsities to match) needs scope='random', got scope={scope!r}")
     if like is not None:
@@ -75,6 +103,8 @@ def magnitude_prune(model: nn.Module, sparsity: float | None, scope: str = "glob
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     else:
         layers = prunable_layers(model, target_modules, exclude_modules)
+    if scope in STRUCTURED_SCOPES:
+        return _structured_prune(model, layers, sparsity, scope, max_layer_sparsity)
     if scope == "random" and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")
     generator = torch.Generator().manual_seed(seed) if scope == "random" else None
@@ -90,7 +120,9 @@ def magnitude_prune(model: nn.Module, sparsity: float | None, scope: str = "glob
             s = torch.where(cur, s, torch.full_like(s, -1.0))
         scores.append(s)
         current.append(cur)
-    if scope == "global" or (scope == "random" and like is None):
+    if scope == "global":
+        keep = _global_keep(scores, sparsity, [n for n, _ in layers], max_layer_sparsity)
+    elif scope == "random" and like is None:
         keep = _global_keep(scores, sparsity)
     elif like is not None:
         keep = [_keep_k_smallest_pruned(s, k) for s, k in zip(scores, like_pruned)]
@@ -108,6 +140,8 @@ def magnitude_prune(model: nn.Module, sparsity: float | None, scope: str = "glob
                                   if like is not None else {})}
     else:
         method, extra = f"magnitude-{scope}", {"epsilon": epsilon} if scope == "alpha" else None
+        if scope == "global":
+            extra = {"max_layer_sparsity": max_layer_sparsity}
     return SparseMask(masks, base_model_name_or_path=getattr(model, "name_or_path", None) or None,
                       method=method, target_sparsity=sparsity, extra=extra)
 
@@ -149,9 +183,68 @@ def _check_like_sparsity(sparsity: float | None, like: SparseMask, layers) -> fl
     return float(sparsity)
 
 
-def _global_keep(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+def _structured_prune(model: nn.Module, layers, sparsity: float, scope: str, max_layer_sparsity: float) -> SparseMask:
+    from .structured import select_units, structure_record, unit_groups
+
+    groups = unit_groups(model, layers)
+    keep, capped = select_units(groups, sparsity, _current_mask, layerwise=scope == "structured-layerwise",
+                                max_layer_sparsity=max_layer_sparsity)
+    if capped:
+        _warn_capped(capped, max_layer_sparsity)
+    by_layer = {}
+    for g, k in zip(groups, keep):
+        for part, (name, module, _) in g.layers.items():
+            m = g.expand(part, k)
+            cur = _current_mask(module)
+            by_layer[name] = m if cur is None else m & cur.cpu()  # what was pruned stays pruned
+    masks = {canonical_name(f"{n}.weight"): by_layer[n] for n, _ in layers}
+    extra = {"structure": structure_record(groups, keep), "max_layer_sparsity": max_layer_sparsity,
+             "importance": "L1 of the unit's weights / their number (q/k/v rows + out_proj columns; fc1 row + fc2 column)"}
+    return SparseMask(masks, base_model_name_or_path=getattr(model, "name_or_path", None) or None,
+                      method=f"magnitude-{scope}", target_sparsity=sparsity, extra=extra)
+
+
+def _warn_capped(names: list[str], cap: float) -> None:
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    warnings.warn(f"max_layer_sparsity={cap} bound: {len(names)} layer(s) pruned only up to the cap ({shown}); "
+                  f"the rest of the target sparsity was taken from the other layers (max_layer_sparsity=1.0 "
+                  f"lets a layer be pruned entirely)", stacklevel=4)
+
+
+def _global_keep(scores: list[torch.Tensor], sparsity: float, names: list[str] | None = None,
+                 max_layer_sparsity: float = 1.0) -> list[torch.Tensor]:
+    """The global ``round(sparsity * N)`` smallest scores pruned; with a cap below 1, a layer holding more
+    than ``floor(cap * n)`` of them is pruned to exactly that (its smallest; never fewer than it already
+    had pruned) and the remainder is chosen globally among the other layers, until no layer exceeds."""
+    total = sum(s.numel() for s in scores)
+    k = round(sparsity * total)  # torch.nn.utils.prune._compute_nparams_toprune
+    keep = _global_keep_k(scores, k)
+    if max_layer_sparsity >= 1.0:
+        return keep
+    limits = [max(math.floor(max_layer_sparsity * s.numel() + 1e-9), int((s < 0).sum())) for s in scores]
+    over = [i for i, kp in enumerate(keep) if int((~kp).sum()) > limits[i]]
+    if not over:
+        return keep  # exactly global_unstructured
+    capped: set[int] = set()
+    while over:
+        capped |= set(over)
+        free = [i for i in range(len(scores)) if i not in capped]
+        budget = k - sum(limits[i] for i in capped)
+        room = sum(scores[i].numel() for i in free)
+        if budget > room:
+            raise ValueError(f"sparsity {sparsity} cannot be reached with max_layer_sparsity={max_layer_sparsity}; "
+                             f"raise the cap or lower the sparsity")
+        for i, kp in zip(free, _global_keep_k([scores[i] for i in free], max(budget, 0))):
+            keep[i] = kp
+        over = [i for i in free if int((~keep[i]).sum()) > limits[i]]
+    for i in capped:
+        keep[i] = _keep_k_smallest_pruned(scores[i], limits[i])
+    _warn_capped([canonical_name(f"{names[i]}.weight") if names else str(i) for i in sorted(capped)], max_layer_sparsity)
+    return keep
+
+
+def _global_keep_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     flat = torch.cat([s.reshape(-1) for s in scores])
-    k = round(sparsity * flat.numel())  # torch.nn.utils.prune._compute_nparams_toprune
     keep = torch.ones_like(flat, dtype=torch.bool)
     if k:
         keep[torch.topk(flat, k=k, largest=False).indices] = False

@@ -112,6 +112,10 @@ class SparseMask(AdapterHubMixin):
             _bad("target_sparsity", "a number in [0, 1] or None", target_sparsity)
         if extra is not None and not isinstance(extra, dict):
             _bad("extra", "a dict or None", extra)
+        if extra and "structure" in extra:  # a structured mask's kept heads/neurons (structured.py)
+            from .structured import check_structure
+
+            check_structure(extra["structure"], "field 'extra.structure'")
         self.base_model_name_or_path = base_model_name_or_path
         self.method = method
         self.target_sparsity = target_sparsity
@@ -137,6 +141,17 @@ class SparseMask(AdapterHubMixin):
         width = max((len(n) for n in self.masks), default=10)
         for n, s in self.layer_sparsity().items():
             lines.append(f"{n:<{width}}  {str(tuple(self.masks[n].shape)):<16} {100 * s:6.2f}%")
+        kinds: dict[str, list[int]] = {}  # by layer kind: the module name's last component (q_proj, fc1, ...)
+        for n, m in self.masks.items():
+            module = n.rpartition(".")[0] if n.rpartition(".")[2] in ("weight", "bias") else n
+            counts = kinds.setdefault(module.rpartition(".")[2] or module, [0, 0])
+            counts[0] += m.numel() - int(m.sum())
+            counts[1] += m.numel()
+        lines.append("by layer kind:")
+        lines += [f"  {k:<{width - 2}}  {t:>16,d} {100 * p / t:6.2f}%" for k, (p, t) in kinds.items()]
+        for block, entry in (self.extra.get("structure") or {}).items():
+            lines.append(f"{block}: " + ", ".join(f"{len(entry[u])}/{entry[n]} {u} kept" for u, n in
+                                                 (("heads", "num_heads"), ("neurons", "intermediate_size")) if u in entry))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -249,6 +264,16 @@ class SparseMask(AdapterHubMixin):
                 full = f"{mod_name}.{pname}" if mod_name else pname
                 masks[canonical_name(full)] = getattr(module, _BUFFER.format(pname)).cpu()
         return cls(masks, **kwargs)
+
+    def compact(self, model: nn.Module, strict: bool = True, bake: bool = True) -> nn.Module:
+        """Apply this mask to ``model`` and physically remove the attention heads and MLP neurons it
+        prunes entirely (fewer q/k/v rows and out_proj columns, fewer fc1 rows and fc2 columns), in
+        place, on any host of the CLIP vision tower; returns ``model``. Outputs equal the masked dense
+        model's. A structured mask removes all its units; an unstructured one only the units it happens
+        to prune whole (the rest stays as zeros). See :func:`opentrans_hf.pruning.compact.compact_model`."""
+        from .compact import compact_model
+
+        return compact_model(self, model, strict=strict, bake=bake)
 
     # ---- adapter I/O ----------------------------------------------------------------------------
     def to_config(self) -> dict:
