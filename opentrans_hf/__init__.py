@@ -3,7 +3,15 @@
 __version__ = "0.1.0"
 
 from .pretraining import pretrain_clip, pretrained_clip
-from .pruning import IMPConfig, SparseMask, count_params_and_flops, iterative_magnitude_prune, magnitude_prune
+from .pruning import (
+    IMPConfig,
+    SparseMask,
+    count_params_and_flops,
+    iterative_magnitude_prune,
+    load_sparse_pretrained,
+    magnitude_prune,
+    save_sparse_pretrained,
+)
 from .random_clip import CLIP_SIZES, make_random_clip
 from .spectral import LayerSpectrum, SpectralReport, analyze_spectra
 from .tuning import (
@@ -30,9 +38,11 @@ __all__ = [
     "freeze_unused_parameters",
     "get_spectral_model",
     "iterative_magnitude_prune",
+    "load_sparse_pretrained",
     "magnitude_prune",
     "make_random_clip",
     "pretrain_clip",
     "pretrained_clip",
+    "save_sparse_pretrained",
     "spectral_param_groups",
 ]

@@ -154,10 +154,14 @@ class OVSPreTrainedModel(PreTrainedModel):
         from transformers import AutoTokenizer
 
         from ..hub import load_or_explain
+        from ..pruning.storage import is_sparse_checkpoint, load_sparse_pretrained
 
         name = str(pretrained_model_name_or_path)
-        model = load_or_explain(name, lambda: super(OVSPreTrainedModel, cls).from_pretrained(name, *args, **kwargs),
-                                cls.__name__)
+        if is_sparse_checkpoint(name):  # save_pretrained(..., sparse_storage=True): values + bit masks, local only
+            model = load_sparse_pretrained(cls, name)
+        else:
+            model = load_or_explain(name, lambda: super(OVSPreTrainedModel, cls).from_pretrained(name, *args, **kwargs),
+                                    cls.__name__)
         if tokenizer is None:
             tok_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
             try:
@@ -168,8 +172,19 @@ class OVSPreTrainedModel(PreTrainedModel):
         model.freeze_unused_clip_parameters()  # loading makes fresh Parameters (requires_grad=True)
         return model
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained`` plus the tokenizer, so ``from_pretrained`` gets both."""
+    def save_pretrained(self, save_directory, *args, sparse_storage: bool = False, sparse_mask=None, **kwargs):
+        """``PreTrainedModel.save_pretrained`` plus the tokenizer, so ``from_pretrained`` gets both.
+        ``sparse_storage=True``: the masked weights (``sparse_mask``, default the applied masks) as kept values + bit
+        masks, about 7x smaller at 90% (:func:`opentrans_hf.pruning.storage.save_sparse_pretrained`)."""
+        if sparse_storage:
+            from ..pruning.storage import save_sparse_pretrained
+
+            if args or set(kwargs) - {"is_main_process"}:
+                raise TypeError(f"save_pretrained(sparse_storage=True) takes only sparse_mask= and is_main_process=, got "
+                                f"{sorted(kwargs) or list(args)}")
+            return save_sparse_pretrained(self, save_directory, mask=sparse_mask, **kwargs)
+        if sparse_mask is not None:
+            raise ValueError("sparse_mask= is for sparse_storage=True (a dense save stores the weights as they are)")
         out = super().save_pretrained(save_directory, *args, **kwargs)
         if self.tokenizer is not None and kwargs.get("is_main_process", True):
             self.tokenizer.save_pretrained(save_directory)

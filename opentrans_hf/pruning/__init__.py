@@ -2,22 +2,30 @@
 
 from .compact import RemovedAttention, RemovedMLP, compact_model, shrink_to_structure
 from .counting import count_params_and_flops, vision_tower
+from .export import SparseLinear
 from .imp import IMPConfig, distillation_loss, iterative_magnitude_prune
 from .magnitude import magnitude_prune, prunable_layers
 from .mask import SparseMask, canonical_name
+from .semistructured import two_four_masks
+from .storage import load_sparse_mask, load_sparse_pretrained, save_sparse_pretrained
 
 __all__ = [
     "IMPConfig",
     "RemovedAttention",
     "RemovedMLP",
+    "SparseLinear",
     "SparseMask",
     "canonical_name",
     "compact_model",
     "count_params_and_flops",
     "distillation_loss",
     "iterative_magnitude_prune",
+    "load_sparse_mask",
+    "load_sparse_pretrained",
     "magnitude_prune",
     "prunable_layers",
+    "save_sparse_pretrained",
     "shrink_to_structure",
+    "two_four_masks",
     "vision_tower",
 ]

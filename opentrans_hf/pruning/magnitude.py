@@ -13,7 +13,7 @@ from torch import nn
 from ..matching import Patterns, is_selected, normalize_patterns
 from .mask import _BUFFER, SparseMask, canonical_name
 
-SCOPES = ("global", "layerwise", "alpha", "random", "structured", "structured-layerwise")
+SCOPES = ("global", "layerwise", "alpha", "random", "2:4", "structured", "structured-layerwise")
 STRUCTURED_SCOPES = ("structured", "structured-layerwise")
 DEFAULT_MAX_LAYER_SPARSITY = 0.99
 """The global scopes' default cap on one layer's sparsity: no layer is pruned away entirely."""
@@ -96,6 +96,10 @@ def magnitude_prune(model: nn.Module, sparsity: float | None, scope: str = "glob
         raise ValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity!r}")
     if like is not None and scope != "random":
         raise ValueError(f"like= (a mask whose per-layer sparsities to match) needs scope='random', got scope={scope!r}")
+    if scope == "2:4":  # 2 largest of every 4 consecutive weights per row (semistructured.py); sparsity 0.5
+        from .semistructured import two_four_prune
+
+        return two_four_prune(model, sparsity, target_modules, exclude_modules)
     if like is not None:
         layers, like_pruned = _layers_like(model, like, target_modules, exclude_modules)
         sparsity = _check_like_sparsity(sparsity, like, layers)

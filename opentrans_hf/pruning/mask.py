@@ -265,6 +265,14 @@ class SparseMask(AdapterHubMixin):
                 masks[canonical_name(full)] = getattr(module, _BUFFER.format(pname)).cpu()
         return cls(masks, **kwargs)
 
+    def export(self, model: nn.Module, format: str = "csr", **kwargs) -> dict[str, str]:
+        """Swap ``model``'s masked Linear layers for inference kernels in place: ``"csr"`` (CPU,
+        ``SparseLinear``; ``min_sparsity=0.85``) or ``"2:4"`` (CUDA semi-structured). Inference only;
+        returns ``{module name: "csr" | "2:4" | "dense"}``. See :func:`opentrans_hf.pruning.export.export_model`."""
+        from .export import export_model
+
+        return export_model(self, model, format, **kwargs)
+
     def compact(self, model: nn.Module, strict: bool = True, bake: bool = True) -> nn.Module:
         """Apply this mask to ``model`` and physically remove the attention heads and MLP neurons it
         prunes entirely (fewer q/k/v rows and out_proj columns, fewer fc1 rows and fc2 columns), in
