@@ -87,7 +87,21 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"opentrans-hf {name}: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under ``accelerate launch``, take the process group down before the interpreter exits: left to
+    interpreter shutdown, gloo's threads can abort a finished process ("terminate called without an
+    active exception", exit -6) and turn a successful run into a failed launch."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - closing is best effort; the job's own result stands
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover
