@@ -420,3 +420,31 @@ def test_killed_sparse_save_leaves_no_half_directory(tiny_clip_dir, tmp_path):
     assert not (tmp_path / "m").exists()
     leftovers = [p.name for p in tmp_path.iterdir()]
     assert all(n.startswith(".m.") and n.endswith(".tmp") for n in leftovers), leftovers  # hidden, never "m"
+
+
+def test_imp_with_the_2_4_scope_is_one_round_at_half(tmp_path, tiny_clip_dir, capsys):
+    """IMP with scope 2:4: one round at exactly 50% in the 2-of-4 pattern, then the distillation; other
+    round counts or sparsities are refused with the reason; a layer whose width is no multiple of 4 (the
+    tiny CLIP's fc2 has 37 inputs) is named by the prune job."""
+    from opentrans_hf import IMPConfig, iterative_magnitude_prune
+    from opentrans_hf.cli import main as cli_main
+    from opentrans_hf.data import SegmentationTransform, embedded_dataset
+    from opentrans_hf.data.splits import SegmentationSplit, make_loader
+    from opentrans_hf.pruning.semistructured import is_two_four
+
+    assert (IMPConfig(scope="2:4").num_rounds, IMPConfig(scope="2:4").target_sparsity) == (1, 0.5)
+    with pytest.raises(ValueError, match="one round at sparsity 0.5"):
+        IMPConfig(scope="2:4", target_sparsity=0.9)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    model = CLIPVisionModel(config)
+    split = SegmentationSplit(embedded_dataset("train", num_train=4, image_size=32), "image", "label", [],
+                              SegmentationTransform(32, train=True))
+    mask = iterative_magnitude_prune(model, make_loader(split, batch_size=2, shuffle=True),
+                                     IMPConfig(scope="2:4", steps_per_round=2, output_dir=str(tmp_path / "imp")),
+                                     progress=False)
+    assert mask.sparsity == pytest.approx(0.5) and all(is_two_four(m) for m in mask.masks.values())
+    assert mask.method == "imp-2:4"
+    rc = cli_main(["prune", "--model_name_or_path", str(tiny_clip_dir), "--scope", "2:4", "--steps_per_round", "1",
+                   "--batch_size", "2", "--embedded_size", "4", "--output_dir", str(tmp_path / "p")])
+    assert rc == 1 and "encoder.layers.0.mlp.fc2.weight has 37" in capsys.readouterr().err

@@ -35,6 +35,7 @@ class IMPConfig:
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the fine-tuning"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     scope: str = field(default="global", metadata={"help": "magnitude_prune scope: global (the paper), layerwise, alpha, "
+                                                           "2:4 (one round keeping 2 of every 4 weights, for sparse tensor cores), "
                                                            "or random (the paper's Random baseline: a seeded random "
                                                            "mask of each round's sparsity, nested like IMP's), "
                                                            "structured (whole attention heads and MLP neurons, "
@@ -67,6 +68,12 @@ class IMPConfig:
             raise ValueError(f"rate must be in (0, 1), got {self.rate}")
         if self.target_sparsity is not None and not 0.0 < self.target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in (0, 1), got {self.target_sparsity}")
+        if self.scope == "2:4":  # one pattern, one sparsity: one round of 2-of-4 pruning, then the distillation
+            if self.target_sparsity not in (None, 0.5) or self.num_rounds not in (None, 1):
+                raise ValueError("scope '2:4' keeps exactly 2 of every 4 weights: it is one round at sparsity 0.5 "
+                                 f"(got num_rounds={self.num_rounds}, target_sparsity={self.target_sparsity}); leave "
+                                 "them unset")
+            self.num_rounds, self.target_sparsity = 1, 0.5
         if self.num_rounds is None:
             self.num_rounds = (math.ceil(math.log(1 - self.target_sparsity) / math.log(1 - self.rate) - 1e-9)
                                if self.target_sparsity is not None else 22)
@@ -76,7 +83,10 @@ class IMPConfig:
             raise ValueError(f"steps_per_round must be >= 0, got {self.steps_per_round}")
 
     def sparsity_after(self, round_: int) -> float:
-        """Overall sparsity after ``round_`` rounds: 1 - (1 - rate) ** round_."""
+        """Overall sparsity after ``round_`` rounds: 1 - (1 - rate) ** round_ (scope ``"2:4"``: 0.5 after its
+        one round)."""
+        if self.scope == "2:4":
+            return 0.5 if round_ >= 1 else 0.0
         return 1.0 - (1.0 - self.rate) ** round_
 
 
