@@ -374,3 +374,15 @@ def test_prune_command_structured(tiny_clip_dir, tmp_path):
     assert mask.method == "imp-structured" and mask.extra["max_layer_sparsity"] == 0.75
     assert result["sparsity"] == mask.sparsity >= 0.4 and set(mask.extra["structure"]) == {"encoder.layers.0",
                                                                                          "encoder.layers.1"}
+
+
+def test_a_tower_with_removed_attention_and_mlp_is_counted():
+    """A compacted tower whose attentions lost every head (cap off) is counted like any other: the removed
+    modules return new tensors, not views of a bias that requires grad (the FLOP counter traced those)."""
+    from opentrans_hf import count_params_and_flops
+    from opentrans_hf.random_clip import build_random_clip_vision
+
+    m = build_random_clip_vision("tiny").eval()
+    magnitude_prune(m, 0.9, scope="structured", max_layer_sparsity=1.0).compact(m)
+    counts = count_params_and_flops(m)
+    assert counts["macs"] > 0

@@ -56,8 +56,8 @@ class RemovedAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
         b = self.out_proj.bias
-        out = torch.zeros_like(hidden_states) if b is None else b.to(hidden_states.dtype).expand_as(hidden_states)
-        return out, None
+        out = torch.zeros_like(hidden_states)  # a new tensor, not a view of the bias (FLOP counters trace it)
+        return (out if b is None else out + b.to(hidden_states.dtype)), None
 
 
 class RemovedMLP(nn.Module):
@@ -69,7 +69,8 @@ class RemovedMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         b = self.fc2.bias
-        return torch.zeros_like(hidden_states) if b is None else b.to(hidden_states.dtype).expand_as(hidden_states)
+        out = torch.zeros_like(hidden_states)  # a new tensor, not a view of the bias (FLOP counters trace it)
+        return out if b is None else out + b.to(hidden_states.dtype)
 
 
 def encoder_blocks(model: nn.Module) -> dict[str, nn.Module]:
