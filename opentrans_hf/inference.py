@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .frameworks.classifier import check_class_names, display_name
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -62,31 +64,6 @@ def parse_classes(text: str) -> list[str | tuple[str, ...]]:
             owner[n] = i
         classes.append(names[0] if len(names) == 1 else tuple(names))
     return classes
-
-
-def check_class_prompts(classes: Sequence) -> list[str | tuple[str, ...]]:
-    """A non-empty list of distinct classes, each a non-empty name or a non-empty tuple of names;
-    returned as a list (1-name tuples become plain strings). Two classes may share a synonym (a
-    benchmark's list may); :func:`parse_classes` refuses that in a typed-in list."""
-    if isinstance(classes, str):
-        raise ValueError(f"classes must be a list of names (or tuples of synonyms), got the string {classes!r}")
-    out = []
-    for i, c in enumerate(classes):
-        names = (c,) if isinstance(c, str) else tuple(c) if isinstance(c, (tuple, list)) else None
-        if not names or not all(isinstance(n, str) and n.strip() for n in names):
-            raise ValueError(f"class {i} = {c!r} is not a non-empty name or tuple of non-empty names")
-        entry = names[0] if len(names) == 1 else tuple(names)
-        if entry in out:
-            raise ValueError(f"class {i} = {c!r} is given twice (also class {out.index(entry)})")
-        out.append(entry)
-    if not out:
-        raise ValueError("the class list is empty: give at least one class")
-    return out
-
-
-def display_name(c) -> str:
-    """The name a class is shown and recorded under: its first synonym."""
-    return c if isinstance(c, str) else c[0]
 
 
 # --------------------------------------------------------------------------------------------------- palette
@@ -379,7 +356,7 @@ def predict_images(model, images: Sequence, classes: Sequence, output_dir: str |
     void (255 in 8-bit, 65535 in 16-bit label maps; counted apart as ``"void"``). With ``check_first``
     every image file is read before the first prediction, so a bad one stops the job with nothing
     written (:func:`check_images`). ``progress``: an optional ``callable(done, total)``."""
-    classes = check_class_prompts(classes)
+    classes = check_class_names(classes)
     names = [display_name(c) for c in classes] if names is None else [str(n) for n in names]
     if len(names) != len(classes):
         raise ValueError(f"{len(names)} names for {len(classes)} classes")

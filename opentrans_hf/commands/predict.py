@@ -86,7 +86,7 @@ class PredictArguments:
     def class_names(self) -> list[str]:
         """The classes' display names: the first synonym of each (a benchmark's unique class names)."""
         from ..benchmarks import get_benchmark
-        from ..inference import display_name
+        from ..frameworks.classifier import display_name
 
         if self.benchmark is not None:
             return list(get_benchmark(self.benchmark).class_names)
