@@ -23,9 +23,7 @@ from pathlib import Path
 import torch
 
 from .evaluation import model_class_names, protocol_description, sliding_protocol
-
-MASK_SUBFOLDER = "mask_adapter"
-"""Where a training run's model directory keeps the sparse mask it was trained with."""
+from .outputs import MASK_SUBFOLDER
 
 
 def load_model_mask(model_name_or_path):

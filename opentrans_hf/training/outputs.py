@@ -9,6 +9,9 @@ import torch
 
 from ..io import atomic_directory, atomic_write_text, atomic_write_with, json_safe
 
+MASK_SUBFOLDER = "mask_adapter"
+"""Where a training run's model directory keeps the sparse mask it was trained with."""
+
 
 class IncompleteOutputs(RuntimeError):
     """Training finished and the model is saved, but a later output (an adapter, the evaluation, the card,
@@ -36,7 +39,7 @@ def write_model(out: Path, model, mask, spectral, spectral_warmup_steps: int = 0
     paths, failed = {"model": out / "model"}, []
     with atomic_directory(out / "model") as tmp:  # never a half-written model directory
         plain.save_pretrained(tmp)
-        for name, adapter in (("spectral_adapter", spectral), ("mask_adapter", mask)):
+        for name, adapter in (("spectral_adapter", spectral), (MASK_SUBFOLDER, mask)):
             if adapter is None:
                 continue
             try:
