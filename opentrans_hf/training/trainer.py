@@ -144,8 +144,10 @@ def _train(accelerator, args, out: Path) -> dict:
     train_split, eval_splits, holdout = load_training_data(args, image_size)
     # seen classes: the training classes' names, then their other names (synonyms), so that a class of another
     # vocabulary counts as seen when any of its names was trained on (FC-CLIP's category overlap)
-    seen = list(dict.fromkeys([*train_split.class_names, *(n for p in train_split.class_prompts
-                                                           for n in ((p,) if isinstance(p, str) else p))]))
+    from ..frameworks.classifier import class_synonyms
+
+    seen = list(dict.fromkeys([*train_split.class_names,
+                               *(n for p in train_split.class_prompts for n in class_synonyms(p))]))
     model, mask, spectral, pending = build_model(args, clip_path, image_size, seen, spectral_state)
     if accelerator.is_main_process and spectral is not None:
         spectral.print_trainable_parameters()
