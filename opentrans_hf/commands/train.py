@@ -31,15 +31,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..data.assembly import EMBEDDED
+from ..frameworks.configuration import SCHEDULES as SCHEDULERS  # transformers' schedules needing only the step count
 from ..tuning.config import FREEZE_RULES
 from . import ArgumentError, check_at_least_one, check_local_paths, check_percentage
 
 FRAMEWORKS = ("deeplabv3", "mask2former", "fcclip")
 Framework = Literal[FRAMEWORKS]
 FreezeRule = Literal[FREEZE_RULES]
-# transformers' schedulers that need nothing but the step count
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 Scheduler = Literal[SCHEDULERS]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
@@ -70,10 +68,15 @@ class TrainArguments:
     num_epochs: float = field(default=3.0, metadata={"help": "epochs over the training split (ignored when --max_steps > 0)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; a positive value overrides --num_epochs"})
     batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    lr_scheduler_type: Scheduler = field(default="linear", metadata={"help": "transformers learning-rate schedule"})
-    warmup_steps: int = field(default=0, metadata={"help": "scheduler warmup steps"})
+    learning_rate: float | None = field(default=None, metadata={"help": "AdamW learning rate of the heads (default: the framework's solver: deeplabv3 1e-3, mask2former/fcclip 1e-4)"})
+    backbone_lr_multiplier: float | None = field(default=None, metadata={"help": "the CLIP's parameters train at learning_rate x this (default: the framework's: deeplabv3 1.0, mask2former/fcclip 0.1)"})
+    weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay (default: the framework's: deeplabv3 0.01, mask2former/fcclip 0.05)"})
+    weight_decay_norm: float | None = field(default=None, metadata={"help": "weight decay of normalisation layers (default: the framework's; mask2former/fcclip 0)"})
+    weight_decay_embed: float | None = field(default=None, metadata={"help": "weight decay of embeddings, logit scales and the void embedding (default: the framework's; mask2former/fcclip 0)"})
+    lr_scheduler_type: Scheduler | None = field(default=None, metadata={"help": "transformers learning-rate schedule after the warm-up (default: the framework's: deeplabv3 linear, mask2former/fcclip polynomial)"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "linear warm-up steps (default: the framework's)"})
+    poly_power: float | None = field(default=None, metadata={"help": "power of the polynomial schedule (default: 0.9, detectron2's)"})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "clip the gradient of all trainable parameters to this L2 norm; 0: no clipping (default: the framework's: mask2former/fcclip 0.01, deeplabv3 none)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     mixed_precision: MixedPrecision = field(default="no", metadata={"help": "Accelerate mixed precision"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -93,8 +96,9 @@ class TrainArguments:
             raise ArgumentError(f"unknown framework {self.framework!r}; choose one of {FRAMEWORKS}")
         if self.freeze_rule is not None and self.freeze_rule not in FREEZE_RULES:
             raise ArgumentError(f"unknown freeze_rule {self.freeze_rule!r}; choose one of {FREEZE_RULES}")
-        if self.lr_scheduler_type not in SCHEDULERS:
+        if self.lr_scheduler_type is not None and self.lr_scheduler_type not in SCHEDULERS:
             raise ArgumentError(f"unknown lr_scheduler_type {self.lr_scheduler_type!r}; choose one of {SCHEDULERS}")
+        check_solver(self)
         if self.max_steps <= 0 and not self.num_epochs > 0:
             raise ArgumentError(f"set --max_steps > 0 or --num_epochs > 0 (got max_steps={self.max_steps}, "
                                 f"num_epochs={self.num_epochs})")
@@ -109,6 +113,17 @@ class TrainArguments:
         check_local_paths(self, "model_name_or_path", "mask", "spectral_config")
         check_benchmark(self)
         check_data_arguments(self)
+
+
+def check_solver(args) -> None:
+    """The solver flags on top of --framework's solver defaults make a valid solver."""
+    from ..training.optim import resolve_solver
+    from ..training.trainer import framework_class
+
+    try:
+        resolve_solver(framework_class(args.framework), args)
+    except ValueError as err:
+        raise ArgumentError(f"solver flags for --framework {args.framework}: {err}") from None
 
 
 def check_config_overrides(args) -> None:

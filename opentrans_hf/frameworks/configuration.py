@@ -36,9 +36,10 @@ def resolve_prompt_templates(templates) -> list[str]:
     return out
 
 
-SCHEDULES = ("linear", "cosine", "polynomial", "constant")
-"""Learning-rate schedules a solver can name (transformers' ``get_scheduler`` names; ``polynomial`` decays to 0 with
-``SolverConfig.poly_power``, detectron2's ``WarmupPolyLR``)."""
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+             "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+"""Learning-rate schedules a solver can name: transformers' ``get_scheduler`` names that need nothing but the step
+count; ``polynomial`` decays to 0 with ``SolverConfig.poly_power`` (detectron2's ``WarmupPolyLR``)."""
 
 
 @dataclass(frozen=True)

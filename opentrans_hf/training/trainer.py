@@ -103,7 +103,7 @@ def run_training(args) -> dict:
 def _train(accelerator, args, out: Path) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import CLIPConfig, get_scheduler
+    from transformers import CLIPConfig
 
     from ..distributed import on_main_process
     from ..pretraining import default_clip
@@ -152,9 +152,12 @@ def _train(accelerator, args, out: Path) -> dict:
     if accelerator.is_main_process and spectral is not None:
         spectral.print_trainable_parameters()
 
+    from .optim import make_optimizer as build_optimizer, make_scheduler as build_scheduler, resolve_solver
+
+    solver = resolve_solver(framework_class(args.framework), args)  # the framework's defaults, the flags on top
+
     def make_optimizer(m):
-        params = [p for p in m.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        return build_optimizer(m, solver)
 
     loader = make_loader(train_split, args.batch_size, shuffle=True, seed=args.seed)
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.gradient_accumulation_steps)
@@ -164,11 +167,8 @@ def _train(accelerator, args, out: Path) -> dict:
         raise ValueError(f"--spectral_warmup_steps {warmup} must be below the run's {max_steps} optimizer steps "
                          f"(alpha is measured after the warm-up, then training continues)")
 
-    # Accelerate's prepared scheduler steps once per process on every optimizer step (its convention),
-    # so the schedule is laid out in process-steps: warmup and decay span the given optimizer steps
     def make_scheduler(opt):
-        return get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
-                             num_training_steps=max_steps * accelerator.num_processes)
+        return build_scheduler(opt, solver, max_steps, accelerator.num_processes)
 
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer)
@@ -214,6 +214,8 @@ def _train(accelerator, args, out: Path) -> dict:
                                            check_grads=accelerator.scaler is None)
                     if problem is not None:
                         raise diverged(step + 1, problem)
+                    if solver.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_([p for _, p in trainable], solver.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -234,7 +236,7 @@ def _train(accelerator, args, out: Path) -> dict:
                 accelerator.log({"train/loss": loss, "lr": scheduler.get_last_lr()[0]}, step=step)
             if args.eval_steps and step % args.eval_steps == 0 and step < max_steps:
                 res = _evaluate_all(accelerator, model, eval_splits, args, holdout)
-                history["eval"].append({"step": step, **{k: v["mean_iou"] for k, v in res.items()}})
+                history["eval"].append(eval_record(step, res))
             if pending is not None and step == warmup:  # the paper's protocol: alpha after the warm-up
                 model, optimizer, scheduler, spectral = switch_to_spectral_tuning(
                     accelerator, model, optimizer, scheduler, pending, make_optimizer, make_scheduler)
@@ -263,7 +265,7 @@ def _train(accelerator, args, out: Path) -> dict:
     stage = "the final evaluation"
     try:
         final = _evaluate_all(accelerator, model, eval_splits, args, holdout)
-        history["eval"].append({"step": step, **{k: v["mean_iou"] for k, v in final.items()}})
+        history["eval"].append(eval_record(step, final))
         metrics = {
             "framework": args.framework,
             "steps": step,
@@ -275,6 +277,7 @@ def _train(accelerator, args, out: Path) -> dict:
             "units": METRIC_UNITS,
             "num_processes": accelerator.num_processes,
             "spectral_switch": history.get("spectral_switch"),
+            "solver": solver.to_dict(),
         }
         stage = "writing the model card, metrics and plots"
         on_main_process(accelerator, lambda: write_outputs(out, plain, args, metrics, history, mask, spectral,
@@ -291,6 +294,18 @@ def _train(accelerator, args, out: Path) -> dict:
     if args.report_to:
         accelerator.end_training()
     return metrics
+
+
+def eval_record(step: int, results: dict) -> dict:
+    """One point of the learning curves in ``history["eval"]``: mIoU per evaluation split and, where the split
+    has them, its seen / unseen mIoU (``"<split> seen"``, ``"<split> unseen"``)."""
+    record = {"step": step}
+    for name, res in results.items():
+        record[name] = res["mean_iou"]
+        for part in ("seen", "unseen"):
+            if res.get(f"mean_iou_{part}") is not None:
+                record[f"{name} {part}"] = res[f"mean_iou_{part}"]
+    return record
 
 
 def _evaluate_all(accelerator, model, eval_splits, args, holdout) -> dict:
