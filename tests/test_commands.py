@@ -104,7 +104,8 @@ def test_demo_calls_the_jobs_with_typed_arguments(tiny_clip_dir, tmp_path, monke
     assert summary["training"]["steps"] == 1 and summary["spectral"]["layers"] > 0
     rows = summary["comparison"]
     assert list(rows) == ["deeplabv3, pruned + spectrally tuned (this run)", "deeplabv3, dense, fully fine-tuned",
-                          "dense CLIP, no training (dense zero-shot)", "uniformly random labels"]
+                          "dense CLIP, no training (dense zero-shot)",
+                          "pruned CLIP (original weights x mask), no training (dense zero-shot)", "uniformly random labels"]
     assert rows["deeplabv3, pruned + spectrally tuned (this run)"] == summary["eval"]["embedded:validation"]
     assert all(0 <= r["mean_iou_unseen"] <= 1 and 0 <= r["mean_iou_seen"] <= 1 for r in rows.values())
 

@@ -9,7 +9,8 @@
    small-alpha layers frozen), on the seen classes;
 4. evaluation, zero-shot on the held-out classes and on any extra datasets, beside the baselines on the
    same split: the same framework fine-tuned dense (no mask, nothing frozen), the dense CLIP without any
-   training, and uniformly random labels.
+   training, the pruned CLIP without any training (the original CLIP weights with step 2's mask: what a
+   frozen-CLIP framework keeps of the CLIP's zero-shot), and uniformly random labels.
 
 With no arguments it runs on the embedded procedural dataset (16 classes, 4 held out of training) in a
 few minutes on 2 CPU cores, no weights downloaded; with ``--model_name_or_path
@@ -171,7 +172,7 @@ def _run(args: DemoArguments) -> dict:
     if not args.no_baselines:
         dense = train.run(replace(train_args, mask=None, freeze_rule=None, spectral_warmup_steps=0,
                                   output_dir=str(out / "dense")))
-        comparison = baseline_rows(train_args, clip, metrics, dense, make_accelerator())  # every process: sharded
+        comparison = baseline_rows(train_args, clip, metrics, dense, make_accelerator(), pruned=pruned)  # every process: sharded
     summary = {
         "clip": clip,
         "spectral": spectral,
@@ -214,10 +215,15 @@ def uniform_random_labels(seed: int = 0):
     return UniformRandomLabels()
 
 
-def baseline_rows(train_args, clip: str, metrics: dict, dense: dict, accelerator=None) -> dict:
+PRUNED_CLIP_ROW = "pruned CLIP (original weights x mask), no training (dense zero-shot)"
+
+
+def baseline_rows(train_args, clip: str, metrics: dict, dense: dict, accelerator=None, pruned: dict | None = None) -> dict:
     """``{row: metrics}`` on the dataset's own evaluation split (the first row of ``metrics["eval"]``):
     this run's model, the same framework fine-tuned dense, the dense CLIP untrained (training-free dense
-    zero-shot: patch tokens against the class prompts), and uniformly random labels. With ``accelerator``
+    zero-shot: patch tokens against the class prompts), with ``pruned`` (the prune job's result) the
+    same CLIP's original weights with the prune job's mask, untrained (what the mask transfers to a
+    frozen-CLIP framework; :func:`pruned_clip_row`), and uniformly random labels. With ``accelerator``
     a collective: every process evaluates its share of the examples."""
     from transformers import CLIPConfig
 
@@ -232,12 +238,40 @@ def baseline_rows(train_args, clip: str, metrics: dict, dense: dict, accelerator
     seen = metrics["train_classes"]
     common = dict(seen_classes=seen, max_examples=train_args.max_eval_examples, accelerator=accelerator)
     mask_note = "pruned + spectrally tuned" if train_args.mask else "fine-tuned"
-    return {
+    rows = {
         f"{metrics['framework']}, {mask_note} (this run)": metrics["eval"][name],
         f"{metrics['framework']}, dense, fully fine-tuned": dense["eval"][name],
         "dense CLIP, no training (dense zero-shot)": evaluate_splits(CLIPDenseZeroShot.from_pretrained(clip), split, **common)[name],
-        "uniformly random labels": evaluate_splits(uniform_random_labels(train_args.seed), split, **common)[name],
     }
+    if pruned is not None:
+        rows[PRUNED_CLIP_ROW] = pruned_clip_row(train_args, clip, pruned, split, common)
+    rows["uniformly random labels"] = evaluate_splits(uniform_random_labels(train_args.seed), split, **common)[name]
+    return rows
+
+
+def pruned_clip_row(train_args, clip: str, pruned: dict, split: dict, common: dict) -> dict:
+    """The pruned CLIP's own dense zero-shot on the demo's evaluation split: read from the prune job's
+    result (``pruned["zero_shot"]["pruned"]``, measured on the embedded validation split with the held-out
+    classes unseen) when that is this split with these seen classes and no example cap; otherwise (other
+    data, ``--validation_split_percentage``, ``--holdout_classes``, ``--max_eval_examples``) measured here
+    like the dense CLIP row, on the CLIP with the mask applied. A collective with ``common["accelerator"]``
+    (every process takes the same branch: it depends on the arguments alone)."""
+    from ..data.synthetic import CLASS_NAMES, HELD_OUT_CLASSES
+    from ..frameworks.zeroshot import CLIPDenseZeroShot
+    from ..pruning.mask import SparseMask
+    from ..training.evaluation import evaluate_splits
+
+    (name,) = split
+    zero_shot = pruned.get("zero_shot") or {}
+    same_split = (train_args.dataset == "embedded" and name == "embedded:validation" and not train_args.benchmark
+                  and not getattr(train_args, "image_size", None)
+                  and not train_args.validation_split_percentage and train_args.max_eval_examples is None
+                  and common["seen_classes"] == [c for c in CLASS_NAMES if c not in HELD_OUT_CLASSES])
+    if same_split and "pruned" in zero_shot:
+        return {**zero_shot["pruned"], "source": "the prune job's result (zero_shot.pruned)"}
+    model = CLIPDenseZeroShot.from_pretrained(clip)
+    SparseMask.from_pretrained(pruned["mask"]).apply(model.clip)
+    return {**evaluate_splits(model, split, **common)[name], "source": "measured on this split"}
 
 
 def comparison_table(rows: dict) -> str:
@@ -246,6 +280,6 @@ def comparison_table(rows: dict) -> str:
 
     lines = ["| model | mIoU (%) | pixel acc (%) | mIoU seen (%) | mIoU unseen (%) |", "|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {percent(r['mean_iou'])} | {percent(r['overall_accuracy'])} | "
+        lines.append(f"| {name} | {percent(r['mean_iou'])} | {percent(r.get('overall_accuracy'))} | "
                      f"{percent(r.get('mean_iou_seen'))} | {percent(r.get('mean_iou_unseen'))} |")
     return "\n".join(lines)

@@ -8,6 +8,9 @@ Defaults run on the embedded procedural dataset with the pretrained embedded CLI
 pretrain-clip``: built once on first use and cached; no downloads).
 Writes <output_dir>/round_XX/ (the mask adapter after every round; an interrupted run resumes), the
 final mask in <output_dir>/mask/, its per-layer sparsity plot, and params/MACs in <output_dir>/counts.json.
+With the embedded dataset it also measures the pruned CLIP's own training-free dense zero-shot (the
+original CLIP weights with the final mask, what transfers) beside the dense CLIP's: in the result and
+counts.json under "zero_shot", in the mask's extra and its model card (:func:`pruned_zero_shot`).
 """
 
 from __future__ import annotations
@@ -105,10 +108,13 @@ def _prune(accelerator, args: PruneArguments) -> dict:
     mask = iterative_magnitude_prune(model, loader, config, accelerator=accelerator, fingerprint=run_settings)
     mask.base_model_name_or_path = args.model_name_or_path or mask.base_model_name_or_path
     counts = count_params_and_flops(model, mask)
+    # what transfers is the mask on the ORIGINAL CLIP weights (not the distilled student): its own zero-shot
+    zero_shot = pruned_zero_shot(clip_path, mask, args, accelerator)  # every process (a collective)
+    mask.extra = {**mask.extra, "zero_shot": zero_shot}
     result = {"sparsity": mask.sparsity, "rounds": config.num_rounds, "mask": str(out / "mask"),
               "params": counts["params"], "effective_params": counts["effective_params"],
               "macs": counts["macs"], "effective_macs": counts["effective_macs"],
-              "num_processes": accelerator.num_processes}
+              "num_processes": accelerator.num_processes, "zero_shot": zero_shot}
 
     def write():  # the main process; the others share its outcome (no one waits on a failed main process)
         from ..io import atomic_write_text
@@ -122,9 +128,74 @@ def _prune(accelerator, args: PruneArguments) -> dict:
         print(mask.summary().splitlines()[0])
         print(f"params {counts['params']:,d} -> {counts['effective_params']:,d} effective; "
               f"MACs {counts['macs']:,d} -> {counts['effective_macs']:,d}")
+        print(zero_shot_line(zero_shot))
         print(f"mask adapter: {out / 'mask'}")
         if args.push_to_hub:
             print(f"pushed: {mask.push_to_hub(args.hub_model_id)}")
 
     on_main_process(accelerator, write)
     return result
+
+
+ZERO_SHOT_KEYS = ("mean_iou", "mean_iou_seen", "mean_iou_unseen")  # fractions of 1, as metrics.json
+
+
+def pruned_zero_shot(clip_path: str, mask, args: PruneArguments, accelerator=None) -> dict:
+    """The training-free dense zero-shot (:func:`~opentrans_hf.pretraining.zero_shot_evaluation`: mIoU over
+    all / seen / held-out classes, fractions of 1) of the dense CLIP at ``clip_path`` and of the same
+    CLIP's original weights with ``mask`` applied to its vision tower -- what a framework with a frozen
+    CLIP (FC-CLIP) recognises out of vocabulary, since the mask, not the distilled student, transfers.
+
+    Returns ``{"dense": {...}, "pruned": {...}, "examples", "split", "model"}``; or ``{"skipped": reason}``
+    when it cannot be measured: the evaluation split is the embedded dataset's, so only a job pruning on
+    ``--dataset embedded`` gets it, and the checkpoint needs CLIP's text tower and tokenizer. With
+    ``accelerator`` a collective: every process must call it (each scores its share of the examples, all
+    return the same numbers); the skip decisions depend on files alone, so every process takes the same.
+    """
+    import math
+
+    from transformers import AutoConfig, AutoTokenizer, CLIPModel
+
+    from ..hub import load_or_explain, quiet_loading
+    from ..pretraining import zero_shot_evaluation
+
+    if args.dataset != "embedded":
+        return {"skipped": f"--dataset {args.dataset!r} is not the embedded dataset: the pruned CLIP's own dense "
+                           "zero-shot is measured on the embedded validation split (its 16 class names, 4 of them "
+                           "held out) only; score the mask on your data with a framework (opentrans-hf train "
+                           "--mask, evaluate)"}
+    try:
+        with quiet_loading():
+            kind = AutoConfig.from_pretrained(clip_path).model_type
+            tokenizer = AutoTokenizer.from_pretrained(clip_path) if kind == "clip" else None
+    except (OSError, ValueError) as err:
+        return {"skipped": f"{clip_path}: no CLIP config or tokenizer to score class prompts with ({err})"}
+    if kind != "clip":
+        return {"skipped": f"{clip_path} is a {kind!r} checkpoint, not a full CLIP (no text tower to score class "
+                           "prompts with)"}
+    with quiet_loading():
+        clip = load_or_explain(clip_path, lambda: CLIPModel.from_pretrained(clip_path), "CLIP model").eval()
+    if accelerator is not None:
+        clip.to(accelerator.device)
+    common = dict(embedded_size=args.embedded_size, seed=args.seed, accelerator=accelerator)
+    dense = zero_shot_evaluation(clip, tokenizer, **common)
+    mask.apply(clip)  # SparseMask resolves the vision tower's names inside a CLIPModel (vision_model.*)
+    pruned = zero_shot_evaluation(clip, tokenizer, **common)
+    clean = lambda v: None if v is None or math.isnan(v) else float(v)  # noqa: E731 - JSON has no NaN
+    result = {name: {k: clean(zs[f"dense_{k}"]) for k in ZERO_SHOT_KEYS} for name, zs in (("dense", dense), ("pruned", pruned))}
+    result.update(examples=dense["examples"],
+                  split=f"embedded validation split (embedded_size {args.embedded_size}, seed {args.seed})",
+                  model="pruned: the original CLIP weights with the final mask (not the distilled student)")
+    if args.split == "validation":
+        result["note"] = "the mask was distilled on the evaluated split's images (--split validation)"
+    return result
+
+
+def zero_shot_line(zero_shot: dict) -> str:
+    """One line with the dense and the pruned CLIP's zero-shot (percent), or why it was skipped."""
+    if "skipped" in zero_shot:
+        return f"pruned CLIP zero-shot skipped: {zero_shot['skipped']}"
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    row = lambda r: " / ".join(pct(r[k]) for k in ZERO_SHOT_KEYS)  # noqa: E731
+    return (f"dense zero-shot mIoU all / seen / unseen (%), {zero_shot['examples']} embedded validation images: "
+            f"dense CLIP {row(zero_shot['dense'])}; pruned CLIP (original weights x mask) {row(zero_shot['pruned'])}")

@@ -174,6 +174,7 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()} if config.rewind else None
     state = {"round": 0, "history": []}
+    resumed_mask = None
     if config.resume and ((out / "student.safetensors").is_file() or (out / "state.json").is_file()):
         state = read_imp_state(out)
         _check_resumable(out, state, run, config, say=accelerator.print)
@@ -196,7 +197,8 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     wrapped, optimizer, loader = accelerator.prepare(student, optimizer, dataloader)
     total = (config.num_rounds - state["round"]) * config.steps_per_round
     bar = tqdm(total=total, desc="IMP", disable=not (progress and accelerator.is_main_process))
-    mask = SparseMask.from_model(student)
+    # a run resumed after its last round returns that round's saved mask, with what made it (method, extra)
+    mask = resumed_mask if resumed_mask is not None else SparseMask.from_model(student)
     for round_ in range(state["round"] + 1, config.num_rounds + 1):
         target = config.sparsity_after(round_)
         mask = magnitude_prune(student, target, scope=config.scope, target_modules=config.target_modules,
