@@ -16,7 +16,10 @@ from opentrans_hf.naming import canonical_name
 
 SMALL_M2F = dict(fpn_channels=32, hidden_dim=32, mask_feature_size=32, num_queries=6, dim_feedforward=64,
                  decoder_layers=2, train_num_points=128)
-OVERRIDES = {"deeplabv3": dict(aspp_channels=16), "mask2former": SMALL_M2F, "fcclip": SMALL_M2F}
+# FC-CLIP freezes its CLIP encoder by default (nothing for spectral tuning to train there, see
+# test_fcclip_frozen_encoder_stays_frozen_under_spectral_tuning); these transfer tests tune it
+OVERRIDES = {"deeplabv3": dict(aspp_channels=16), "mask2former": SMALL_M2F,
+             "fcclip": dict(SMALL_M2F, freeze_clip_encoder=False)}
 HOSTS = ["CLIPVisionModel", "CLIPModel", *FRAMEWORKS]  # deeplabv3, mask2former, fcclip
 
 
@@ -236,3 +239,12 @@ def test_an_adapter_saved_on_clipvisionmodel_loads_into_clipmodel_and_frameworks
         framework = make_host("deeplabv3", tiny_clip_dir)
         get_spectral_model(framework, SpectralTuningConfig()).save_pretrained(tmp_path / "framework")
         SpectralModel.from_pretrained(CLIPVisionModel.from_pretrained(tiny_clip_dir), tmp_path / "framework")
+
+
+def test_fcclip_frozen_encoder_stays_frozen_under_spectral_tuning(tiny_clip_dir):
+    """FC-CLIP's default (freeze_clip_encoder=True) wins over a spectral config: no encoder layer trains."""
+    model = FRAMEWORKS["fcclip"].from_clip(tiny_clip_dir, **SMALL_M2F)
+    spectral = get_spectral_model(model, SpectralTuningConfig())
+    assert spectral.spectral_config.trainable_layers  # the config says what it would train
+    assert not any(p.requires_grad for p in model.clip.vision_model.parameters())
+    assert any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("clip."))

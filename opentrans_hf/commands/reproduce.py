@@ -51,6 +51,9 @@ QUICK_MAX_STEPS = 60
 QUICK_MAX_EVAL_EXAMPLES = 48
 QUICK_PRUNE_RATE, QUICK_PRUNE_STEPS_PER_ROUND = 0.2, 5
 FULL_MAX_STEPS = 200
+FRAMEWORK_MAX_STEPS = {"deeplabv3": FULL_MAX_STEPS, "mask2former": 600, "fcclip": 600}
+"""Fine-tuning steps per framework (no --max_steps, no --quick): each framework's from its learning curve on the
+embedded benchmark (the step after which its seen / unseen mIoU stop improving; see the README)."""
 FULL_PRUNE_RATE, FULL_PRUNE_STEPS_PER_ROUND = 0.1, 10
 TABLE1_ROWS = ("dense", "random", "ours")
 TABLE1_LABELS = {"dense": "dense", "random": "Random mask", "ours": "Ours (IMP mask)"}
@@ -69,14 +72,14 @@ class ReproduceArguments:
     quick: bool = field(default=False, metadata={"help": f"the first seed only, --max_steps {QUICK_MAX_STEPS}, at most {QUICK_MAX_EVAL_EXAMPLES} evaluation examples and a shorter IMP schedule (--prune_rate {QUICK_PRUNE_RATE}, --prune_steps_per_round {QUICK_PRUNE_STEPS_PER_ROUND}, in output_dir/prune_quick) unless those flags are given: a few minutes on 2 CPU cores"})
     frameworks: list[str] = field(default_factory=lambda: list(FRAMEWORKS), metadata={"help": f"OVS frameworks of table 1, any of {', '.join(FRAMEWORKS)}"})
     tables: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "which tables to run: 1 (subnetwork transfer), 2 (efficient fine-tuning)"})
-    max_steps: int | None = field(default=None, metadata={"help": f"fine-tuning steps of every run (default: {FULL_MAX_STEPS}; --quick: {QUICK_MAX_STEPS})"})
+    max_steps: int | None = field(default=None, metadata={"help": f"fine-tuning steps of every run (default: each framework's, {', '.join(f'{k} {v}' for k, v in FRAMEWORK_MAX_STEPS.items())}; --quick: {QUICK_MAX_STEPS})"})
     spectral_warmup_steps: int | None = field(default=None, metadata={"help": "table 2's alpha row: full fine-tuning steps before alpha is measured and the median rule freezes (default: a fifth of --max_steps, at least 1)"})
     target_sparsity: float = field(default=0.9, metadata={"help": "sparsity of the IMP mask (the paper's 0.9)"})
     prune_rate: float | None = field(default=None, metadata={"help": f"fraction of the remaining weights pruned per IMP round (default: the paper's {FULL_PRUNE_RATE}; --quick: {QUICK_PRUNE_RATE})"})
     prune_steps_per_round: int | None = field(default=None, metadata={"help": f"distillation steps between IMP rounds (default: {FULL_PRUNE_STEPS_PER_ROUND}, the paper: 5000; --quick: {QUICK_PRUNE_STEPS_PER_ROUND})"})
     prune_learning_rate: float = field(default=1e-4, metadata={"help": "learning rate of the IMP distillation"})
     batch_size: int = field(default=8, metadata={"help": "batch size of pruning and fine-tuning"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "fine-tuning learning rate"})
+    learning_rate: float | None = field(default=None, metadata={"help": "fine-tuning learning rate of the heads (default: each framework's solver, e.g. deeplabv3 1e-3, mask2former/fcclip 1e-4)"})
     embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
     max_eval_examples: int | None = field(default=None, metadata={"help": f"cap on evaluation examples (default: all; --quick: {QUICK_MAX_EVAL_EXAMPLES})"})
     no_resume: bool = field(default=False, metadata={"help": "prune from round 0 even if output_dir/prune (or prune_quick) holds the rounds of an earlier run (needed after changing a pruning setting)"})
@@ -100,11 +103,11 @@ class ReproduceArguments:
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 raise ArgumentError(f"--{name} must be in (0, 1), got {value:g}")
-        if not self.learning_rate > 0 or not self.prune_learning_rate > 0:
-            raise ArgumentError(f"learning rates must be > 0, got --learning_rate {self.learning_rate:g}, "
+        if (self.learning_rate is not None and not self.learning_rate > 0) or not self.prune_learning_rate > 0:
+            raise ArgumentError(f"learning rates must be > 0, got --learning_rate {self.learning_rate}, "
                                 f"--prune_learning_rate {self.prune_learning_rate:g}")
         if 2 in self.tables:
-            steps, warmup = resolved_max_steps(self), resolved_warmup_steps(self)
+            steps, warmup = resolved_max_steps(self, TABLE2_FRAMEWORK), resolved_warmup_steps(self)
             if not 1 <= warmup < steps:
                 raise ArgumentError(f"--spectral_warmup_steps must be >= 1 and below --max_steps {steps} (table 2's "
                                     f"alpha row warms up, then freezes and continues), got {warmup}")
@@ -118,16 +121,17 @@ def resolved_seeds(args: ReproduceArguments) -> list[int]:
     return list(args.seeds[:1] if args.quick else args.seeds)
 
 
-def resolved_max_steps(args: ReproduceArguments) -> int:
+def resolved_max_steps(args: ReproduceArguments, framework: str = TABLE2_FRAMEWORK) -> int:
+    """--max_steps, else --quick's, else the framework's (:data:`FRAMEWORK_MAX_STEPS`)."""
     if args.max_steps is not None:
         return args.max_steps
-    return QUICK_MAX_STEPS if args.quick else FULL_MAX_STEPS
+    return QUICK_MAX_STEPS if args.quick else FRAMEWORK_MAX_STEPS[framework]
 
 
 def resolved_warmup_steps(args: ReproduceArguments) -> int:
     if args.spectral_warmup_steps is not None:
         return args.spectral_warmup_steps
-    return max(1, resolved_max_steps(args) // 5)
+    return max(1, resolved_max_steps(args, TABLE2_FRAMEWORK) // 5)
 
 
 def resolved_prune(args: ReproduceArguments) -> dict:
@@ -218,7 +222,16 @@ def _run(args: ReproduceArguments, state) -> dict:
     say = print if state.is_main_process else (lambda *a, **k: None)
     # the one place the CLIP is looked up: every sub-run gets this path
     clip = default_clip(args.model_name_or_path, state)
-    settings = {"clip": clip, "seeds": seeds, "max_steps": resolved_max_steps(args),
+    from ..training.optim import resolve_solver
+    from ..training.trainer import framework_class
+    from .train import TrainArguments
+
+    used = list(dict.fromkeys([*(args.frameworks if 1 in args.tables else []),
+                               *([TABLE2_FRAMEWORK] if 2 in args.tables else [])]))
+    settings = {"clip": clip, "seeds": seeds, "max_steps": resolved_max_steps(args, TABLE2_FRAMEWORK),
+                "framework_max_steps": {fw: resolved_max_steps(args, fw) for fw in used},
+                "solvers": {fw: resolve_solver(framework_class(fw), TrainArguments(
+                    framework=fw, learning_rate=args.learning_rate)).to_dict() for fw in used},
                 "spectral_warmup_steps": resolved_warmup_steps(args) if 2 in args.tables else None,
                 "max_eval_examples": resolved_max_eval_examples(args), "batch_size": args.batch_size,
                 "learning_rate": args.learning_rate, "embedded_size": args.embedded_size,
@@ -262,7 +275,7 @@ def _train(args, clip, framework, out_dir, seed, **extra) -> dict:
     from . import train
 
     return train.run(train.TrainArguments(
-        model_name_or_path=clip, framework=framework, max_steps=resolved_max_steps(args), batch_size=args.batch_size,
+        model_name_or_path=clip, framework=framework, max_steps=resolved_max_steps(args, framework), batch_size=args.batch_size,
         learning_rate=args.learning_rate, output_dir=str(out_dir), seed=seed, embedded_size=args.embedded_size,
         max_eval_examples=resolved_max_eval_examples(args), **extra))
 
@@ -527,13 +540,28 @@ def _pm(agg: dict, scale=100.0, fmt="{:.2f}") -> str:
     return text + (f" ± {fmt.format(scale * agg['std'])}" if agg.get("std") is not None else "")
 
 
+def _per_framework(settings: dict, key: str) -> str:
+    values = settings.get(key) or {}
+    return ", ".join(f"{fw} {v}" for fw, v in values.items()) or str(settings.get("max_steps"))
+
+
+def _solvers(settings: dict) -> str:
+    parts = []
+    for fw, sv in (settings.get("solvers") or {}).items():
+        parts.append(f"{fw}: AdamW {sv['learning_rate']:g}, backbone x{sv['backbone_multiplier']:g}, weight decay "
+                     f"{sv['weight_decay']:g}, {sv['lr_scheduler_type']}" + (f" after {sv['warmup_steps']} warm-up steps"
+                     if sv["warmup_steps"] else "") + (f", gradient clipping {sv['max_grad_norm']:g}"
+                                                       if sv["max_grad_norm"] else ""))
+    return "; ".join(parts)
+
+
 def render_markdown(results: dict) -> str:
     s = results["settings"]
     lines = ["# OpenTrans in miniature: the paper's two tables", "",
              f"Command: `{results['command']}`", "",
              f"CLIP: `{s['clip']}`; dataset: the embedded procedural one (seen classes trained, held-out "
-             f"classes evaluated zero-shot); {s['max_steps']} fine-tuning steps per run, batch {s['batch_size']}, "
-             f"learning rate {s['learning_rate']:g}; seeds {s['seeds']}. mIoU in percent, mean ± sample std "
+             f"classes evaluated zero-shot); fine-tuning steps per run: {_per_framework(s, 'framework_max_steps')}, "
+             f"batch {s['batch_size']}; each framework's solver ({_solvers(s)}); seeds {s['seeds']}. mIoU in percent, mean ± sample std "
              f"over the seeds (one seed: no std). Noise rule: {NOISE_RULE}.", ""]
     if "table1" in results:
         t = results["table1"]

@@ -64,6 +64,10 @@ def build_model(args, clip_path: str, image_size: int, seen_classes: list[str], 
         spectral = get_spectral_model(model, cfg)
         return spectral, mask, spectral, None
     cfg = spectral_config_of(args, model)
+    if cfg is not None and getattr(model.config, "freeze_clip_encoder", False):
+        print(f"warning: {args.framework} keeps its CLIP image encoder frozen (freeze_clip_encoder=True, FC-CLIP's "
+              "design), so spectral tuning trains none of its layers; --config_overrides freeze_clip_encoder=false "
+              "fine-tunes the encoder (FC-CLIP's out-of-vocabulary branch then reads the tuned encoder)")
     if cfg is not None and args.spectral_warmup_steps:
         check_warmup_config(cfg, args.spectral_warmup_steps, f"--spectral_config {args.spectral_config}")
         prepare_warmup(model, cfg)
