@@ -143,16 +143,23 @@ def main(argv=None) -> dict:
             steps_per_round=cfg["steps_per_round"], learning_rate=cfg["learning_rate"], scope=cfg["scope"],
             batch_size=args.batch_size, seed=args.seed, embedded_size=args.embedded_size, output_dir=str(out),
             **({"max_layer_sparsity": cfg["max_layer_sparsity"]} if cfg["max_layer_sparsity"] is not None else {})))
-        prune_seconds = time.time() - started
+        call_seconds = time.time() - started
+        # the IMP wall time over every call that worked on this directory (a resumed run adds its part)
+        timing = out / "sweep_imp_seconds.json"
+        before = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+        prune_seconds = call_seconds + (before or 0.0)
+        timing.write_text(json.dumps({"seconds": prune_seconds}) + "\n")
         state = json.loads((out / "state.json").read_text())
         entry = {**cfg, "output_dir": str(out), "prune_seconds": round(prune_seconds, 1),
-                 "imp_seconds_note": "this call's wall time (a resumed, finished run only reloads)",
+                 "prune_seconds_note": "prune job wall time, summed over the calls on this directory" + (
+                     "" if before is not None or call_seconds > 10 else " (a directory from before this "
+                     "bookkeeping: this call only; a finished run only reloads)"),
                  "final_sparsity": job["sparsity"], "rounds": {}}
         for r, sp in picked.items():
             entry["rounds"][r] = {"sparsity": sp, "original_x_mask": evaluate(clip_path, tok, mask_dir=out / f"round_{r:02d}", **common)}
         last = max(picked)
         entry["rounds"][last]["student"] = evaluate(clip_path, tok, student=out / "student.safetensors", **common)
-        entry["eval_seconds"] = round(time.time() - started - prune_seconds, 1)
+        entry["eval_seconds"] = round(time.time() - started - call_seconds, 1)
         entry["final_loss"] = state["history"][-1]["loss"]
         result["settings"].append(entry)
         print(f"{cfg['name']}: IMP {prune_seconds:.0f} s; " + "; ".join(
