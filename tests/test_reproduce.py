@@ -52,6 +52,34 @@ def test_table1_masks_counts_and_seeds(reproduced):
         assert rows[name]["runs"]["0"]["sparsity"] == pytest.approx(ours.sparsity)
     assert dense["effective_params"]["mean"] == rows["dense"]["runs"]["0"]["params"]
     assert res["table1"]["pruning"]["sparsity"] == pytest.approx(ours.sparsity)
+    # Ours by the default layerwise ranking: every layer pruned alike
+    assert res["settings"]["pruning"]["scope"] == "layerwise" and ours.method == "imp-layerwise"
+    # the CLIP's own zero-shot beside every row: dense and Ours from the prune job, Random scored per mask
+    counts = json.loads((out / "prune" / "counts.json").read_text())["zero_shot"]
+    for seed in ("0", "1"):
+        assert rows["dense"]["runs"][seed]["clip_zero_shot_unseen"] == counts["dense"]["mean_iou_unseen"]
+        assert rows["ours"]["runs"][seed]["clip_zero_shot_seen"] == counts["pruned"]["mean_iou_seen"]
+        assert 0 <= rows["random"]["runs"][seed]["clip_zero_shot_seen"] <= 1
+    # solvers and steps per framework are recorded
+    assert res["settings"]["solvers"]["deeplabv3"]["learning_rate"] == 1e-3
+    assert res["settings"]["framework_max_steps"] == {"deeplabv3": 2}
+    md = (out / "results.md").read_text()
+    assert "the CLIP's own zero-shot seen / unseen (%)" in md
+
+
+def test_random_rows_zero_shot_is_the_masked_clips(reproduced, tiny_clip_dir):
+    """Independently: the tiny CLIP's original weights under Random mask 0, scored training-free."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from opentrans_hf.pretraining import zero_shot_evaluation
+    from opentrans_hf.pruning import SparseMask
+
+    out, res = reproduced
+    clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    SparseMask.from_pretrained(out / "masks" / "random-seed0").apply(clip)
+    zs = zero_shot_evaluation(clip, AutoTokenizer.from_pretrained(tiny_clip_dir), embedded_size=8, seed=0)
+    run = res["table1"]["framework_rows"]["deeplabv3"]["random"]["runs"]["0"]
+    assert run["clip_zero_shot_seen"] == pytest.approx(zs["dense_mean_iou_seen"])
 
 
 def test_table2_costs_and_ratios(reproduced):

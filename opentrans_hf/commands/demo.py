@@ -54,6 +54,7 @@ class DemoArguments:
     target_sparsity: float = field(default=0.9, metadata={"help": "sparsity of the pruned encoder (the paper's 0.9)"})
     prune_rate: float = field(default=0.1, metadata={"help": "fraction of remaining weights pruned per round (the paper's 0.1)"})
     prune_steps_per_round: int = field(default=10, metadata={"help": "distillation steps between rounds (the paper: 5000)"})
+    prune_scope: Literal["global", "layerwise"] = field(default="layerwise", metadata={"help": "magnitude ranking of the IMP rounds: layerwise (default: the same fraction of every layer, whose pruned CLIP keeps its own zero-shot at 90%) or global (the paper's; at 90% it strips some layers almost bare)"})
     max_steps: int = field(default=500, metadata={"help": "fine-tuning steps"})
     batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
     learning_rate: float = field(default=1e-3, metadata={"help": "fine-tuning learning rate"})
@@ -141,10 +142,10 @@ def _run(args: DemoArguments) -> dict:
 
     # 2. semantic-agnostic IMP of the encoder -> mask adapter
     say(f"[2/4] iterative magnitude pruning to {args.target_sparsity:.0%} (rate {args.prune_rate}, "
-        f"{args.prune_steps_per_round} distillation steps per round)")
+        f"{args.prune_steps_per_round} distillation steps per round, {args.prune_scope} ranking)")
     pruned = prune.run(prune.PruneArguments(
         model_name_or_path=clip, dataset=args.dataset, rate=args.prune_rate, target_sparsity=args.target_sparsity,
-        steps_per_round=args.prune_steps_per_round, batch_size=args.batch_size, learning_rate=1e-4,
+        steps_per_round=args.prune_steps_per_round, batch_size=args.batch_size, learning_rate=1e-4, scope=args.prune_scope,
         output_dir=str(out / "prune"), seed=args.seed, embedded_size=args.embedded_size,
         image_column=args.image_column, label_column=args.label_column,
         validation_split_percentage=args.validation_split_percentage, no_resume=args.no_resume,
