@@ -54,7 +54,7 @@ class DemoArguments:
     target_sparsity: float = field(default=0.9, metadata={"help": "sparsity of the pruned encoder (the paper's 0.9)"})
     prune_rate: float = field(default=0.1, metadata={"help": "fraction of remaining weights pruned per round (the paper's 0.1)"})
     prune_steps_per_round: int = field(default=10, metadata={"help": "distillation steps between rounds (the paper: 5000)"})
-    prune_scope: Literal["global", "layerwise"] = field(default="layerwise", metadata={"help": "magnitude ranking of the IMP rounds: layerwise (default: the same fraction of every layer, whose pruned CLIP keeps its own zero-shot at 90%) or global (the paper's; at 90% it strips some layers almost bare)"})
+    prune_scope: Literal["global", "layerwise"] = field(default="layerwise", metadata={"help": "magnitude ranking of the IMP rounds: layerwise (default: the same fraction of every layer, whose pruned CLIP keeps its own zero-shot at 90%%) or global (the paper's; at 90%% it strips some layers almost bare)"})
     max_steps: int = field(default=500, metadata={"help": "fine-tuning steps"})
     batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
     learning_rate: float = field(default=1e-3, metadata={"help": "fine-tuning learning rate"})
