@@ -207,7 +207,9 @@ def test_demo_with_two_processes_including_its_baselines(tiny_clip_dir, tmp_path
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = summary["comparison"]
-    assert len(rows) == 4 and all(0 <= r["mean_iou"] <= 1 for r in rows.values())
+    # this run, dense fine-tuned, dense CLIP, the pruned CLIP's own zero-shot, random labels
+    assert len(rows) == 5 and all(0 <= r["mean_iou"] <= 1 for r in rows.values())
+    assert any(name.startswith("pruned CLIP (original weights x mask)") for name in rows)
     assert res.stdout.count("| uniformly random labels |") == 1  # the table is printed once
 
 
