@@ -140,13 +140,14 @@ def _prune(accelerator, args: PruneArguments) -> dict:
 ZERO_SHOT_KEYS = ("mean_iou", "mean_iou_seen", "mean_iou_unseen")  # fractions of 1, as metrics.json
 
 
-def pruned_zero_shot(clip_path: str, mask, args: PruneArguments, accelerator=None) -> dict:
+def pruned_zero_shot(clip_path: str, mask, args: PruneArguments, accelerator=None, with_dense: bool = True) -> dict:
     """The training-free dense zero-shot (:func:`~opentrans_hf.pretraining.zero_shot_evaluation`: mIoU over
     all / seen / held-out classes, fractions of 1) of the dense CLIP at ``clip_path`` and of the same
     CLIP's original weights with ``mask`` applied to its vision tower -- what a framework with a frozen
     CLIP (FC-CLIP) recognises out of vocabulary, since the mask, not the distilled student, transfers.
 
-    Returns ``{"dense": {...}, "pruned": {...}, "examples", "split", "model"}``; or ``{"skipped": reason}``
+    Returns ``{"dense": {...}, "pruned": {...}, "examples", "split", "model"}`` (no ``"dense"`` with
+    ``with_dense=False``, for a caller that has it already); or ``{"skipped": reason}``
     when it cannot be measured: the evaluation split is the embedded dataset's, so only a job pruning on
     ``--dataset embedded`` gets it, and the checkpoint needs CLIP's text tower and tokenizer. With
     ``accelerator`` a collective: every process must call it (each scores its share of the examples, all
@@ -178,12 +179,12 @@ def pruned_zero_shot(clip_path: str, mask, args: PruneArguments, accelerator=Non
     if accelerator is not None:
         clip.to(accelerator.device)
     common = dict(embedded_size=args.embedded_size, seed=args.seed, accelerator=accelerator)
-    dense = zero_shot_evaluation(clip, tokenizer, **common)
+    scored = {"dense": zero_shot_evaluation(clip, tokenizer, **common)} if with_dense else {}
     mask.apply(clip)  # SparseMask resolves the vision tower's names inside a CLIPModel (vision_model.*)
-    pruned = zero_shot_evaluation(clip, tokenizer, **common)
+    scored["pruned"] = zero_shot_evaluation(clip, tokenizer, **common)
     clean = lambda v: None if v is None or math.isnan(v) else float(v)  # noqa: E731 - JSON has no NaN
-    result = {name: {k: clean(zs[f"dense_{k}"]) for k in ZERO_SHOT_KEYS} for name, zs in (("dense", dense), ("pruned", pruned))}
-    result.update(examples=dense["examples"],
+    result = {name: {k: clean(zs[f"dense_{k}"]) for k in ZERO_SHOT_KEYS} for name, zs in scored.items()}
+    result.update(examples=scored["pruned"]["examples"],
                   split=f"embedded validation split (embedded_size {args.embedded_size}, seed {args.seed})",
                   model="pruned: the original CLIP weights with the final mask (not the distilled student)")
     if args.split == "validation":

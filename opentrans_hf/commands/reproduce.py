@@ -396,7 +396,7 @@ def _clip_zero_shot(args, clip, pruned: dict, row: str, mask, seed: int) -> dict
     else:
         z = prune.pruned_zero_shot(clip, mask, prune.PruneArguments(model_name_or_path=clip, seed=seed,
                                                                     embedded_size=args.embedded_size),
-                                   make_accelerator())["pruned"]
+                                   make_accelerator(), with_dense=False)["pruned"]
     return {"clip_zero_shot_seen": z["mean_iou_seen"], "clip_zero_shot_unseen": z["mean_iou_unseen"]}
 
 

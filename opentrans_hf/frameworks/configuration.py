@@ -73,9 +73,8 @@ class SolverConfig:
     max_grad_norm: float | None = None
 
     def __post_init__(self):
-        for name in ("learning_rate",):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"solver {name} must be > 0, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"solver learning_rate must be > 0, got {self.learning_rate!r}")
         for name in ("backbone_multiplier", "weight_decay", "weight_decay_norm", "weight_decay_embed", "poly_power"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"solver {name} must be >= 0, got {getattr(self, name)!r}")
@@ -316,8 +315,7 @@ class CLIPFCCLIPConfig(CLIPMask2FormerConfig):
     """
 
     model_type = "opentrans_clip_fcclip"
-    solver = CLIPMask2FormerConfig.solver
-    """FC-CLIP's solver is Mask2Former's (its configs inherit it); with the frozen encoder the multiplier is moot."""
+    # solver: inherited, Mask2Former's (FC-CLIP's configs inherit it); with the frozen encoder the multiplier is moot
 
     def __init__(self, ensemble_alpha: float = 0.4, ensemble_beta: float = 0.8, **kwargs):
         for name, v in (("ensemble_alpha", ensemble_alpha), ("ensemble_beta", ensemble_beta)):
