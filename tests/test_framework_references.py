@@ -189,3 +189,21 @@ def test_ignored_pixels_in_the_mask_loss(cls, tiny_clip_dir):
             assert torch.equal(theirs[k], ours[k]), k
     with pytest.raises(ValueError, match="mask_loss_ignored must be one of"):
         CLIPMask2FormerConfig(mask_loss_ignored="drop")
+
+
+def test_probe_script_scores_every_setting(tiny_clip_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from opentrans_hf.data.synthetic import CLASS_NAMES, HELD_OUT_CLASSES
+
+    seen = [c for c in CLASS_NAMES if c not in HELD_OUT_CLASSES]
+    model = CLIPFCCLIPForOVS.from_clip(tiny_clip_dir, seen_class_names=seen, **SMALL)
+    model.save_pretrained(tmp_path / "model")
+    script = Path(__file__).parents[1] / "scripts" / "probe_fcclip_branches.py"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "model"), "--embedded_size", "8"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [l for l in res.stdout.splitlines() if " seen " in l and " unseen " in l]
+    assert len(lines) == 7 and lines[-1].startswith("without the void factor")
