@@ -21,6 +21,7 @@ demo: install
 	$(BIN)/opentrans-hf demo --output_dir runs/demo
 
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -1,9 +1,7 @@
 """opentrans-hf: transferable and principled efficiency for open-vocabulary segmentation on HF."""
 
-__version__ = "0.1.0"
-
-from .pretraining import pretrain_clip, pretrained_clip
-from .pruning import (
+from opentrans_hf.embedded.random_clip import CLIP_SIZES, make_random_clip
+from opentrans_hf.methods.sparse_mask import (
     IMPConfig,
     SparseMask,
     count_params_and_flops,
@@ -12,9 +10,7 @@ from .pruning import (
     magnitude_prune,
     save_sparse_pretrained,
 )
-from .random_clip import CLIP_SIZES, make_random_clip
-from .spectral import LayerSpectrum, SpectralReport, analyze_spectra
-from .tuning import (
+from opentrans_hf.methods.spectral_tuning import (
     SpectralModel,
     SpectralTuningConfig,
     estimate_training_flops,
@@ -22,8 +18,36 @@ from .tuning import (
     get_spectral_model,
     spectral_param_groups,
 )
+from opentrans_hf.models import (
+    FRAMEWORKS,
+    CLIPDeepLabV3Config,
+    CLIPDeepLabV3ForOVS,
+    CLIPDenseZeroShot,
+    CLIPFCCLIPConfig,
+    CLIPFCCLIPForOVS,
+    CLIPMask2FormerConfig,
+    CLIPMask2FormerForOVS,
+    OVSConfig,
+    OVSPreTrainedModel,
+    register_auto_classes,
+)
+from opentrans_hf.spectral import LayerSpectrum, SpectralReport, analyze_spectra
+from opentrans_hf.training.pretraining import pretrain_clip, pretrained_clip
+from opentrans_hf.utils.version import __version__
+
+register_auto_classes()  # AutoConfig / AutoModel know the frameworks: the one thing importing opentrans_hf does
 
 __all__ = [
+    "CLIPDeepLabV3Config",
+    "CLIPDeepLabV3ForOVS",
+    "CLIPDenseZeroShot",
+    "CLIPFCCLIPConfig",
+    "CLIPFCCLIPForOVS",
+    "CLIPMask2FormerConfig",
+    "CLIPMask2FormerForOVS",
+    "FRAMEWORKS",
+    "OVSConfig",
+    "OVSPreTrainedModel",
     "CLIP_SIZES",
     "IMPConfig",
     "LayerSpectrum",

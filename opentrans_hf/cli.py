@@ -11,13 +11,13 @@ import os
 import sys
 import traceback
 
+from opentrans_hf.commands import COMMANDS, ArgumentError, command_module, parse_args
+from opentrans_hf.utils.version import __version__
+
 DEBUG_ENV = "OPENTRANS_HF_DEBUG"
 
 
 def _usage() -> str:
-    from . import __version__
-    from .commands import COMMANDS
-
     width = max(map(len, COMMANDS))
     lines = [f"usage: opentrans-hf [--debug] {{{','.join(COMMANDS)}}} [ARGS]  (opentrans-hf {__version__})", "",
              "commands:"]
@@ -36,8 +36,6 @@ def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
 
 
 def _one_line(err: BaseException) -> str:
-    from .commands import ArgumentError
-
     text = str(err).strip() or type(err).__name__
     if isinstance(err, KeyError) and len(err.args) == 1:
         text = str(err.args[0])
@@ -52,15 +50,11 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``opentrans-hf``; returns the exit status (0 ok, 1 failed run, 2 bad arguments)."""
-    from .commands import COMMANDS, ArgumentError, command_module, parse_args
-
     debug, argv = _debug_requested(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from . import __version__
-
         print(f"opentrans-hf {__version__}")
         return 0
     name, rest = argv[0], argv[1:]

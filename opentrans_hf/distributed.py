@@ -1,48 +1,5 @@
-"""Accelerate helpers: several processes on machines without GPUs; main-process work whose outcome
-every process shares."""
+"""Deprecated alias of :mod:`opentrans_hf.utils.distributed` (moved in 0.2, removed in 0.3)."""
 
-from __future__ import annotations
+from opentrans_hf.utils.deprecation import alias_module
 
-import os
-
-
-def cpu_only_multiprocess() -> bool:
-    """True when this process is one of several (``accelerate launch --multi_gpu --num_processes N`` or
-    ``torchrun``) on a machine without CUDA: Accelerate must then be told ``cpu=True`` to run DDP on CPU
-    with gloo (otherwise every process silently trains alone). ``accelerate launch --cpu`` starts only
-    one process (several need mpirun), so the torchrun launcher plus this is the way to test DDP on CPU."""
-    import torch
-
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def make_accelerator(**kwargs):
-    """``Accelerator(**kwargs)``, with ``cpu=True`` added when :func:`cpu_only_multiprocess`."""
-    from accelerate import Accelerator
-
-    if cpu_only_multiprocess():
-        kwargs.setdefault("cpu", True)
-    return Accelerator(**kwargs)
-
-
-def on_main_process(state, fn):
-    """Run ``fn()`` on the main process only and share its outcome: every process returns (the main one
-    with ``fn``'s result, the others with None) or every process raises, so no process is left waiting
-    at a barrier for a main process that failed. ``state``: an ``Accelerator``, a ``PartialState`` or
-    None (a single process). A collective: every process must call it."""
-    result, error = None, None
-    if state is None or state.is_main_process:
-        try:
-            result = fn()
-        except Exception as err:  # noqa: BLE001 - re-raised below, after the others have heard of it
-            error = err
-    if state is not None and state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        message = [None if error is None else f"{type(error).__name__}: {error}"]
-        broadcast_object_list(message, from_process=0)
-        if error is None and message[0] is not None:
-            raise RuntimeError(f"the main process failed: {message[0]}")
-    if error is not None:
-        raise error
-    return result
+alias_module(__name__, "opentrans_hf.utils.distributed")

@@ -1,19 +1,5 @@
-"""Fingerprints of runs: the settings that change a run's result, recorded with its checkpoints so that a
-resume under other settings is refused with the differences listed, instead of silently mixing two runs."""
+"""Deprecated alias of :mod:`opentrans_hf.utils.fingerprint` (moved in 0.2, removed in 0.3)."""
 
-from __future__ import annotations
+from opentrans_hf.utils.deprecation import alias_module
 
-import json
-
-
-def fingerprint(settings: dict) -> dict:
-    """``settings`` as plain JSON values (tuples -> lists, paths -> strings), comparable after a round trip."""
-    return json.loads(json.dumps(settings, default=str, sort_keys=True))
-
-
-def differences(saved: dict, current: dict, saved_name: str = "checkpoint") -> list[str]:
-    """``"name: <saved> in the <saved_name>, <current> now"`` for every setting whose value differs. A
-    setting absent from ``saved`` (recorded by an older version) is not compared."""
-    current = fingerprint(current)
-    return [f"{k}: {saved[k]!r} in the {saved_name}, {current.get(k)!r} now"
-            for k in sorted(saved) if k in current and saved[k] != current[k]]
+alias_module(__name__, "opentrans_hf.utils.fingerprint")

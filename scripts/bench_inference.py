@@ -1,6 +1,6 @@
 """Benchmark: wall time, memory and file size of pruned CLIP image encoders on CPU (inference).
 
-A random-initialised CLIP ViT-B/16 vision tower (opentrans_hf.random_clip), 224 px, encoder forward under
+A random-initialised CLIP ViT-B/16 vision tower (opentrans_hf.embedded.random_clip), 224 px, encoder forward under
 ``torch.inference_mode()`` at batch 1 and 8, default threads. Variants of the same weights:
 
 * ``dense``: no mask;
@@ -92,7 +92,7 @@ def time_interleaved(fns: dict, rounds: int, repeats: int, warmup: int, label: s
 def tower_variants(size: str, max_layer_sparsity: float = 0.99):
     """{name: model} of the vision tower variants, the 90% layerwise mask, {name: MAC count} and notes."""
     from opentrans_hf import SparseMask, count_params_and_flops, magnitude_prune
-    from opentrans_hf.random_clip import build_random_clip_vision
+    from opentrans_hf.embedded.random_clip import build_random_clip_vision
 
     # inference only; also, a compacted attention with no head left (RemovedAttention) returns a view of
     # its bias Parameter that FlopCounterMode's module tracker rejects when the bias requires grad
@@ -157,8 +157,8 @@ def storage_sizes(variants: dict, mask90) -> dict[str, int]:
 def framework_variants(size: str, tmp: Path):
     """{framework: {variant: model}} for DeepLabV3 and FC-CLIP around one random CLIPModel."""
     from opentrans_hf import magnitude_prune
-    from opentrans_hf.frameworks import CLIPDeepLabV3ForOVS, CLIPFCCLIPForOVS
-    from opentrans_hf.random_clip import make_random_clip
+    from opentrans_hf.embedded.random_clip import make_random_clip
+    from opentrans_hf.models import CLIPDeepLabV3ForOVS, CLIPFCCLIPForOVS
 
     clip = make_random_clip(tmp / "clip", size)
     out, notes = {}, {}
@@ -185,7 +185,7 @@ def framework_variants(size: str, tmp: Path):
 def framework_macs(model, pixel_values) -> int:
     """MACs of one forward; the class names' text embeddings are computed (and cached) first, as in the
     timed forwards, so the text tower is not counted."""
-    from opentrans_hf.flops import flop_counter
+    from opentrans_hf.utils.flops import flop_counter
 
     with torch.inference_mode():
         model(pixel_values=pixel_values, class_names=CLASS_NAMES)
@@ -202,7 +202,7 @@ def main():
     parser.add_argument("--skip_frameworks", action="store_true", help="time the vision tower only")
     parser.add_argument("--quick", action="store_true", help="the tiny CLIP, 1 round: checks that it runs")
     args = parser.parse_args()
-    from opentrans_hf.hub import quiet_loading
+    from opentrans_hf.utils.hub import quiet_loading
 
     size = "tiny" if args.quick else "vit-b16"
     if args.quick:

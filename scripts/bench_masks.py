@@ -21,7 +21,7 @@ def main():
     parser.add_argument("--size", default="vit-b16")
     args = parser.parse_args()
     from opentrans_hf import IMPConfig, SparseMask, count_params_and_flops, magnitude_prune
-    from opentrans_hf.random_clip import build_random_clip_vision
+    from opentrans_hf.embedded.random_clip import build_random_clip_vision
 
     model = build_random_clip_vision(args.size).eval()
     sparsity = IMPConfig().sparsity_after(22)

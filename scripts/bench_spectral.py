@@ -1,6 +1,6 @@
 """Benchmark: opentrans-hf's spectral analysis vs WeightWatcher 0.7.7 and the eigenvalue floor.
 
-One run, one process, on a random-initialised CLIP ViT-B/16 vision tower (opentrans_hf.random_clip):
+One run, one process, on a random-initialised CLIP ViT-B/16 vision tower (opentrans_hf.embedded.random_clip):
 
 * weightwatcher 0.7.7 ``WeightWatcher(model).analyze()`` (defaults)
 * ``analyze_spectra(estimator="ww")`` float64 (exact) and ``precision="float32"`` (fast mode)
@@ -39,7 +39,7 @@ def main():
     args = parser.parse_args()
 
     from opentrans_hf import analyze_spectra
-    from opentrans_hf.random_clip import build_random_clip_vision
+    from opentrans_hf.embedded.random_clip import build_random_clip_vision
     from opentrans_hf.spectral.analyze import layer_eigenvalues
     from opentrans_hf.spectral.layers import iter_layer_matrices
 

@@ -52,7 +52,7 @@ def time_encoder(clip: str, masks: dict[str, str], rounds: int, repeats: int) ->
     from transformers import CLIPVisionModel
 
     from opentrans_hf import SparseMask, count_params_and_flops
-    from opentrans_hf.hub import quiet_loading
+    from opentrans_hf.utils.hub import quiet_loading
 
     with quiet_loading():
         dense = CLIPVisionModel.from_pretrained(clip).eval().requires_grad_(False)
@@ -115,8 +115,8 @@ def main():
     args = parser.parse_args()
 
     from opentrans_hf.commands import prune, train
-    from opentrans_hf.io import atomic_write_text, json_safe
-    from opentrans_hf.pretraining import default_clip
+    from opentrans_hf.training.pretraining import default_clip
+    from opentrans_hf.utils.io import atomic_write_text, json_safe
 
     extra = dict(embedded_size=16, max_eval_examples=8) if args.quick else {}
     if args.quick:

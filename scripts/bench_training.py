@@ -1,6 +1,6 @@
 """Benchmark: full fine-tuning vs spectral tuning (median rule) vs LoRA (r=16), in one run.
 
-A random-initialised CLIP ViT-B/16 vision tower (opentrans_hf.random_clip) with a light segmentation
+A random-initialised CLIP ViT-B/16 vision tower (opentrans_hf.embedded.random_clip) with a light segmentation
 head (1x1 conv on the patch tokens, 150 classes, loss on the patch grid; ``--loss_resolution full``
 upsamples the logits to 224 x 224 first), 224 px, batch 4, AdamW, CPU. Each method runs in its
 own subprocess (so peak memory is its own): warm-up steps, then timed steps; it reports the median
@@ -27,7 +27,7 @@ def build(method: str, batch: int, loss_resolution: str = "grid"):
     from torch import nn
 
     from opentrans_hf import SpectralTuningConfig, estimate_training_flops, get_spectral_model
-    from opentrans_hf.random_clip import build_random_clip_vision
+    from opentrans_hf.embedded.random_clip import build_random_clip_vision
 
     class Segmenter(nn.Module):
         def __init__(self):

@@ -11,9 +11,9 @@ import argparse
 
 import torch
 
-import opentrans_hf.frameworks.fcclip as fcclip
+import opentrans_hf.models.fcclip.modeling_fcclip as fcclip
 from opentrans_hf.data.assembly import load_split
-from opentrans_hf.frameworks import CLIPFCCLIPForOVS
+from opentrans_hf.models import CLIPFCCLIPForOVS
 from opentrans_hf.training.evaluation import evaluate_splits, percent
 
 SETTINGS = [(0.4, 0.8, "binary", "FC-CLIP's ensemble"), (0.0, 0.0, "binary", "in-vocabulary head alone"),

@@ -47,8 +47,8 @@ def evaluate(clip_path: str, tokenizer, *, mask_dir: Path | None = None, student
     from transformers import CLIPModel
 
     from opentrans_hf import SparseMask
-    from opentrans_hf.hub import quiet_loading, read_safetensors
-    from opentrans_hf.pretraining import zero_shot_evaluation
+    from opentrans_hf.training.pretraining import zero_shot_evaluation
+    from opentrans_hf.utils.hub import quiet_loading, read_safetensors
 
     with quiet_loading():
         clip = CLIPModel.from_pretrained(clip_path).eval()
@@ -113,9 +113,9 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     from opentrans_hf.commands import prune
-    from opentrans_hf.hub import quiet_loading
-    from opentrans_hf.pretraining import default_clip
-    from opentrans_hf.pruning.imp import IMPConfig
+    from opentrans_hf.methods.sparse_mask.imp import IMPConfig
+    from opentrans_hf.training.pretraining import default_clip
+    from opentrans_hf.utils.hub import quiet_loading
 
     t0 = time.time()
     work = Path(args.work_dir)

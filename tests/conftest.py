@@ -1,8 +1,14 @@
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository's root."""
+HELPERS = Path(__file__).resolve().parent / "helpers"
+"""Scripts the tests launch in other processes."""
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

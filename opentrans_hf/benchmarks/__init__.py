@@ -1,7 +1,6 @@
-"""The field's standard open-vocabulary segmentation benchmarks: :func:`get_benchmark` /
-:func:`list_benchmarks` (class lists with synonyms, label conventions, Hub ids, evaluation resolution)
-and, in :mod:`~opentrans_hf.benchmarks.prepare`, converters from their official release layouts."""
+"""Deprecated alias of :mod:`opentrans_hf.data.benchmarks` (moved in 0.2, removed in 0.3); its submodules are
+aliases too."""
 
-from .registry import BENCHMARK_NAMES, Benchmark, HubSource, get_benchmark, is_benchmark, list_benchmarks
+from opentrans_hf.utils.deprecation import forward_package
 
-__all__ = ["BENCHMARK_NAMES", "Benchmark", "HubSource", "get_benchmark", "is_benchmark", "list_benchmarks"]
+__getattr__ = forward_package(__name__, "opentrans_hf.data.benchmarks")

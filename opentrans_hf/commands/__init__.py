@@ -18,6 +18,10 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from opentrans_hf.data.assembly import EMBEDDED
+from opentrans_hf.models.configuration_ovs import resolve_prompt_templates
+from opentrans_hf.utils.hub import check_local_or_hub
+
 COMMANDS = {
     "analyze": "heavy-tail (alpha) analysis of every layer of a model",
     "prune": "semantic-agnostic iterative magnitude pruning of a CLIP image encoder -> mask adapter",
@@ -52,10 +56,7 @@ def check_percentage(name: str, value: float | None) -> None:
 
 def check_local_paths(args, *names: str) -> None:
     """Each ``--name`` of ``names`` (and ``--dataset`` unless it is the embedded one) that is meant as a
-    local path exists (:func:`~opentrans_hf.hub.check_local_or_hub`): no Hub retries for a typo."""
-    from ..data.assembly import EMBEDDED
-    from ..hub import check_local_or_hub
-
+    local path exists (:func:`~opentrans_hf.utils.hub.check_local_or_hub`): no Hub retries for a typo."""
     for name in names:
         check_local_or_hub(getattr(args, name), f"--{name}")
     if getattr(args, "dataset", EMBEDDED) != EMBEDDED:
@@ -65,8 +66,6 @@ def check_local_paths(args, *names: str) -> None:
 def check_prompt_templates(args) -> None:
     """``--prompt_templates``, when given, names a prompt-template set of the frameworks."""
     if getattr(args, "prompt_templates", None):
-        from ..frameworks.configuration import resolve_prompt_templates
-
         try:
             resolve_prompt_templates(args.prompt_templates)
         except ValueError as err:

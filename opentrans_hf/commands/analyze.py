@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from . import check_local_paths
+from opentrans_hf.commands import check_local_paths
+from opentrans_hf.embedded.random_clip import CLIP_SIZES, build_random_clip_vision, random_clip_config
+from opentrans_hf.spectral import analyze_spectra
+from opentrans_hf.utils.hub import load_or_explain, quiet_loading
 
 TOWERS = ("vision", "text", "all")
 
@@ -33,8 +36,6 @@ class AnalyzeArguments:
     print_layers: bool = field(default=True, metadata={"help": "print one line per layer (--no_print_layers: the overview lines only)"})
 
     def __post_init__(self):
-        from ..random_clip import CLIP_SIZES
-
         if self.model not in CLIP_SIZES:
             check_local_paths(self, "model")
 
@@ -65,9 +66,6 @@ def load_model_for_analysis(name: str, tower: str = "vision", revision: str | No
     import torch
     from transformers import AutoConfig, AutoModel, CLIPModel, CLIPTextModel, CLIPVisionModel
 
-    from ..hub import load_or_explain, quiet_loading
-    from ..random_clip import CLIP_SIZES, build_random_clip_vision, random_clip_config
-
     if tower not in TOWERS:
         raise ValueError(f"unknown tower {tower!r}; choose one of {TOWERS}")
     if name in CLIP_SIZES and not Path(name).exists():
@@ -88,8 +86,6 @@ def load_model_for_analysis(name: str, tower: str = "vision", revision: str | No
 
 def run(args: AnalyzeArguments):
     """Analyse, print the summary, write the JSON report / plot if asked; returns the ``SpectralReport``."""
-    from ..spectral import analyze_spectra
-
     model = load_model_for_analysis(args.model, args.tower, args.revision)
     report = analyze_spectra(
         model,

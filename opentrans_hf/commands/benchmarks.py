@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from . import ArgumentError
+from opentrans_hf.commands import ArgumentError
+from opentrans_hf.data.benchmarks import get_benchmark, list_benchmarks
 
 
 @dataclass
@@ -24,8 +25,6 @@ class BenchmarksArguments:
     json: bool = field(default=False, metadata={"help": "print JSON (every field, class lists included)"})
 
     def __post_init__(self):
-        from ..benchmarks import get_benchmark
-
         for name in self.names or []:
             try:
                 get_benchmark(name)
@@ -53,8 +52,6 @@ def as_record(bench) -> dict:
 
 
 def run(args: BenchmarksArguments) -> list[dict]:
-    from ..benchmarks import get_benchmark, list_benchmarks
-
     chosen = [get_benchmark(n) for n in args.names] if args.names else list_benchmarks()
     records = [as_record(b) for b in chosen]
     if args.json:

@@ -27,8 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from . import ArgumentError, check_at_least_one, check_local_paths
-from .train import FRAMEWORKS, FreezeRule, Framework, check_benchmark, check_config_overrides, check_data_arguments
+from opentrans_hf.commands import ArgumentError, analyze, check_at_least_one, check_local_paths, prune, train
+from opentrans_hf.commands.train import (
+    FRAMEWORKS,
+    Framework,
+    FreezeRule,
+    check_benchmark,
+    check_config_overrides,
+    check_data_arguments,
+)
+from opentrans_hf.data.assembly import load_training_data
+from opentrans_hf.embedded.dataset import CLASS_NAMES, HELD_OUT_CLASSES
+from opentrans_hf.methods.sparse_mask.mask import SparseMask
+from opentrans_hf.models.zeroshot import CLIPDenseZeroShot
+from opentrans_hf.training.evaluation import evaluate_splits, percent, results_table
+from opentrans_hf.training.pretraining import default_clip
+from opentrans_hf.utils.distributed import cpu_only_multiprocess, make_accelerator
+from opentrans_hf.utils.io import atomic_write_text, json_safe, read_json
+from opentrans_hf.utils.locking import output_dir_lock
 
 
 @dataclass
@@ -88,9 +104,6 @@ def run(args: DemoArguments) -> dict:
 
     from accelerate import PartialState
 
-    from ..distributed import cpu_only_multiprocess
-    from ..locking import output_dir_lock
-
     state = PartialState(cpu=cpu_only_multiprocess())
     out = Path(args.output_dir)
     with ExitStack() as locks:
@@ -100,15 +113,9 @@ def run(args: DemoArguments) -> dict:
 
 
 def _run(args: DemoArguments) -> dict:
-    from accelerate import PartialState
-
     from dataclasses import replace
 
-    from ..distributed import cpu_only_multiprocess, make_accelerator
-    from ..io import atomic_write_text, json_safe, read_json
-    from ..pretraining import default_clip
-    from ..training.evaluation import results_table
-    from . import analyze, prune, train
+    from accelerate import PartialState
 
     state = PartialState(cpu=cpu_only_multiprocess())
     out = Path(args.output_dir)
@@ -228,10 +235,6 @@ def baseline_rows(train_args, clip: str, metrics: dict, dense: dict, accelerator
     a collective: every process evaluates its share of the examples."""
     from transformers import CLIPConfig
 
-    from ..data.assembly import load_training_data
-    from ..frameworks.zeroshot import CLIPDenseZeroShot
-    from ..training.evaluation import evaluate_splits
-
     name = next(iter(metrics["eval"]))
     image_size = train_args.image_size or CLIPConfig.from_pretrained(clip).vision_config.image_size
     _, eval_splits, _ = load_training_data(train_args, image_size)
@@ -257,11 +260,6 @@ def pruned_clip_row(train_args, clip: str, pruned: dict, split: dict, common: di
     data, ``--validation_split_percentage``, ``--holdout_classes``, ``--max_eval_examples``) measured here
     like the dense CLIP row, on the CLIP with the mask applied. A collective with ``common["accelerator"]``
     (every process takes the same branch: it depends on the arguments alone)."""
-    from ..data.synthetic import CLASS_NAMES, HELD_OUT_CLASSES
-    from ..frameworks.zeroshot import CLIPDenseZeroShot
-    from ..pruning.mask import SparseMask
-    from ..training.evaluation import evaluate_splits
-
     (name,) = split
     zero_shot = pruned.get("zero_shot") or {}
     same_split = (train_args.dataset == "embedded" and name == "embedded:validation" and not train_args.benchmark
@@ -277,8 +275,6 @@ def pruned_clip_row(train_args, clip: str, pruned: dict, split: dict, common: di
 
 def comparison_table(rows: dict) -> str:
     """The demo's result beside its baselines, in percent."""
-    from ..training.evaluation import percent
-
     lines = ["| model | mIoU (%) | pixel acc (%) | mIoU seen (%) | mIoU unseen (%) |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {percent(r['mean_iou'])} | {percent(r.get('overall_accuracy'))} | "

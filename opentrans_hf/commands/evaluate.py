@@ -34,7 +34,16 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ArgumentError, check_at_least_one, check_local_paths, check_prompt_templates
+from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_prompt_templates
+from opentrans_hf.data.assembly import load_eval_splits
+from opentrans_hf.data.benchmarks import get_benchmark
+from opentrans_hf.data.specs import parse_dataset_spec
+from opentrans_hf.training.cost import cost_table, evaluation_cost, load_model_mask
+from opentrans_hf.training.divergence import check_finite_weights
+from opentrans_hf.training.evaluation import METRIC_UNITS, evaluate_splits, resolve_eval_resize, results_table
+from opentrans_hf.utils.distributed import make_accelerator, on_main_process
+from opentrans_hf.utils.hub import load_or_explain
+from opentrans_hf.utils.io import atomic_write_text, json_safe
 
 
 @dataclass
@@ -76,10 +85,6 @@ class EvaluateArguments:
         flags folded into a single NAME[:SPLIT] spec; anywhere else they are an error)."""
         from dataclasses import replace
 
-        from ..data.specs import parse_dataset_spec
-
-        from ..benchmarks import get_benchmark
-
         specs = []
         texts = list(self.datasets or ([] if self.benchmark else ["embedded:validation"]))
         for name in self.benchmark or []:
@@ -120,20 +125,10 @@ ARGUMENTS = EvaluateArguments
 def run(args: EvaluateArguments) -> dict:
     from transformers import AutoModel
 
-    from ..distributed import make_accelerator, on_main_process
-    from ..frameworks import FRAMEWORKS  # noqa: F401  (registers the frameworks with AutoModel)
-    from ..hub import load_or_explain
-    from ..io import atomic_write_text, json_safe
-    from ..data.assembly import load_eval_splits
-    from ..training.cost import cost_table, evaluation_cost, load_model_mask
-    from ..training.evaluation import METRIC_UNITS, evaluate_splits, resolve_eval_resize, results_table
-
     accelerator = make_accelerator()
     model = load_or_explain(args.model, lambda: AutoModel.from_pretrained(args.model), "OVS model")
     if not hasattr(model, "predict"):
         raise ValueError(f"{args.model} is a {type(model).__name__}, not an opentrans-hf OVS framework")
-    from ..training.divergence import check_finite_weights
-
     check_finite_weights(model, f"model {args.model}")  # a diverged model's mIoU would be meaningless
     if args.prompt_templates:
         model.set_prompt_templates(args.prompt_templates)

@@ -23,7 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import ArgumentError, check_at_least_one, check_local_paths, check_prompt_templates
+from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_prompt_templates
+from opentrans_hf.data.benchmarks import get_benchmark
+from opentrans_hf.models import FRAMEWORKS
+from opentrans_hf.models.classifier import display_name
+from opentrans_hf.pipelines.inference import check_images, parse_classes, predict_images
+from opentrans_hf.training.divergence import check_finite_weights
+from opentrans_hf.utils.hub import load_or_explain
+from opentrans_hf.utils.locking import output_dir_lock
 
 
 @dataclass
@@ -64,8 +71,6 @@ class PredictArguments:
 
     def class_prompts(self) -> list[str | tuple[str, ...]]:
         """The classes to predict: a name or a tuple of synonyms each (``--classes`` or ``--benchmark``)."""
-        from ..inference import parse_classes
-
         if (self.classes is None) == (self.benchmark is None):
             raise ArgumentError("give exactly one of --classes (e.g. 'sky,road|street,car') and --benchmark (e.g. ade150)"
                                 + ("; both were given" if self.classes is not None else ""))
@@ -74,8 +79,6 @@ class PredictArguments:
                 return parse_classes(self.classes)
             except ValueError as err:
                 raise ArgumentError(f"--classes: {err}") from err
-        from ..benchmarks import get_benchmark
-
         try:
             bench = get_benchmark(self.benchmark)
         except ValueError as err:
@@ -85,9 +88,6 @@ class PredictArguments:
 
     def class_names(self) -> list[str]:
         """The classes' display names: the first synonym of each (a benchmark's unique class names)."""
-        from ..benchmarks import get_benchmark
-        from ..frameworks.classifier import display_name
-
         if self.benchmark is not None:
             return list(get_benchmark(self.benchmark).class_names)
         return [display_name(c) for c in self.class_prompts()]
@@ -141,12 +141,6 @@ def run(args: PredictArguments) -> dict:
 
     import torch
     from transformers import AutoModel
-
-    from ..frameworks import FRAMEWORKS  # registers the frameworks with AutoModel
-    from ..hub import load_or_explain
-    from ..inference import check_images, predict_images
-    from ..locking import output_dir_lock
-    from ..training.divergence import check_finite_weights
 
     classes = args.class_prompts()
     check_images(args.images)  # every image readable before the model loads and anything is written

@@ -16,7 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ArgumentError, check_at_least_one
+from opentrans_hf.commands import ArgumentError, check_at_least_one
+from opentrans_hf.data.benchmarks.prepare import SPLITS, prepare_benchmark
+from opentrans_hf.data.benchmarks.registry import get_benchmark
+from opentrans_hf.utils.locking import LOCK_NAME, output_dir_lock
 
 
 @dataclass
@@ -34,9 +37,6 @@ class PrepareDatasetArguments:
     no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
 
     def __post_init__(self):
-        from ..benchmarks.prepare import SPLITS
-        from ..benchmarks.registry import get_benchmark
-
         try:
             self.benchmark = get_benchmark(self.benchmark).name
         except ValueError as err:
@@ -77,8 +77,6 @@ def existing_output_message(out: Path) -> str:
 
 def _nonempty(out: Path) -> bool:
     """``out`` holds something other than a run's lock file."""
-    from ..locking import LOCK_NAME
-
     return out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
 
 
@@ -90,9 +88,6 @@ def _inside(path: Path, directory: Path) -> bool:
 def run(args: PrepareDatasetArguments) -> dict:
     """Convert, write atomically (holding the output directory's lock), print a summary; returns the
     record written to ``benchmark.json``."""
-    from ..benchmarks.prepare import prepare_benchmark
-    from ..locking import output_dir_lock
-
     out = Path(args.output_dir).expanduser()
     with output_dir_lock(out, None, "prepare-dataset"):  # the finished dataset replaces the directory
         if not args.overwrite and _nonempty(out):  # filled since the arguments were checked

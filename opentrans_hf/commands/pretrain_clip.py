@@ -20,7 +20,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import ArgumentError, check_at_least_one
+from opentrans_hf.commands import ArgumentError, check_at_least_one
+from opentrans_hf.training.pretraining import PRETRAINING_DEFAULTS, pretrain_clip, pretrained_clip
+from opentrans_hf.utils.distributed import cpu_only_multiprocess, make_accelerator
+from opentrans_hf.utils.io import read_json
+from opentrans_hf.utils.locking import output_dir_lock
 
 
 @dataclass
@@ -36,8 +40,6 @@ class PretrainClipArguments:
 
     def __post_init__(self):
         check_at_least_one(self, "max_steps", "batch_size", "num_examples")
-        from ..pretraining import PRETRAINING_DEFAULTS
-
         recipe = PRETRAINING_DEFAULTS.get(self.size, {})
         batch, examples = self.batch_size or recipe.get("batch_size"), self.num_examples or recipe.get("num_examples")
         if batch is not None and examples is not None and batch > examples:
@@ -59,15 +61,8 @@ def run(args: PretrainClipArguments) -> dict:
     print the zero-shot results; returns the pretraining record."""
     from pathlib import Path
 
-    from ..distributed import make_accelerator
-    from ..locking import output_dir_lock
-    from ..pretraining import pretrain_clip, pretrained_clip
-    from ..io import read_json
-
     if args.output_dir is None:
         from accelerate import PartialState
-
-        from ..distributed import cpu_only_multiprocess
 
         state = PartialState(cpu=cpu_only_multiprocess())
         path = pretrained_clip(args.size, args.seed, state=state, progress=not args.no_progress)

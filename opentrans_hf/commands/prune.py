@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from . import ArgumentError, check_at_least_one, check_local_paths, check_percentage
+from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_percentage
+from opentrans_hf.data.assembly import distillation_split
+from opentrans_hf.data.splits import make_loader
+from opentrans_hf.methods.sparse_mask.counting import count_params_and_flops
+from opentrans_hf.methods.sparse_mask.imp import IMPConfig, iterative_magnitude_prune
+from opentrans_hf.training.pretraining import default_clip, zero_shot_evaluation
+from opentrans_hf.utils.distributed import make_accelerator, on_main_process
+from opentrans_hf.utils.hub import load_or_explain, quiet_loading
+from opentrans_hf.utils.io import atomic_write_text
+from opentrans_hf.utils.locking import output_dir_lock
 
 
 @dataclass
@@ -64,9 +73,6 @@ ARGUMENTS = PruneArguments
 def run(args: PruneArguments) -> dict:
     """Prune, write the rounds, the final mask and the counts to ``args.output_dir`` (holding its lock:
     one run per directory); returns the summary."""
-    from ..distributed import make_accelerator
-    from ..locking import output_dir_lock
-
     accelerator = make_accelerator()
     with output_dir_lock(args.output_dir, accelerator, "prune"):
         return _prune(accelerator, args)
@@ -75,14 +81,6 @@ def run(args: PruneArguments) -> dict:
 def _prune(accelerator, args: PruneArguments) -> dict:
     from accelerate.utils import set_seed
     from transformers import CLIPVisionModel
-
-    from ..data.assembly import distillation_split
-    from ..distributed import on_main_process
-    from ..hub import load_or_explain, quiet_loading
-    from ..pretraining import default_clip
-    from ..data.splits import make_loader
-    from ..pruning.counting import count_params_and_flops
-    from ..pruning.imp import IMPConfig, iterative_magnitude_prune
 
     set_seed(args.seed)
     out = Path(args.output_dir)
@@ -117,8 +115,6 @@ def _prune(accelerator, args: PruneArguments) -> dict:
               "num_processes": accelerator.num_processes, "zero_shot": zero_shot}
 
     def write():  # the main process; the others share its outcome (no one waits on a failed main process)
-        from ..io import atomic_write_text
-
         mask.save_pretrained(out / "mask")
         atomic_write_text(out / "counts.json", json.dumps(result, indent=2) + "\n")
         try:
@@ -141,7 +137,7 @@ ZERO_SHOT_KEYS = ("mean_iou", "mean_iou_seen", "mean_iou_unseen")  # fractions o
 
 
 def pruned_zero_shot(clip_path: str, mask, args: PruneArguments, accelerator=None, with_dense: bool = True) -> dict:
-    """The training-free dense zero-shot (:func:`~opentrans_hf.pretraining.zero_shot_evaluation`: mIoU over
+    """The training-free dense zero-shot (:func:`~opentrans_hf.training.pretraining.zero_shot_evaluation`: mIoU over
     all / seen / held-out classes, fractions of 1) of the dense CLIP at ``clip_path`` and of the same
     CLIP's original weights with ``mask`` applied to its vision tower -- what a framework with a frozen
     CLIP (FC-CLIP) recognises out of vocabulary, since the mask, not the distilled student, transfers.
@@ -156,9 +152,6 @@ def pruned_zero_shot(clip_path: str, mask, args: PruneArguments, accelerator=Non
     import math
 
     from transformers import AutoConfig, AutoTokenizer, CLIPModel
-
-    from ..hub import load_or_explain, quiet_loading
-    from ..pretraining import zero_shot_evaluation
 
     if args.dataset != "embedded":
         return {"skipped": f"--dataset {args.dataset!r} is not the embedded dataset: the pruned CLIP's own dense "

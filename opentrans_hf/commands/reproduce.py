@@ -41,10 +41,24 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import ArgumentError, check_at_least_one, check_local_paths
-from ..training.cost import si
-from ..training.evaluation import percent
-from .train import FRAMEWORKS
+from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, prune, train
+from opentrans_hf.commands.train import FRAMEWORKS, TrainArguments
+from opentrans_hf.data.assembly import load_training_data
+from opentrans_hf.data.splits import make_loader
+from opentrans_hf.methods.sparse_mask import SparseMask
+from opentrans_hf.methods.sparse_mask.counting import count_params_and_flops
+from opentrans_hf.methods.sparse_mask.magnitude import magnitude_prune
+from opentrans_hf.methods.spectral_tuning import SpectralTuningConfig, get_spectral_model
+from opentrans_hf.methods.spectral_tuning.flops import estimate_training_flops
+from opentrans_hf.training.cost import si
+from opentrans_hf.training.evaluation import percent
+from opentrans_hf.training.optim import resolve_solver
+from opentrans_hf.training.pretraining import default_clip
+from opentrans_hf.training.trainer import framework_class
+from opentrans_hf.utils.distributed import cpu_only_multiprocess, make_accelerator, on_main_process
+from opentrans_hf.utils.hub import quiet_loading
+from opentrans_hf.utils.io import atomic_write_text, atomic_write_with, json_safe
+from opentrans_hf.utils.locking import output_dir_lock
 
 # what --quick changes (only where the flag itself is not given)
 QUICK_MAX_STEPS = 60
@@ -214,9 +228,6 @@ def run(args: ReproduceArguments) -> dict:
 
     from accelerate import PartialState
 
-    from ..distributed import cpu_only_multiprocess
-    from ..locking import output_dir_lock
-
     state = PartialState(cpu=cpu_only_multiprocess())
     out = Path(args.output_dir)
     with ExitStack() as locks:
@@ -226,19 +237,12 @@ def run(args: ReproduceArguments) -> dict:
 
 
 def _run(args: ReproduceArguments, state) -> dict:
-    from ..distributed import on_main_process
-    from ..pretraining import default_clip
-
     out = Path(args.output_dir)
     seeds = resolved_seeds(args)
     t0 = time.time()
     say = print if state.is_main_process else (lambda *a, **k: None)
     # the one place the CLIP is looked up: every sub-run gets this path
     clip = default_clip(args.model_name_or_path, state)
-    from ..training.optim import resolve_solver
-    from ..training.trainer import framework_class
-    from .train import TrainArguments
-
     used = list(dict.fromkeys([*(args.frameworks if 1 in args.tables else []),
                                *([TABLE2_FRAMEWORK] if 2 in args.tables else [])]))
     settings = {"clip": clip, "seeds": seeds, "max_steps": resolved_max_steps(args, TABLE2_FRAMEWORK),
@@ -285,8 +289,6 @@ def _run(args: ReproduceArguments, state) -> dict:
 # ----- running the rows --------------------------------------------------------------------------------
 
 def _train(args, clip, framework, out_dir, seed, **extra) -> dict:
-    from . import train
-
     return train.run(train.TrainArguments(
         model_name_or_path=clip, framework=framework, max_steps=resolved_max_steps(args, framework), batch_size=args.batch_size,
         learning_rate=args.learning_rate, output_dir=str(out_dir), seed=seed, embedded_size=args.embedded_size,
@@ -306,13 +308,6 @@ def _run_record(metrics: dict, out_dir: Path) -> dict:
 
 def _table1(args, clip, out, seeds, state, say, dense_runs: dict) -> dict:
     from transformers import CLIPVisionModel
-
-    from ..distributed import on_main_process
-    from ..hub import quiet_loading
-    from ..pruning import SparseMask
-    from ..pruning.counting import count_params_and_flops
-    from ..pruning.magnitude import magnitude_prune
-    from . import prune
 
     schedule = resolved_prune(args)
     say(f"[table 1] IMP of the bare CLIP image encoder to {args.target_sparsity:.0%} (rate {schedule['rate']}, "
@@ -383,9 +378,6 @@ def _clip_zero_shot(args, clip, pruned: dict, row: str, mask, seed: int) -> dict
     original weights under the row's mask (what a frozen-CLIP framework such as FC-CLIP recognises with). The
     dense and Ours numbers come from the prune job's result; a Random mask is scored here, on every process (a
     collective). Empty when the prune job skipped it (it says why)."""
-    from ..distributed import make_accelerator
-    from . import prune
-
     zs = pruned.get("zero_shot") or {}
     if "dense" not in zs:
         return {}
@@ -401,8 +393,6 @@ def _clip_zero_shot(args, clip, pruned: dict, row: str, mask, seed: int) -> dict
 
 
 def _table2(args, clip, out, seeds, state, say, dense_runs: dict) -> dict:
-    from ..distributed import on_main_process
-
     warmup = resolved_warmup_steps(args)
     settings = {"full": {}, "random": {"freeze_rule": "random"}, "alpha_star": {"freeze_rule": "median"},
                 "alpha": {"freeze_rule": "median", "spectral_warmup_steps": warmup}}
@@ -452,10 +442,6 @@ def _first_batch(args, clip, seed) -> dict:
     """The first training batch of the embedded dataset as the train job loads it (FLOPs are counted on it)."""
     from transformers import CLIPConfig
 
-    from ..data.assembly import load_training_data
-    from ..data.splits import make_loader
-    from . import train
-
     image_size = CLIPConfig.from_pretrained(clip).vision_config.image_size
     targs = train.TrainArguments(model_name_or_path=clip, framework=TABLE2_FRAMEWORK, max_steps=1, seed=seed,
                                  batch_size=args.batch_size, embedded_size=args.embedded_size)
@@ -468,10 +454,6 @@ def _training_cost(clip, run_dir: Path, metrics: dict, batch: dict, warmup: int)
     """Trainable parameters and training FLOPs of a finished run: its framework rebuilt around the CLIP with
     the spectral adapter it saved (the layers it froze, no re-analysis), one step counted on ``batch``."""
     from transformers import CLIPConfig
-
-    from ..training.trainer import framework_class
-    from ..tuning import SpectralTuningConfig, get_spectral_model
-    from ..tuning.flops import estimate_training_flops
 
     image_size = CLIPConfig.from_pretrained(clip).vision_config.image_size
     model = framework_class(metrics["framework"]).from_clip(clip, image_size=image_size,
@@ -503,8 +485,6 @@ def _training_cost(clip, run_dir: Path, metrics: dict, batch: dict, warmup: int)
 
 def _unfrozen_flops(model, inputs, flags: dict) -> int:
     """FLOPs of one step with the ``requires_grad`` of ``flags`` (what the warm-up trains), then restored."""
-    from ..tuning.flops import estimate_training_flops
-
     params = dict(model.named_parameters())
     now = {n: p.requires_grad for n, p in params.items()}
     try:
@@ -648,8 +628,6 @@ def render_markdown(results: dict) -> str:
 
 
 def _write_results(out: Path, results: dict, markdown: str) -> dict:
-    from ..io import atomic_write_text, json_safe
-
     paths = {"results_json": atomic_write_text(out / "results.json", json.dumps(json_safe(results), indent=2) + "\n"),
              "results_md": atomic_write_text(out / "results.md", markdown)}
     try:
@@ -666,8 +644,6 @@ def plot_results(path: Path, results: dict) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..io import atomic_write_with
 
     panels = [k for k in ("table1", "table2") if k in results]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)

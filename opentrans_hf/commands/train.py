@@ -30,10 +30,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..data.assembly import EMBEDDED
-from ..frameworks.configuration import SCHEDULES as SCHEDULERS  # transformers' schedules needing only the step count
-from ..tuning.config import FREEZE_RULES
-from . import ArgumentError, check_at_least_one, check_local_paths, check_percentage
+from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_percentage
+from opentrans_hf.data.assembly import EMBEDDED
+from opentrans_hf.data.benchmarks import get_benchmark
+from opentrans_hf.data.specs import parse_dataset_spec
+from opentrans_hf.methods.spectral_tuning.config import FREEZE_RULES
+from opentrans_hf.models.configuration_ovs import (
+    SCHEDULES as SCHEDULERS,  # transformers' schedules needing only the step count
+)
+from opentrans_hf.training.optim import resolve_solver
+from opentrans_hf.training.trainer import config_overrides, framework_class, run_training
+from opentrans_hf.training.warmup import check_warmup_config, spectral_config_of
 
 FRAMEWORKS = ("deeplabv3", "mask2former", "fcclip")
 Framework = Literal[FRAMEWORKS]
@@ -117,9 +124,6 @@ class TrainArguments:
 
 def check_solver(args) -> None:
     """The solver flags on top of --framework's solver defaults make a valid solver."""
-    from ..training.optim import resolve_solver
-    from ..training.trainer import framework_class
-
     try:
         resolve_solver(framework_class(args.framework), args)
     except ValueError as err:
@@ -129,8 +133,6 @@ def check_solver(args) -> None:
 def check_config_overrides(args) -> None:
     """--config_overrides names settings of --framework's config, with values of their types."""
     if args.config_overrides:
-        from ..training.trainer import config_overrides, framework_class
-
         try:
             config_overrides(framework_class(args.framework), args.config_overrides)
         except ValueError as err:
@@ -154,8 +156,6 @@ def check_spectral_warmup(args) -> None:
         raise ArgumentError(f"--spectral_warmup_steps {n} must be below --max_steps {args.max_steps} "
                             "(alpha is measured after the warm-up, then training continues)")
     if args.spectral_config and Path(args.spectral_config).exists():
-        from ..training.warmup import check_warmup_config, spectral_config_of
-
         try:
             check_warmup_config(spectral_config_of(args, None), n, f"--spectral_config {args.spectral_config}")
         except ValueError as err:
@@ -167,8 +167,6 @@ def check_benchmark(args) -> None:
     copy unless --dataset names other data."""
     if not args.benchmark:
         return
-    from ..benchmarks import get_benchmark
-
     try:
         args.benchmark = get_benchmark(args.benchmark).name
     except ValueError as err:
@@ -183,8 +181,6 @@ def check_benchmark(args) -> None:
 def check_data_arguments(args) -> None:
     """The dataset arguments of train and demo: a valid --validation_split_percentage (not with
     --eval_split), and --eval_datasets specs that parse (a missing spec file or a bad key fails here)."""
-    from ..data.specs import parse_dataset_spec
-
     pct = args.validation_split_percentage
     check_percentage("validation_split_percentage", pct)
     if pct is not None:
@@ -203,6 +199,4 @@ ARGUMENTS = TrainArguments
 
 def run(args: TrainArguments) -> dict:
     """Train, evaluate, write everything to ``args.output_dir``; returns the final metrics."""
-    from ..training.trainer import run_training
-
     return run_training(args)

@@ -1,8 +1,13 @@
 """Datasets: loading HF segmentation datasets, torch transforms, the embedded synthetic dataset."""
 
-from .loading import find_columns, load_segmentation_dataset, resolve_class_names
-from .synthetic import CLASS_NAMES, HELD_OUT_CLASSES, embedded_dataset, make_synthetic_segmentation_dataset
-from .transforms import CLIP_MEAN, CLIP_STD, SegmentationTransform, collate_segmentation
+from opentrans_hf.data.loading import find_columns, load_segmentation_dataset, resolve_class_names
+from opentrans_hf.data.transforms import CLIP_MEAN, CLIP_STD, SegmentationTransform, collate_segmentation
+from opentrans_hf.embedded.dataset import (
+    CLASS_NAMES,
+    HELD_OUT_CLASSES,
+    embedded_dataset,
+    make_synthetic_segmentation_dataset,
+)
 
 __all__ = [
     "CLASS_NAMES",

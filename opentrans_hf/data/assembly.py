@@ -5,6 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from opentrans_hf.data.benchmarks import get_benchmark
+from opentrans_hf.data.loading import find_columns, find_id2label, find_prepared_record, load_segmentation_dataset
+from opentrans_hf.data.specs import benchmark_name, parse_dataset_spec
+from opentrans_hf.data.splits import SegmentationSplit
+from opentrans_hf.data.transforms import SegmentationTransform
+from opentrans_hf.data.vocabulary import Vocabulary, benchmark_vocabulary, resolve_vocabulary
+from opentrans_hf.embedded import dataset as synthetic
+from opentrans_hf.embedded.dataset import embedded_dataset
+
 EMBEDDED = "embedded"
 CLI_FLAGS = ("--class_names", "--id2label", "--vocabulary")
 
@@ -19,20 +28,14 @@ def load_source(name: str, split: str, image_size: int, *, seed: int = 0, embedd
     names came from, its columns, its default held-out classes and its label conventions
     (``reduce_labels``, ``ignore_index``: a benchmark's raw ones, a prepared benchmark's, else none).
 
-    ``benchmark``: the data is this benchmark (:mod:`opentrans_hf.benchmarks`) in its raw form (a
+    ``benchmark``: the data is this benchmark (:mod:`opentrans_hf.data.benchmarks`) in its raw form (a
     benchmark name as ``name`` implies it): its names and conventions apply. A directory written by
     ``prepare-dataset`` carries its benchmark in its ``benchmark.json``. ``flags`` name the explicit
     sources in messages."""
-    from .loading import find_columns, find_id2label, find_prepared_record, load_segmentation_dataset
-    from .specs import benchmark_name
-    from .vocabulary import Vocabulary, benchmark_vocabulary, resolve_vocabulary
-
     what = f"dataset {name!r} split {split!r}"
     searched = ""
     conventions = {}
     if benchmark is not None:
-        from ..benchmarks import get_benchmark
-
         benchmark = get_benchmark(benchmark).name
     else:
         benchmark = benchmark_name(name) if name != EMBEDDED else None
@@ -46,8 +49,6 @@ def load_source(name: str, split: str, image_size: int, *, seed: int = 0, embedd
         raise ValueError(f"{what} is benchmark {benchmark!r}, which brings its own class names: give "
                          f"{' / '.join(f for f, v in zip(flags, (class_names, id2label, vocabulary)) if v)} only for other data")
     if name == EMBEDDED:
-        from . import synthetic
-
         ds = synthetic.embedded_dataset(split, num_train=embedded_size, image_size=image_size, seed=seed)
         own = Vocabulary(tuple(synthetic.CLASS_NAMES), "embedded dataset's classes")
         holdout = list(synthetic.HELD_OUT_CLASSES)
@@ -58,8 +59,6 @@ def load_source(name: str, split: str, image_size: int, *, seed: int = 0, embedd
             own = benchmark_vocabulary(benchmark, f"prepared: {record_file}")
             conventions = {"reduce_labels": False, "ignore_index": int(record.get("ignore_index", 255))}
         elif benchmark is not None:
-            from ..benchmarks import get_benchmark
-
             bench = get_benchmark(benchmark)
             own = benchmark_vocabulary(benchmark, "raw labels")
             conventions = {"reduce_labels": bench.raw_reduce_labels, "ignore_index": bench.raw_ignore_index}
@@ -85,9 +84,6 @@ def make_split(source: dict, image_size: int, *, train: bool = False, reduce_lab
     transform; ``ignore_index`` is the dataset's value for unlabelled pixels (default: the source's
     convention, else 255), ``reduce_labels`` applies if asked or if the source's convention says so.
     Checked to have a labelled pixel (an error, not a NaN mIoU later)."""
-    from .transforms import SegmentationTransform
-    from .splits import SegmentationSplit
-
     names = source["names"]
     reduce_labels = bool(reduce_labels or source.get("reduce_labels", False))
     if ignore_index is None:
@@ -170,8 +166,6 @@ def load_training_data(args, image_size: int):
     ``--ignore_index`` / columns describe ``--dataset`` only, for its training split and its evaluation
     split (``--eval_split``, or with ``--validation_split_percentage`` a held-out part of the training
     split). Every ``--eval_datasets`` entry is a dataset spec of its own."""
-    from .specs import parse_dataset_spec
-
     common = dict(seed=args.seed, embedded_size=args.embedded_size)
     options = dict(class_names=args.class_names, id2label=args.id2label, image_column=args.image_column,
                    label_column=args.label_column, benchmark=getattr(args, "benchmark", None))
@@ -207,11 +201,6 @@ def distillation_split(name: str, split: str, image_size: int, *, seed: int = 0,
     pruning distils on: no class names are needed, since IMP is semantic-agnostic. With
     ``validation_split_percentage``, the part :func:`hold_out` keeps for evaluation (same ``seed``) is
     left out here too, so no evaluation image is seen while pruning."""
-    from .loading import find_columns, load_segmentation_dataset
-    from .splits import SegmentationSplit
-    from .synthetic import embedded_dataset
-    from .transforms import SegmentationTransform
-
     if name == EMBEDDED:
         ds = embedded_dataset(split, embedded_size, image_size, seed)
     else:

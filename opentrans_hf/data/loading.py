@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import read_json
+from opentrans_hf.data.benchmarks import get_benchmark
+from opentrans_hf.data.benchmarks.registry import PREPARED_RECORD, is_benchmark
+from opentrans_hf.data.vocabulary import ID2LABEL_FILE, Vocabulary, read_id2label, resolve_vocabulary
+from opentrans_hf.utils.hub import load_or_explain
+from opentrans_hf.utils.io import read_json
 
 IMAGE_COLUMNS = ("image", "pixel_values", "img")
 LABEL_COLUMNS = ("label", "annotation", "semantic_segmentation", "segmentation", "mask", "labels")
@@ -25,7 +29,7 @@ def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", re
     * an image/label folder: ``<dir>/<split>/images`` + ``<dir>/<split>/labels``, paired by file stem;
       a folder without split folders (``<dir>/images`` + ``<dir>/labels``) is the ``train`` split, as in
       ``datasets``' imagefolder;
-    * a benchmark name of :mod:`opentrans_hf.benchmarks` (``ade150``): its Hub copy, in the form the
+    * a benchmark name of :mod:`opentrans_hf.data.benchmarks` (``ade150``): its Hub copy, in the form the
       registry records (repo, revision such as ``refs/convert/parquet``, sub-folder, split names); a
       benchmark without one is an error saying how to prepare it;
     * a Hugging Face Hub dataset name (``datasets.load_dataset``).
@@ -37,8 +41,6 @@ def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", re
     p = Path(name_or_path)
     data_dir = None
     if not p.exists():
-        from ..benchmarks import get_benchmark, is_benchmark
-
         if is_benchmark(name_or_path):
             bench = get_benchmark(name_or_path)
             if bench.hub is None:
@@ -85,8 +87,6 @@ def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", re
         )
     if p.exists():
         raise ValueError(f"dataset path {p} is a file; pass a directory or a Hub dataset name")
-    from ..hub import load_or_explain  # a missing local path fails there at once
-
     def load():
         try:
             extra = {"data_dir": data_dir} if data_dir else {}
@@ -137,8 +137,6 @@ def find_id2label(name_or_path: str | Path, revision: str | None = None):
     """``(Vocabulary, "")`` from the ``id2label.json`` that describes a dataset's label map: in its
     directory (for a split directory of a ``DatasetDict``, in the ``DatasetDict``'s), or in its Hub
     repo (as transformers' semantic-segmentation examples read it). ``(None, what was searched)`` if none."""
-    from .vocabulary import ID2LABEL_FILE, Vocabulary, read_id2label
-
     p = Path(name_or_path)
     if p.is_dir():
         candidates = [p / ID2LABEL_FILE]
@@ -167,8 +165,6 @@ def find_prepared_record(name_or_path) -> tuple[dict | None, Path | None]:
     """``(record, file)`` of the ``benchmark.json`` that ``opentrans-hf prepare-dataset`` wrote beside a
     dataset (in its directory, or for a split directory of a ``DatasetDict``, in the ``DatasetDict``'s),
     or ``(None, None)``. A record naming no known benchmark is an error naming the file."""
-    from ..benchmarks.registry import PREPARED_RECORD, is_benchmark
-
     p = Path(name_or_path)
     if not p.is_dir():
         return None, None
@@ -227,8 +223,6 @@ def resolve_class_names(dataset=None, *, class_names: list[str] | None = None, i
     (``{"0": "wall", ...}``, contiguous ids from 0), else the names of a ``ClassLabel`` feature of the
     dataset's label column itself (``label_column``, default: detected). A ClassLabel of another column
     is never used (see :mod:`opentrans_hf.data.vocabulary`, which also knows ``id2label.json`` files)."""
-    from .vocabulary import resolve_vocabulary
-
     if dataset is not None and label_column is None:
         label_column = next((c for c in LABEL_COLUMNS if c in dataset.column_names), None)
     return list(resolve_vocabulary(dataset, label_column=label_column, class_names=class_names, id2label=id2label,

@@ -33,6 +33,9 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from opentrans_hf.data.benchmarks import get_benchmark, is_benchmark
+from opentrans_hf.utils.io import read_json
+
 DEFAULT_SPLIT = "validation"
 DEFAULT_IGNORE_INDEX = 255
 
@@ -53,7 +56,7 @@ class DatasetSpec:
     image_column: str | None = None
     label_column: str | None = None
     benchmark: str | None = None
-    """The benchmark the data is (:mod:`opentrans_hf.benchmarks`): names with synonyms, label conventions
+    """The benchmark the data is (:mod:`opentrans_hf.data.benchmarks`): names with synonyms, label conventions
     and, in ``evaluate``, the field's evaluation protocol."""
     origin: str | None = field(default=None, compare=False)
     """The spec file it was read from (None for ``NAME[:SPLIT]``)."""
@@ -100,8 +103,6 @@ def parse_dataset_spec(spec: str, default_split: str = DEFAULT_SPLIT) -> Dataset
 def benchmark_name(dataset: str) -> str | None:
     """The registered name of a dataset given as a benchmark name (``ADE20K-150`` -> ``ade150``); None for
     anything else (an existing path is always a path)."""
-    from ..benchmarks import get_benchmark, is_benchmark
-
     if Path(dataset).exists() or not is_benchmark(dataset):
         return None
     return get_benchmark(dataset).name
@@ -109,8 +110,6 @@ def benchmark_name(dataset: str) -> str | None:
 
 def read_spec_file(path: str | Path, default_split: str = DEFAULT_SPLIT) -> DatasetSpec:
     """A spec file, checked: unknown keys, wrong types and a missing ``dataset`` are errors naming the file."""
-    from ..io import read_json
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset spec file {path} does not exist")
@@ -128,8 +127,6 @@ def read_spec_file(path: str | Path, default_split: str = DEFAULT_SPLIT) -> Data
             expected = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
             raise ValueError(f"{where}: {key!r} must be a {expected}, got {json.dumps(value)}")
     if raw.get("benchmark"):
-        from ..benchmarks import get_benchmark
-
         try:
             raw["benchmark"] = get_benchmark(raw["benchmark"]).name
         except ValueError as err:

@@ -7,7 +7,7 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import SegmentationTransform, collate_segmentation
+from opentrans_hf.data.transforms import SegmentationTransform, collate_segmentation, to_label_tensor
 
 
 class SegmentationSplit(Dataset):
@@ -144,8 +144,6 @@ class SegmentationSplit(Dataset):
             return
         if len(self.ds) == 0:
             raise ValueError(f"{self.name} has no examples")
-        from .transforms import to_label_tensor
-
         labels = self.ds.select_columns([self.label_column])
         ignore = self.transform.ignore_index
         for i in range(len(labels)):

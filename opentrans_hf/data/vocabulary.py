@@ -4,7 +4,7 @@ Names are never guessed. They come from, in this order:
 
 1. an explicit source, at most one: a list of names (``--class_names``, ``"class_names"`` in a dataset
    spec), an ``id2label`` mapping or JSON file (``--id2label``, ``"id2label"``), or a named benchmark
-   vocabulary (``--benchmark``, ``"vocabulary"``: one of :mod:`opentrans_hf.benchmarks`, with its synonyms,
+   vocabulary (``--benchmark``, ``"vocabulary"``: one of :mod:`opentrans_hf.data.benchmarks`, with its synonyms,
    or one registered in :data:`VOCABULARIES`);
 2. metadata that describes the label map itself: the ``benchmark.json`` of a dataset written by
    ``opentrans-hf prepare-dataset``, an ``id2label.json`` in the dataset's directory or Hub repo (as
@@ -21,13 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import read_json
+from opentrans_hf.data.benchmarks import BENCHMARK_NAMES, get_benchmark, is_benchmark
+from opentrans_hf.utils.io import read_json
 
 ID2LABEL_FILE = "id2label.json"
 
 VOCABULARIES: dict[str, tuple[str, ...]] = {}
 """Extra named vocabularies (``{"my_labels": ("wall", "building", ...)}``) that a dataset spec can refer to
-with ``"vocabulary": NAME``, beside the benchmarks of :mod:`opentrans_hf.benchmarks` (``ade150``, ...),
+with ``"vocabulary": NAME``, beside the benchmarks of :mod:`opentrans_hf.data.benchmarks` (``ade150``, ...),
 which are always known. Register one at run time: ``VOCABULARIES[name] = names``."""
 
 SOURCES_HINT = (
@@ -61,18 +62,14 @@ class Vocabulary:
 
 
 def benchmark_vocabulary(name: str, how: str = "") -> Vocabulary:
-    """The vocabulary of a benchmark of :mod:`opentrans_hf.benchmarks` (display names + synonyms)."""
-    from ..benchmarks import get_benchmark
-
+    """The vocabulary of a benchmark of :mod:`opentrans_hf.data.benchmarks` (display names + synonyms)."""
     b = get_benchmark(name)
     return Vocabulary(tuple(b.class_names), f"benchmark {b.name} ({b.title}{', ' + how if how else ''})",
                       tuple(b.class_prompts))
 
 
 def named_vocabulary(name: str) -> Vocabulary:
-    """A benchmark's vocabulary (:mod:`opentrans_hf.benchmarks`) or one registered in :data:`VOCABULARIES`."""
-    from ..benchmarks import BENCHMARK_NAMES, is_benchmark
-
+    """A benchmark's vocabulary (:mod:`opentrans_hf.data.benchmarks`) or one registered in :data:`VOCABULARIES`."""
     if name in VOCABULARIES:
         return Vocabulary(_check_names(VOCABULARIES[name], f"vocabulary {name!r}"), f"vocabulary {name!r}")
     if is_benchmark(name):

@@ -1,31 +1,6 @@
-"""Transferable sparsity: semantic-agnostic pruning of the CLIP image encoder, stored as mask adapters."""
+"""Deprecated alias of :mod:`opentrans_hf.methods.sparse_mask` (moved in 0.2, removed in 0.3); its submodules are
+aliases too."""
 
-from .compact import RemovedAttention, RemovedMLP, compact_model, shrink_to_structure
-from .counting import count_params_and_flops, vision_tower
-from .export import SparseLinear
-from .imp import IMPConfig, distillation_loss, iterative_magnitude_prune
-from .magnitude import magnitude_prune, prunable_layers
-from .mask import SparseMask, canonical_name
-from .semistructured import two_four_masks
-from .storage import load_sparse_mask, load_sparse_pretrained, save_sparse_pretrained
+from opentrans_hf.utils.deprecation import forward_package
 
-__all__ = [
-    "IMPConfig",
-    "RemovedAttention",
-    "RemovedMLP",
-    "SparseLinear",
-    "SparseMask",
-    "canonical_name",
-    "compact_model",
-    "count_params_and_flops",
-    "distillation_loss",
-    "iterative_magnitude_prune",
-    "load_sparse_mask",
-    "load_sparse_pretrained",
-    "magnitude_prune",
-    "prunable_layers",
-    "save_sparse_pretrained",
-    "shrink_to_structure",
-    "two_four_masks",
-    "vision_tower",
-]
+__getattr__ = forward_package(__name__, "opentrans_hf.methods.sparse_mask")

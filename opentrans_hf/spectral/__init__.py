@@ -1,8 +1,8 @@
 """Heavy-tail spectral analysis: which matrices a layer has, the estimators, the report."""
 
-from .analyze import analyze_spectra
-from .estimators import ESTIMATORS, TailFit, fit_opentrans, fit_ww, matrix_eigenvalues
-from .report import LayerSpectrum, SpectralReport
+from opentrans_hf.spectral.analyze import analyze_spectra
+from opentrans_hf.spectral.estimators import ESTIMATORS, TailFit, fit_opentrans, fit_ww, matrix_eigenvalues
+from opentrans_hf.spectral.report import LayerSpectrum, SpectralReport
 
 __all__ = [
     "ESTIMATORS",

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..matching import Patterns, normalize_patterns
-from .estimators import ESTIMATORS, TailFit, matrix_eigenvalues
-from .layers import LayerMatrices, iter_layer_matrices
-from .report import LayerSpectrum, SpectralReport
+from opentrans_hf.spectral.estimators import ESTIMATORS, TailFit, matrix_eigenvalues
+from opentrans_hf.spectral.layers import LayerMatrices, iter_layer_matrices
+from opentrans_hf.spectral.report import LayerSpectrum, SpectralReport
+from opentrans_hf.utils.matching import Patterns, normalize_patterns
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 DEFAULT_MAX_BATCH_BYTES = 256 * 2**20

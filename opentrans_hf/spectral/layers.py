@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..matching import Patterns, is_selected
+from opentrans_hf.utils.matching import Patterns, is_selected
 
 # WeightWatcher 0.7.7 analyze() defaults
 WW_MIN_EVALS = 8

@@ -6,8 +6,8 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..io import atomic_write_with
-from .estimators import EVALS_THRESH
+from opentrans_hf.spectral.estimators import EVALS_THRESH
+from opentrans_hf.utils.io import atomic_write_with
 
 
 def _pyplot():

@@ -9,7 +9,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..io import atomic_write_text, json_safe, read_json
+from opentrans_hf.spectral.plotting import plot_report
+from opentrans_hf.utils.io import atomic_write_text, json_safe, read_json
 
 STATUSES = ("ok", "skipped", "degenerate", "invalid")
 REPORT_FORMAT_VERSION = 1
@@ -154,7 +155,5 @@ class SpectralReport:
         """Save a PNG: alpha per layer (guides at 2 and 6; frozen/trainable colours when ``frozen``
         names are given) and, when eigenvalues were kept, log-log ESDs of a few layers with their
         fitted power-law tails (the smallest, median and largest alpha)."""
-        from .plotting import plot_report
-
         return plot_report(self, Path(path), frozen=frozen, num_esds=num_esds)
 

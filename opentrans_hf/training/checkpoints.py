@@ -14,8 +14,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from ..fingerprint import differences, fingerprint
-from ..io import atomic_write_text, is_integer, read_json, replace_directory
+from opentrans_hf.utils.distributed import on_main_process
+from opentrans_hf.utils.fingerprint import differences, fingerprint
+from opentrans_hf.utils.io import atomic_write_text, is_integer, read_json, replace_directory
 
 CHECKPOINT_FILE = "checkpoint.json"
 # in checkpoint.json of a run with --spectral_warmup_steps, once past the switch: the spectral config applied
@@ -66,8 +67,6 @@ def save_checkpoint(accelerator, out: Path, step: int, history: dict, run_finger
     """Save the full training state as ``out/step_{step}``, atomically (a collective: every process calls
     it). An existing ``step_{step}`` is replaced only once the new one is complete. ``spectral_config``
     (a spectral tuning config applied during the run, as a dict) is recorded under :data:`SPECTRAL_KEY`."""
-    from ..distributed import on_main_process
-
     out = Path(out)
     tmp, final = partial_path(out, step), out / f"step_{step}"
     on_main_process(accelerator, lambda: shutil.rmtree(tmp, ignore_errors=True))

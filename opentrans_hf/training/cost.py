@@ -4,10 +4,10 @@ was applied), FLOPs per image at the evaluation resolution, and measured through
 * Parameters: every parameter of the model (CLIP image and text towers, heads, classifier). Effective:
   the dense count less the weights of the CLIP image encoder's Linear/Conv layers that the sparse mask
   removes (a trained model's saved weights carry the mask's zeros), counted by
-  :func:`opentrans_hf.pruning.counting.count_params_and_flops` with the model's ``mask_adapter/``
+  :func:`opentrans_hf.methods.sparse_mask.counting.count_params_and_flops` with the model's ``mask_adapter/``
   when it has one (as ``reproduce`` counts its effective params).
 * FLOPs per image (2 x multiply-accumulates): one forward of batch 1 under
-  :func:`opentrans_hf.flops.flop_counter`, the class text embeddings computed (and cached, as in
+  :func:`opentrans_hf.utils.flops.flop_counter`, the class text embeddings computed (and cached, as in
   evaluation) before counting, so only the per-image work counts. Square protocol: one forward at the
   ``S x S`` evaluation size. Sliding protocol: FLOPs of one window x the average number of windows per
   image over the evaluated images.
@@ -22,15 +22,16 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import model_class_names, protocol_description, sliding_protocol
-from .outputs import MASK_SUBFOLDER
+from opentrans_hf.methods.base import CONFIG_NAME
+from opentrans_hf.methods.sparse_mask import SparseMask
+from opentrans_hf.methods.sparse_mask.counting import count_params_and_flops
+from opentrans_hf.training.evaluation import model_class_names, protocol_description, sliding_protocol
+from opentrans_hf.training.outputs import MASK_SUBFOLDER
+from opentrans_hf.utils.flops import flop_counter
 
 
 def load_model_mask(model_name_or_path):
     """``(SparseMask, path)`` of the ``mask_adapter/`` a local model directory holds, else ``(None, None)``."""
-    from ..adapters import CONFIG_NAME
-    from ..pruning import SparseMask
-
     path = Path(str(model_name_or_path)) / MASK_SUBFOLDER
     if not (path / CONFIG_NAME).is_file():
         return None, None
@@ -40,8 +41,6 @@ def load_model_mask(model_name_or_path):
 def parameter_counts(model, mask=None) -> dict:
     """``{"params": dense count of every parameter, "params_effective": less the weights the mask (or
     exact zeros in the CLIP image encoder's Linear/Conv layers) removes}``."""
-    from ..pruning.counting import count_params_and_flops
-
     total = sum(p.numel() for p in model.parameters())
     tower = count_params_and_flops(model, mask)
     return {"params": total, "params_effective": total - (tower["params"] - tower["effective_params"])}
@@ -51,8 +50,6 @@ def parameter_counts(model, mask=None) -> dict:
 def forward_flops(model, class_names: list, height: int, width: int) -> int:
     """FLOPs of one forward of one ``height x width`` image scored against ``class_names`` (text
     embeddings computed, and cached, before counting)."""
-    from ..flops import flop_counter
-
     device = next(model.parameters()).device
     dtype = next(model.clip.vision_model.parameters()).dtype
     x = torch.zeros(1, 3, height, width, device=device, dtype=dtype)

@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import SegmentationMetric, metrics_from_confusion
+from opentrans_hf.data.benchmarks.registry import get_benchmark
+from opentrans_hf.data.transforms import collate_segmentation
+from opentrans_hf.models.classifier import class_synonyms
+from opentrans_hf.models.modeling_ovs import default_sliding_stride, sliding_windows
+from opentrans_hf.training.metrics import SegmentationMetric, metrics_from_confusion
 
 # recorded beside the numbers in metrics.json and `evaluate --out`
 METRIC_UNITS = "mean_iou, overall_accuracy, per_category_iou, ...: fractions of 1 (tables, logs and cards show percent)"
@@ -43,8 +47,6 @@ def protocol_description(split, window: int | None = None, stride: int | None = 
         return "-"
     if not sliding_protocol(split):
         return f"{tf.size}x{tf.size} (square resize)"
-    from ..frameworks.modeling_base import default_sliding_stride
-
     cap = f" (max {tf.max_size})" if tf.max_size else ""
     text = f"shortest side {tf.size}{cap}, sliding"
     if window:
@@ -55,13 +57,11 @@ def protocol_description(split, window: int | None = None, stride: int | None = 
 def resolve_eval_resize(benchmark=None, resize: str | None = None, shortest_side: int | None = None,
                         max_size: int | None = None) -> tuple[str, int | None, int | None]:
     """``(resize, shortest side, max size)`` for one evaluation dataset. ``resize`` None: ``"shortest_side"``
-    when the dataset is a ``benchmark`` (a name from :mod:`opentrans_hf.benchmarks` or a ``Benchmark``)
+    when the dataset is a ``benchmark`` (a name from :mod:`opentrans_hf.data.benchmarks` or a ``Benchmark``)
     or when ``shortest_side`` / ``max_size`` are given, else ``"square"``. The shortest side and max size
     default to the benchmark's (Cityscapes 1024 / 2560), else FC-CLIP's / detectron2's test default 800 /
     1333. ``"square"`` gives ``("square", None, None)``."""
     if isinstance(benchmark, str):
-        from ..benchmarks.registry import get_benchmark
-
         benchmark = get_benchmark(benchmark)
     if resize is None:
         resize = "shortest_side" if benchmark is not None or shortest_side or max_size else "square"
@@ -102,8 +102,6 @@ def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: i
 
     import torch.nn.functional as F
 
-    from ..data.transforms import collate_segmentation
-
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
@@ -113,8 +111,6 @@ def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: i
     names = model_class_names(split, class_names)
     sliding = sliding_protocol(split)
     if sliding:
-        from ..frameworks.modeling_base import default_sliding_stride, sliding_windows
-
         if not hasattr(model, "predict_sliding"):
             raise ValueError(f"{getattr(split, 'name', desc)} is evaluated by sliding windows, which "
                              f"{type(model).__name__} has no predict_sliding for; evaluate it with the square resize")
@@ -184,8 +180,6 @@ def evaluate_splits(model, splits: dict, *, seen_classes: list[str] | None = Non
         if timing is not None:
             timing[name] = clock
         if seen_set:
-            from ..frameworks.classifier import class_synonyms
-
             # a class is seen when any of its names was a training class (FC-CLIP's category overlap)
             seen = [not seen_set.isdisjoint((c, *class_synonyms(p)))
                     for c, p in zip(split.class_names, model_class_names(split))]

@@ -1,4 +1,4 @@
-"""The solver of a training run: the framework's :class:`~opentrans_hf.frameworks.configuration.SolverConfig`
+"""The solver of a training run: the framework's :class:`~opentrans_hf.models.configuration_ovs.SolverConfig`
 defaults with the job's flags on top, AdamW parameter groups (backbone learning-rate multiplier, weight decay
 per kind of parameter, as detectron2's ``build_optimizer`` for Mask2Former / FC-CLIP), the warm-up + schedule,
 and gradient clipping."""
@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..frameworks.configuration import SolverConfig
+from opentrans_hf.models.configuration_ovs import SolverConfig
 
 SOLVER_FLAGS = {"learning_rate": "learning_rate", "backbone_lr_multiplier": "backbone_multiplier",
                 "weight_decay": "weight_decay", "weight_decay_norm": "weight_decay_norm",

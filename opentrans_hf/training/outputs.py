@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_directory, atomic_write_text, atomic_write_with, json_safe
+from opentrans_hf.data.transforms import CLIP_MEAN, CLIP_STD
+from opentrans_hf.training.divergence import check_finite_weights
+from opentrans_hf.training.warmup import frozen_by_rule
+from opentrans_hf.utils.hub import render_model_card
+from opentrans_hf.utils.io import atomic_directory, atomic_write_text, atomic_write_with, json_safe
+from opentrans_hf.utils.version import __version__
 
 MASK_SUBFOLDER = "mask_adapter"
 """Where a training run's model directory keeps the sparse mask it was trained with."""
@@ -30,8 +35,6 @@ def write_model(out: Path, model, mask, spectral, spectral_warmup_steps: int = 0
     non-finite weights (``ValueError`` naming the parameter). An adapter that fails to save is left out
     and reported by :class:`IncompleteOutputs` once the model is in place. Returns ``{what: path}``."""
     import shutil
-
-    from .divergence import check_finite_weights
 
     plain = spectral.base_model if spectral is not None else model
     check_finite_weights(plain, "the trained model")
@@ -82,9 +85,6 @@ def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, sp
 
 
 def render_training_card(args, metrics: dict, spectral, mask) -> str:
-    from .. import __version__
-    from ..hub import render_model_card
-
     results = []
     for name, res in metrics["eval"].items():  # metrics hold fractions of 1; the card shows percent
         dataset, _, split = name.partition(":")
@@ -114,8 +114,6 @@ def render_training_card(args, metrics: dict, spectral, mask) -> str:
 
 def _alpha_rows(spectral) -> list[dict]:
     """One row per analysed layer: its alpha and whether it was frozen (the card's table)."""
-    from .warmup import frozen_by_rule
-
     if spectral is None:
         return []
     frozen = set(frozen_by_rule(spectral.spectral_config))
@@ -157,8 +155,6 @@ def _frozen_report_names(spectral) -> list[str]:
 
 @torch.no_grad()
 def plot_predictions(path: Path, model, split, plt, n: int = 4):
-    from ..data.transforms import CLIP_MEAN, CLIP_STD
-
     n = min(n, len(split))
     examples = [split[i] for i in range(n)]
     x = torch.stack([e[0] for e in examples])

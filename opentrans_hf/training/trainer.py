@@ -15,12 +15,42 @@ from pathlib import Path
 
 import torch
 
-from ..io import read_json
-from .evaluation import METRIC_UNITS
+from opentrans_hf.data.assembly import load_training_data
+from opentrans_hf.data.splits import make_loader
+from opentrans_hf.methods.sparse_mask import SparseMask
+from opentrans_hf.methods.spectral_tuning import SpectralTuningConfig, get_spectral_model
+from opentrans_hf.models import FRAMEWORKS
+from opentrans_hf.models.classifier import class_synonyms
+from opentrans_hf.training.checkpoints import (
+    SPECTRAL_KEY,
+    check_fingerprint,
+    find_checkpoint,
+    remove_partial_checkpoints,
+    run_fingerprint,
+    save_checkpoint,
+)
+from opentrans_hf.training.divergence import TrainingDiverged, step_problem, weights_problem
+from opentrans_hf.training.evaluation import METRIC_UNITS, evaluate_splits, percent
+from opentrans_hf.training.optim import make_optimizer as build_optimizer
+from opentrans_hf.training.optim import make_scheduler as build_scheduler
+from opentrans_hf.training.optim import resolve_solver
+from opentrans_hf.training.outputs import IncompleteOutputs, write_model, write_outputs
+from opentrans_hf.training.pretraining import default_clip
+from opentrans_hf.training.warmup import (
+    check_switch_supported,
+    check_warmup_config,
+    prepare_warmup,
+    spectral_config_of,
+    switch_record,
+    switch_to_spectral_tuning,
+)
+from opentrans_hf.utils.distributed import make_accelerator, on_main_process
+from opentrans_hf.utils.hub import push_folder_to_hub
+from opentrans_hf.utils.io import read_json
+from opentrans_hf.utils.locking import output_dir_lock
+
 
 def framework_class(name: str):
-    from ..frameworks import FRAMEWORKS
-
     return FRAMEWORKS[name]
 
 
@@ -46,16 +76,11 @@ def build_model(args, clip_path: str, image_size: int, seen_classes: list[str], 
     With ``args.spectral_warmup_steps`` spectral tuning waits for the end of the warm-up: ``spectral`` is
     None and ``pending`` the config to apply then; ``spectral_state`` (a checkpoint's record of a config
     applied at the switch) applies that config at once, without a new analysis."""
-    from ..tuning import SpectralTuningConfig, get_spectral_model
-    from .warmup import check_warmup_config, prepare_warmup, spectral_config_of
-
     cls = framework_class(args.framework)
     overrides = config_overrides(cls, getattr(args, "config_overrides", None))
     model = cls.from_clip(clip_path, image_size=image_size, seen_class_names=list(seen_classes), **overrides)
     mask = None
     if args.mask:
-        from ..pruning import SparseMask
-
         mask = SparseMask.from_pretrained(args.mask)
         mask.apply(model, strict=True)
     spectral, pending = None, None
@@ -89,9 +114,6 @@ def run_training(args) -> dict:
     """
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-    from ..distributed import make_accelerator
-    from ..locking import output_dir_lock
-
     out = Path(args.output_dir)
     accelerator = make_accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -109,19 +131,7 @@ def _train(accelerator, args, out: Path) -> dict:
     from tqdm.auto import tqdm
     from transformers import CLIPConfig
 
-    from ..distributed import on_main_process
-    from ..pretraining import default_clip
-    from ..data.assembly import load_training_data
-    from ..data.splits import make_loader
-    from .checkpoints import (SPECTRAL_KEY, check_fingerprint, find_checkpoint, remove_partial_checkpoints,
-                              run_fingerprint, save_checkpoint)
-    from .divergence import TrainingDiverged, step_problem, weights_problem
-    from .outputs import IncompleteOutputs, write_model, write_outputs
-    from .warmup import switch_record, switch_to_spectral_tuning
-
     if args.spectral_warmup_steps:
-        from .warmup import check_switch_supported
-
         check_switch_supported(accelerator)
     on_main_process(accelerator, lambda: remove_partial_checkpoints(out))  # writes killed before they finished
     fingerprint = run_fingerprint(args, accelerator.num_processes)
@@ -148,15 +158,11 @@ def _train(accelerator, args, out: Path) -> dict:
     train_split, eval_splits, holdout = load_training_data(args, image_size)
     # seen classes: the training classes' names, then their other names (synonyms), so that a class of another
     # vocabulary counts as seen when any of its names was trained on (FC-CLIP's category overlap)
-    from ..frameworks.classifier import class_synonyms
-
     seen = list(dict.fromkeys([*train_split.class_names,
                                *(n for p in train_split.class_prompts for n in class_synonyms(p))]))
     model, mask, spectral, pending = build_model(args, clip_path, image_size, seen, spectral_state)
     if accelerator.is_main_process and spectral is not None:
         spectral.print_trainable_parameters()
-
-    from .optim import make_optimizer as build_optimizer, make_scheduler as build_scheduler, resolve_solver
 
     solver = resolve_solver(framework_class(args.framework), args)  # the framework's defaults, the flags on top
 
@@ -287,8 +293,6 @@ def _train(accelerator, args, out: Path) -> dict:
         on_main_process(accelerator, lambda: write_outputs(out, plain, args, metrics, history, mask, spectral,
                                                            eval_splits, paths=paths))
         if args.push_to_hub:
-            from ..hub import push_folder_to_hub
-
             stage = f"pushing it to the Hub ({args.hub_model_id})"
             url = on_main_process(accelerator, lambda: push_folder_to_hub(
                 model_dir, args.hub_model_id, commit_message="Upload OVS model with opentrans-hf"))
@@ -313,8 +317,6 @@ def eval_record(step: int, results: dict) -> dict:
 
 
 def _evaluate_all(accelerator, model, eval_splits, args, holdout) -> dict:
-    from .evaluation import evaluate_splits, percent
-
     plain = accelerator.unwrap_model(model)
     seen = plain.config.seen_class_names if hasattr(plain, "config") else None
     results = evaluate_splits(plain, eval_splits, seen_classes=seen, batch_size=args.batch_size,

@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..io import read_json
-
+from opentrans_hf.methods.spectral_tuning import SpectralTuningConfig, get_spectral_model
+from opentrans_hf.utils.distributed import on_main_process
+from opentrans_hf.utils.io import read_json
+from opentrans_hf.utils.matching import name_matches
 
 # the switch re-wraps the model with accelerator.prepare: a plain module or DDP only (FSDP's flat parameters
 # and DeepSpeed's engine are built once per run)
@@ -33,8 +35,6 @@ def check_switch_supported(accelerator) -> None:
 def spectral_config_of(args, model):
     """The ``SpectralTuningConfig`` the run's arguments ask for (``--spectral_config``: a JSON file, an
     adapter directory or a Hub id; or ``--freeze_rule`` on the framework's encoder layers), or None."""
-    from ..tuning import SpectralTuningConfig
-
     if args.spectral_config:
         p = Path(args.spectral_config)
         if p.is_file():
@@ -58,8 +58,6 @@ def check_warmup_config(config, warmup_steps: int, where: str = "--spectral_conf
 
 def prepare_warmup(model, config) -> None:
     """Make ``config.modules_to_save`` trainable for the warm-up (as they will be after the switch)."""
-    from ..matching import name_matches
-
     if config.modules_to_save:
         for name, module in model.named_modules():
             if name_matches(name, config.modules_to_save):
@@ -68,11 +66,8 @@ def prepare_warmup(model, config) -> None:
 
 def apply_after_warmup(accelerator, model, config):
     """Measure alpha on the (unwrapped) ``model`` now, on the main process, and apply ``config`` on every
-    process with the same alphas and trainable layers -> the :class:`~opentrans_hf.tuning.SpectralModel`.
+    process with the same alphas and trainable layers -> the :class:`~opentrans_hf.methods.spectral_tuning.SpectralModel`.
     ``config`` itself is not changed. A collective: every process calls it."""
-    from ..distributed import on_main_process
-    from ..tuning import SpectralTuningConfig, get_spectral_model
-
     config = dataclasses.replace(config)
     if accelerator.num_processes == 1:
         return get_spectral_model(model, config)

@@ -1,20 +1,6 @@
-"""Spectral tuning: fine-tune the light-tailed layers, freeze the well-trained ones (PEFT-style)."""
+"""Deprecated alias of :mod:`opentrans_hf.methods.spectral_tuning` (moved in 0.2, removed in 0.3); its submodules are
+aliases too."""
 
-from .config import SpectralTuningConfig
-from .flops import estimate_training_flops
-from .model import SpectralModel, get_spectral_model, select_trainable_layers
-from .selection import block_of, frozen_units
-from .training_utils import find_unused_parameters, freeze_unused_parameters, spectral_param_groups
+from opentrans_hf.utils.deprecation import forward_package
 
-__all__ = [
-    "SpectralModel",
-    "SpectralTuningConfig",
-    "block_of",
-    "estimate_training_flops",
-    "find_unused_parameters",
-    "freeze_unused_parameters",
-    "frozen_units",
-    "get_spectral_model",
-    "select_trainable_layers",
-    "spectral_param_groups",
-]
+__getattr__ = forward_package(__name__, "opentrans_hf.methods.spectral_tuning")

@@ -1,0 +1,87 @@
+"""What every adapter of this library shares on disk and on the Hub, as PEFT's ``PeftConfigMixin`` and
+``PushToHubMixin`` serve every PEFT method: the ``adapter_config.json`` file (written atomically, read
+with its ``peft_type`` checked), the ``adapter_model.safetensors`` file (written atomically, read with
+errors that name it), the model card, and ``push_to_hub``.
+
+:class:`~opentrans_hf.SparseMask` and :class:`~opentrans_hf.SpectralModel` both use this module, so a
+fix here is a fix for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from opentrans_hf.utils.hub import push_folder_to_hub, read_safetensors, render_model_card, resolve_pretrained_dir
+from opentrans_hf.utils.io import atomic_write_text, atomic_write_with, json_safe, read_json
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"
+LIBRARY_NAME = "opentrans-hf"
+
+
+def write_adapter_config(save_directory: str | os.PathLike, config: dict, *, sort_keys: bool = True) -> Path:
+    """Write ``config`` as ``save_directory/adapter_config.json``, atomically."""
+    path = Path(save_directory) / CONFIG_NAME
+    atomic_write_text(path, json.dumps(json_safe(config), indent=2, sort_keys=sort_keys) + "\n")
+    return path
+
+
+def read_adapter_config(path: str | os.PathLike, peft_type: str, what: str) -> dict:
+    """The JSON object in ``path`` (an ``adapter_config.json``); an error names the file when it is not
+    JSON, not an object, or its ``peft_type`` is not ``peft_type`` (``what``: e.g. "sparse mask adapter")."""
+    data = read_json(path, "adapter config")
+    if not isinstance(data, dict) or data.get("peft_type") != peft_type:
+        got = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} is not a {what} config (peft_type {got!r}, expected {peft_type!r})")
+    return data
+
+
+def write_adapter_files(save_directory: str | os.PathLike, *, config: dict, tensors: dict, card: str,
+                        metadata: dict | None = None, sort_keys: bool = True) -> Path:
+    """The one write path of every adapter: ``adapter_model.safetensors`` (``tensors``), then
+    ``adapter_config.json`` (``config``), then ``README.md`` (``card``), each atomically (a temporary file
+    beside it, then a rename). Compute everything that can fail (the card too) before calling this."""
+    from safetensors.torch import save_file
+
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata or {"format": "pt"}))
+    write_adapter_config(out, config, sort_keys=sort_keys)
+    atomic_write_text(out / CARD_NAME, card)
+    return out
+
+
+def read_adapter_files(name_or_path: str | os.PathLike, *, peft_type: str, what: str, revision: str | None = None,
+                       token=None) -> tuple[Path, dict, dict]:
+    """The one read path of every adapter: ``(directory, config dict, tensors)`` from a local directory or a
+    Hub repo. The config's ``peft_type`` is checked; the safetensors file is read with errors that name it
+    (missing, truncated, corrupt). Checking the tensors against the config is the adapter's own job."""
+    d = resolve_pretrained_dir(name_or_path, [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], revision=revision, token=token,
+                               what=what)
+    config = read_adapter_config(d / CONFIG_NAME, peft_type, what)
+    tensors = read_safetensors(d / WEIGHTS_NAME, what)
+    return d, config, tensors
+
+
+def render_adapter_card(template: str, *, tags: list[str], base_model: str | None, **variables) -> str:
+    """The adapter's ``README.md`` from ``opentrans_hf/model_cards/<template>`` (``library_name`` set)."""
+    return render_model_card(template, {"library_name": LIBRARY_NAME, "tags": tags, "base_model": base_model},
+                             **variables)
+
+
+class AdapterHubMixin:
+    """``push_to_hub`` for an object with ``save_pretrained(directory)``: save to a temporary directory,
+    then ``create_repo(exist_ok=True)`` + ``upload_folder``; returns the commit URL."""
+
+    default_commit_message = "Upload adapter"
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None, commit_message: str | None = None,
+                    revision: str | None = None) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_folder_to_hub(tmp, repo_id, private=private, token=token, revision=revision,
+                                      commit_message=commit_message or self.default_commit_message)

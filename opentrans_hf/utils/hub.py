@@ -1,0 +1,186 @@
+"""Shared Hub helpers: loading by local path or Hub id with clear errors when offline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def load_or_explain(name_or_path: str | os.PathLike, loader: Callable[[], T], what: str = "model") -> T:
+    """Call ``loader()`` (a ``from_pretrained``); turn a failed Hub lookup into an error that says
+    whether ``name_or_path`` was taken as a local directory or a Hub id, and what to do. A missing
+    local path fails at once (no Hub retries)."""
+    check_local_or_hub(name_or_path, what)
+    try:
+        return loader()
+    except (OSError, ValueError) as err:
+        p = Path(name_or_path)
+        if p.exists():
+            raise type(err)(f"could not load the {what} from local directory {p}: {err}") from err
+        hint = (
+            "HF_HUB_OFFLINE is set, so only the local cache is searched"
+            if is_offline()
+            else "the Hub may be unreachable (no network?) or the id may be wrong"
+        )
+        raise OSError(
+            f"could not load the {what} {str(name_or_path)!r}: it is not a local directory, and loading it as a "
+            f"Hugging Face Hub id failed ({hint}). Original error: {err}"
+        ) from err
+
+
+def looks_like_local_path(name: str | os.PathLike) -> bool:
+    """True when ``name`` can only be meant as a local path: absolute, ``./``/``../``/``~`` relative,
+    more than two components (a Hub id is ``name`` or ``owner/name``), or whose parent directory exists."""
+    s = str(name)
+    if s in (".", "..") or s.startswith(("/", "./", "../", "~", ".\\", "..\\")):
+        return True
+    parts = Path(s).parts
+    if len(parts) > 2:
+        return True
+    return len(parts) == 2 and Path(parts[0]).is_dir()
+
+
+def check_local_or_hub(name_or_path: str | os.PathLike | None, what: str = "path") -> None:
+    """Raise ``FileNotFoundError`` ("no such directory") when ``name_or_path`` is meant as a local path
+    (:func:`looks_like_local_path`) but does not exist, instead of trying it as a Hub id for a while."""
+    if name_or_path is None or Path(name_or_path).expanduser().exists():
+        return
+    if looks_like_local_path(name_or_path):
+        raise FileNotFoundError(
+            f"{what} {str(name_or_path)!r}: no such directory (a local path, so it is not looked up "
+            f"on the Hugging Face Hub; a Hub id is 'name' or 'owner/name')"
+        )
+
+
+MODEL_CARDS_DIR = Path(__file__).parents[1] / "model_cards"
+
+
+def resolve_pretrained_dir(
+    name_or_path: str | os.PathLike,
+    filenames: list[str],
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    optional: tuple[str, ...] = ("README.md",),
+    what: str = "adapter",
+) -> Path:
+    """Return a local directory holding ``filenames``: ``name_or_path`` itself when it is a directory
+    (a missing file is an error naming it), otherwise the files downloaded from the Hub repo of that id
+    (offline or unreachable: an error saying so). Files in ``optional`` may be absent."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        missing = [f for f in filenames if f not in optional and not (p / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{what} directory {p} lacks {missing}; expected {filenames}")
+        return p
+    if p.exists():
+        raise NotADirectoryError(f"{what} path {p} is a file; pass the directory that holds {filenames}")
+    check_local_or_hub(name_or_path, what)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    local = None
+    for f in filenames:
+        try:
+            local = Path(hf_hub_download(str(name_or_path), f, revision=revision, token=token))
+        except EntryNotFoundError as err:
+            if isinstance(err, LocalEntryNotFoundError):  # offline / unreachable and not cached
+                _raise_download_error(name_or_path, f, what, err)
+            if f in optional:
+                continue
+            raise FileNotFoundError(f"Hub repo {name_or_path!r} has no file {f!r} (expected {filenames})") from None
+        except Exception as err:  # offline, unreachable, unknown repo, bad id
+            _raise_download_error(name_or_path, f, what, err)
+    if local is None:
+        raise FileNotFoundError(f"no file of {filenames} found in Hub repo {name_or_path!r}")
+    return local.parent
+
+
+def _raise_download_error(name_or_path, filename: str, what: str, err: Exception):
+    hint = "HF_HUB_OFFLINE is set" if is_offline() else "the Hub may be unreachable or the id wrong"
+    raise OSError(
+        f"{str(name_or_path)!r} is not a local {what} directory, and downloading {filename!r} from the Hugging Face "
+        f"Hub failed ({hint}): {err}"
+    ) from err
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str = "Upload with opentrans-hf",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+) -> str:
+    """``create_repo(exist_ok=True)`` + ``upload_folder``; returns the commit URL. Offline: a clear error."""
+    if is_offline():
+        raise OSError(f"cannot push to the Hub repo {repo_id!r}: HF_HUB_OFFLINE is set (unset it to push)")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, commit_message=commit_message, revision=revision, repo_type="model"
+        )
+    except Exception as err:
+        raise OSError(f"pushing {folder} to the Hub repo {repo_id!r} failed: {err}") from err
+    return str(getattr(info, "commit_url", info))
+
+
+def render_model_card(template: str, card_data: dict, **variables) -> str:
+    """Render ``opentrans_hf/model_cards/<template>`` (Jinja) with YAML metadata ``card_data``
+    (``huggingface_hub.ModelCardData`` fields: library_name, tags, base_model, model-index, ...)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = MODEL_CARDS_DIR / template
+    if not path.is_file():
+        raise FileNotFoundError(f"model card template {path} does not exist")
+    base = card_data.get("base_model")
+    if base is not None and (Path(str(base)).exists() or str(base).startswith(("/", "."))):
+        card_data = {k: v for k, v in card_data.items() if k != "base_model"}  # the Hub takes repo ids only
+    card = ModelCard.from_template(ModelCardData(**card_data), template_path=str(path), **variables)
+    return str(card)
+
+
+@contextmanager
+def quiet_loading():
+    """Silence transformers' load report and progress bars, e.g. for ``CLIPVisionModel.from_pretrained``
+    on a full ``CLIPModel`` checkpoint, where the text tower's "unexpected" keys are expected."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "adapter weights") -> dict:
+    """``safetensors.torch.load_file`` with errors that name the file: FileNotFoundError when it is
+    missing, ValueError when it is not a complete safetensors file (truncated, corrupt)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {path} ({what}): not a complete safetensors file ({err})") from None
