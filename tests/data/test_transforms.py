@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import CLIPImageProcessor
+from transformers.image_transforms import normalize
+from transformers.image_utils import ChannelDimension
 
 from opentrans_hf.data.transforms import CLIP_MEAN, CLIP_STD, SegmentationTransform, collate_segmentation
 
@@ -63,3 +66,16 @@ def test_collate():
     t = SegmentationTransform(size=16, num_labels=3)
     batch = collate_segmentation([t(img, lab), t(img, lab)])
     assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["labels"].shape == (2, 16, 16)
+
+
+def test_normalisation_is_transformers_normalize():
+    """The evaluation transform of an image already at its size is ``transformers.image_transforms.normalize``
+    of the image rescaled to [0, 1], bit for bit (the CLIP statistics of ``CLIPImageProcessor``)."""
+    img, _ = pair(32, 32)
+    x, _ = SegmentationTransform(size=32)(img, None)
+    chw = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    expected = normalize(chw, CLIP_MEAN, CLIP_STD, data_format=ChannelDimension.FIRST,
+                         input_data_format=ChannelDimension.FIRST)
+    assert torch.equal(x, torch.from_numpy(expected))
+    processor = CLIPImageProcessor()
+    assert (tuple(processor.image_mean), tuple(processor.image_std)) == (CLIP_MEAN, CLIP_STD)

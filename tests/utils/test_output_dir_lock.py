@@ -137,16 +137,16 @@ def test_without_flock_a_live_holder_of_this_host_is_refused_and_a_dead_one_take
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / LOCK).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(), "command": "train"}))
-        with pytest.raises(OutputDirLocked, match=rf"in use by pid {live.pid} on host .*\(opentrans-hf train\)"):
-            with output_dir_lock(tmp_path):
-                pass
+        with (pytest.raises(OutputDirLocked, match=rf"in use by pid {live.pid} on host .*\(opentrans-hf train\)"),
+              output_dir_lock(tmp_path)):
+            pass
         assert json.loads((tmp_path / LOCK).read_text())["pid"] == live.pid  # left alone
     finally:
         live.kill()
         live.wait()
     dead = _dead_pid()
     (tmp_path / LOCK).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "command": "train"}))
-    with pytest.warns(StaleLockWarning, match=rf"left by pid {dead} on host .*is no longer running"):
-        with output_dir_lock(tmp_path, command="prune"):
-            assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    with (pytest.warns(StaleLockWarning, match=rf"left by pid {dead} on host .*is no longer running"),
+          output_dir_lock(tmp_path, command="prune")):
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
     assert not (tmp_path / LOCK).exists()
