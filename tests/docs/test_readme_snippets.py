@@ -6,11 +6,13 @@ Only what cannot exist offline, or would take hours, is swapped (``SWAPS``): the
 local random tiny CLIP (with the image processor a Hub CLIP repo has), the paper's schedules become a
 couple of steps, a trained model directory is a fresh framework saved from that CLIP; a folder of images
 and a photo are provided, and the Hub is a local folder (``push_to_hub`` writes to it, ``from_pretrained``
-of a Hub id reads from it, and it already holds a mask under the id the docs push one to)."""
+of a Hub id reads from it; a page that pulls the docs' mask without pushing it finds one there)."""
 
+import importlib
 import re
 import shlex
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -160,15 +162,9 @@ def trained_model(tmp_path, local_clip):
 
 
 @pytest.fixture
-def local_hub(tmp_path, monkeypatch, local_clip):
-    """The Hub as a local folder: uploads copy there, downloads read from there. It holds a mask of the
-    tiny CLIP under ``HUB_MASK`` (a page may pull it without the page that pushes it)."""
-    from transformers import CLIPModel
-
-    from opentrans_hf import magnitude_prune
-
+def local_hub(tmp_path, monkeypatch):
+    """The Hub as a local folder: uploads copy there, downloads read from there."""
     root = tmp_path / "hub"
-    magnitude_prune(CLIPModel.from_pretrained(local_clip), 0.5).save_pretrained(root / HUB_MASK)
 
     def upload_folder(self, *, folder_path, repo_id, **kwargs):
         shutil.rmtree(root / repo_id, ignore_errors=True)
@@ -219,6 +215,50 @@ def test_docs_links_resolve():
                 assert anchor in anchors(file), f"{name(page)} links to {target}: no such heading"
 
 
+def resolve(path: str):
+    """The module or object a dotted ``opentrans_hf...`` path names (AssertionError if none)."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            assert hasattr(obj, attr), f"{'.'.join(parts[:i])} has no {attr!r}"
+            obj = getattr(obj, attr)
+        return obj
+    raise AssertionError(f"no module {path}")
+
+
+def is_deprecated_alias(path: str) -> bool:
+    """``path`` is (under) a 0.1 module path kept as a FutureWarning alias."""
+    parts = path.split(".")
+    for i in range(len(parts), 1, -1):
+        base = ROOT.joinpath(*parts[:i])
+        for file in (base.with_suffix(".py"), base / "__init__.py"):
+            if file.is_file():
+                return "opentrans_hf.utils.deprecation" in file.read_text()
+    return False
+
+
+@pytest.mark.parametrize("page", PAGES, ids=name)
+def test_module_paths_exist_and_are_current(page):
+    """Every ``opentrans_hf.x.y`` the page names exists; a 0.1 path only beside its 0.2 replacement (the
+    tables of moved modules)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for number, line in enumerate(page.read_text().split("\n"), 1):
+            for path in re.findall(r"\bopentrans_hf(?:\.\w+)+", line):
+                path = path.rstrip(".")
+                try:
+                    resolve(path)
+                except AssertionError as err:
+                    raise AssertionError(f"{name(page)}:{number} names {path}: {err}") from None
+                if is_deprecated_alias(path):
+                    assert line.startswith("|") and line.count("opentrans_hf") > 1, (
+                        f"{name(page)}:{number} names the 0.1 path {path}: use its 0.2 path")
+
+
 @pytest.mark.parametrize("page", PAGES, ids=name)
 def test_shell_commands_are_accepted(page):
     checked = 0
@@ -238,11 +278,25 @@ def test_shell_commands_are_accepted(page):
         assert checked, f"{name(page)}: shell blocks with commands, none checked"
 
 
+def put_mask_on_hub(hub: Path, clip_dir: Path) -> None:
+    """A mask of the tiny CLIP under ``HUB_MASK``, for a page that pulls it without pushing it first."""
+    from transformers import CLIPModel
+
+    from opentrans_hf import magnitude_prune
+
+    magnitude_prune(CLIPModel.from_pretrained(clip_dir), 0.5).save_pretrained(hub / HUB_MASK)
+
+
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p.read_text())], ids=name)
-def test_python_blocks_run(page, tmp_path, monkeypatch, local_clip, trained_model, local_hub):
+def test_python_blocks_run(page, tmp_path, monkeypatch, request, local_clip, local_hub):
     blocks = python_blocks(page.read_text())
+    code = "".join(code for _, _, code in blocks)
     swaps = {old: new for old, new in SWAPS.items() if new is not None}
-    swaps = {"runs/demo/train/model": str(trained_model), "openai/clip-vit-base-patch16": str(local_clip), **swaps}
+    swaps = {"openai/clip-vit-base-patch16": str(local_clip), **swaps}
+    if "runs/demo/train/model" in code:  # only the pages that load a trained model pay for making one
+        swaps["runs/demo/train/model"] = str(request.getfixturevalue("trained_model"))
+    if f'"{HUB_MASK}"' in code and f'push_to_hub("{HUB_MASK}")' not in code:
+        put_mask_on_hub(local_hub, local_clip)
     work = tmp_path / "work"
     (work / "images").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -289,3 +343,15 @@ def test_shell_commands_are_found():
                      (6, ["opentrans-hf", "benchmarks"])]
     for _, argv in command_lines(code):
         check_command(argv)
+
+
+def test_module_path_check_tells_old_from_new():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        assert is_deprecated_alias("opentrans_hf.pruning.SparseMask") and is_deprecated_alias("opentrans_hf.io")
+        assert is_deprecated_alias("opentrans_hf.frameworks.modeling_base")
+        assert not is_deprecated_alias("opentrans_hf.methods.sparse_mask.SparseMask")
+        assert not is_deprecated_alias("opentrans_hf.utils.io") and not is_deprecated_alias("opentrans_hf.models")
+        assert resolve("opentrans_hf.methods.sparse_mask.SparseMask").__name__ == "SparseMask"
+        with pytest.raises(AssertionError, match="has no 'NoSuchThing'"):
+            resolve("opentrans_hf.methods.sparse_mask.NoSuchThing")
