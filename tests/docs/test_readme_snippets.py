@@ -115,13 +115,22 @@ def flags(args: list[str]) -> list[str]:
     return [a.split("=", 1)[0] for a in args if a.startswith("--") and a != "--"]
 
 
+def known_flags(job: str | None, script: Path | None):
+    """A predicate: is ``--flag`` an option of the job (its parser) or of the benchmark script (its source)?"""
+    if job is None:
+        source = script.read_text()
+        return lambda flag: f'"{flag}"' in source
+    known = {s for action in build_parser(job)._actions for s in action.option_strings}
+    return known.__contains__
+
+
 def check_command(argv: list[str]) -> None:
     """The command exists and every flag it uses is accepted by its parser (nothing is run)."""
     job, script, args = job_and_args(argv)
     if job is None:  # a benchmark script with its own argparse: every flag is one it declares
-        source = script.read_text()
+        accepts = known_flags(None, script)
         for flag in flags(args):
-            assert f'"{flag}"' in source, f"{script.name} has no option {flag}"
+            assert accepts(flag), f"{script.name} has no option {flag}"
         return
     assert job in COMMANDS, f"unknown command {job!r}"
     if "--help" in args or "-h" in args:
@@ -130,9 +139,9 @@ def check_command(argv: list[str]) -> None:
     if hasattr(module, "preprocess_argv"):
         args = module.preprocess_argv(list(args))
     parser = build_parser(job)
-    known = {s for action in parser._actions for s in action.option_strings}
+    accepts = known_flags(job, None)
     for flag in flags(args):
-        assert flag in known, f"`opentrans-hf {job}` has no option {flag}"
+        assert accepts(flag), f"`opentrans-hf {job}` has no option {flag}"
     try:
         _, rest = parser.parse_known_args(args)
     except SystemExit as exit_:
@@ -257,6 +266,52 @@ def test_module_paths_exist_and_are_current(page):
                 if is_deprecated_alias(path):
                     assert line.startswith("|") and line.count("opentrans_hf") > 1, (
                         f"{name(page)}:{number} names the 0.1 path {path}: use its 0.2 path")
+
+
+def check_inline_command(span: str) -> None:
+    """A command named in running text (often a synopsis: ``opentrans-hf analyze MODEL [--estimator
+    opentrans|ww]``): the job or script exists and every ``--flag`` in it is one of its options."""
+    m = re.match(r"(?:[A-Z_][A-Z0-9_]*=\S+\s+)*(?:opentrans-hf\s+(?P<job>[\w-]+)|.*?\b(?P<script>scripts/\w+\.py))(?P<rest>.*)", span)
+    if m is None:  # e.g. `accelerate launch --multi_gpu --num_processes 2`: the launcher alone
+        return
+    if m["job"]:
+        job, script = m["job"], None
+        assert job in COMMANDS, f"unknown command {job!r}"
+    else:
+        script = ROOT / m["script"]
+        assert script.is_file(), f"no such script {m['script']}"
+        job = script.stem.replace("_", "-") if script.stem.replace("_", "-") in COMMANDS else None
+    accepts = known_flags(job, script)
+    for flag in re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", m["rest"]):
+        assert accepts(flag), f"{job or script.name} has no option {flag}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=name)
+def test_inline_commands_name_real_flags(page):
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.DOTALL | re.MULTILINE)
+    for span in re.findall(r"`([^`]+)`", text.replace("\n", " ")):
+        if re.match(r"(?:[A-Z_][A-Z0-9_]*=\S+\s+)*(?:opentrans-hf\s|python\s+scripts/|accelerate\s+launch\s)", span):
+            try:
+                check_inline_command(span)
+            except AssertionError as err:
+                raise AssertionError(f"{name(page)}: `{span}`: {err}") from None
+
+
+def test_inline_check_catches_drift():
+    check_inline_command("opentrans-hf analyze MODEL [--estimator opentrans|ww] [--target-modules fc1,fc2 | re:<regex>]")
+    check_inline_command("accelerate launch --config_file configs/accelerate/<ddp|fsdp>.yaml scripts/train.py --mask M")
+    for span, error in (("opentrans-hf analyze MODEL [--estimatr ww]", "analyze has no option --estimatr"),
+                        ("opentrans-hf anlyze MODEL", "unknown command 'anlyze'"),
+                        ("python scripts/bench_masks.py --sise tiny", "bench_masks.py has no option --sise")):
+        with pytest.raises(AssertionError, match=re.escape(error)):
+            check_inline_command(span)
+
+
+def test_every_block_says_its_language():
+    """Code is ```python or ```bash (run or checked above); output and layouts are ```text."""
+    for page in PAGES:
+        for lang, title, line, _ in fenced_blocks(page.read_text()):
+            assert lang in ("python", "bash", "shell", "text"), f"{name(page)}:{line} ({title}): ```{lang}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=name)
