@@ -36,7 +36,7 @@ SWAPS = {  # doc text -> what the test runs instead (each must occur in a python
 }
 HUB_MASK = "me/clip-b16-sparse90"  # a mask the docs push (sparse masks) and pull (frameworks)
 COMMAND_START = re.compile(r"(?:^|[;&|(]\s*|\bdo\s+|\bthen\s+)((?:[A-Z_][A-Z0-9_]*=\S+\s+)*)"
-                           r"(opentrans-hf|python\s+scripts/\S+|accelerate\s+launch)\b")
+                           r"(opentrans-hf|python\s+(?:scripts|examples)/\S+|accelerate\s+launch)\b")
 
 
 def name(page: Path) -> str:
@@ -83,7 +83,7 @@ def command_lines(code: str) -> list[tuple[int, list[str]]]:
                 while words and (words[0] in ("do", "then", "time") or re.match(r"^[A-Z_][A-Z0-9_]*=", words[0])):
                     words = words[1:]
                 if words and (words[0] in ("opentrans-hf", "accelerate") or (
-                        words[0].startswith("python") and len(words) > 1 and words[1].startswith("scripts/"))):
+                        words[0].startswith("python") and len(words) > 1 and words[1].startswith(("scripts/", "examples/")))):
                     commands.append((offset, words))
                 words = []
             else:
@@ -271,7 +271,7 @@ def test_module_paths_exist_and_are_current(page):
 def check_inline_command(span: str) -> None:
     """A command named in running text (often a synopsis: ``opentrans-hf analyze MODEL [--estimator
     opentrans|ww]``): the job or script exists and every ``--flag`` in it is one of its options."""
-    m = re.match(r"(?:[A-Z_][A-Z0-9_]*=\S+\s+)*(?:opentrans-hf\s+(?P<job>[\w-]+)|.*?\b(?P<script>scripts/\w+\.py))(?P<rest>.*)", span)
+    m = re.match(r"(?:[A-Z_][A-Z0-9_]*=\S+\s+)*(?:opentrans-hf\s+(?P<job>[\w-]+)|.*?\b(?P<script>(?:scripts|examples)/\w+\.py))(?P<rest>.*)", span)
     if m is None:  # e.g. `accelerate launch --multi_gpu --num_processes 2`: the launcher alone
         return
     if m["job"]:
@@ -290,7 +290,7 @@ def check_inline_command(span: str) -> None:
 def test_inline_commands_name_real_flags(page):
     text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.DOTALL | re.MULTILINE)
     for span in re.findall(r"`([^`]+)`", text.replace("\n", " ")):
-        if re.match(r"(?:[A-Z_][A-Z0-9_]*=\S+\s+)*(?:opentrans-hf\s|python\s+scripts/|accelerate\s+launch\s)", span):
+        if re.match(r"(?:[A-Z_][A-Z0-9_]*=\S+\s+)*(?:opentrans-hf\s|python\s+(?:scripts|examples)/|accelerate\s+launch\s)", span):
             try:
                 check_inline_command(span)
             except AssertionError as err:

@@ -203,7 +203,7 @@ def test_probe_script_scores_every_setting(tiny_clip_dir, tmp_path):
     seen = [c for c in CLASS_NAMES if c not in HELD_OUT_CLASSES]
     model = CLIPFCCLIPForOVS.from_clip(tiny_clip_dir, seen_class_names=seen, **SMALL)
     model.save_pretrained(tmp_path / "model")
-    script = Path(__file__).parents[2] / "scripts" / "probe_fcclip_branches.py"
+    script = Path(__file__).parents[2] / "examples" / "probe_fcclip_branches.py"
     res = subprocess.run([sys.executable, str(script), str(tmp_path / "model"), "--embedded_size", "8"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -19,7 +19,7 @@ magnitude pruning of the original weights round by round among the survivors, no
 (and listed). A finished setting's directory is reused (the prune job resumes at its last round), so a
 re-run only evaluates.
 
-    OMP_NUM_THREADS=1 python scripts/sweep_prune_zero_shot.py --steps 10 30 100 --learning_rates 1e-4 1e-5
+    OMP_NUM_THREADS=1 python examples/sweep_prune_zero_shot.py --steps 10 30 100 --learning_rates 1e-4 1e-5
 
 Prints a table (percent) and, as its last line, the whole result as JSON (fractions of 1); the JSON is
 also written to <work_dir>/sweep.json after every setting.

@@ -2,7 +2,7 @@
 with the geometric ensemble's weights changed (in-vocabulary head alone, out-of-vocabulary branch alone, ...),
 with soft instead of binary mask pooling, and without the void factor.
 
-    python scripts/probe_fcclip_branches.py runs/train/model
+    python examples/probe_fcclip_branches.py runs/train/model
 """
 
 from __future__ import annotations
