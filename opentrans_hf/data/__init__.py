@@ -1,6 +1,6 @@
 """Datasets: loading HF segmentation datasets, torch transforms, the embedded synthetic dataset."""
 
-from opentrans_hf.data.loading import find_columns, load_segmentation_dataset, resolve_class_names
+from opentrans_hf.data.sources import find_columns, load_segmentation_dataset, resolve_class_names
 from opentrans_hf.data.transforms import CLIP_MEAN, CLIP_STD, SegmentationTransform, collate_segmentation
 from opentrans_hf.embedded.dataset import (
     CLASS_NAMES,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from opentrans_hf.data.benchmarks import get_benchmark
-from opentrans_hf.data.loading import find_columns, find_id2label, find_prepared_record, load_segmentation_dataset
+from opentrans_hf.data.sources import find_columns, find_id2label, find_prepared_record, load_segmentation_dataset
 from opentrans_hf.data.specs import benchmark_name, parse_dataset_spec
 from opentrans_hf.data.splits import SegmentationSplit
 from opentrans_hf.data.transforms import SegmentationTransform

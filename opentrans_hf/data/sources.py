@@ -1,4 +1,4 @@
-"""Loading segmentation datasets: a Hub name, a ``save_to_disk`` directory, or an image/label folder;
+"""Sources: loading segmentation datasets (a Hub name, a ``save_to_disk`` directory, or an image/label folder);
 finding their image and label columns and their class names."""
 
 from __future__ import annotations
