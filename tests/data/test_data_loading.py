@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from opentrans_hf.data.sources import find_columns, load_segmentation_dataset, resolve_class_names
+from opentrans_hf.data.sources import find_columns, load_segmentation_dataset
+from opentrans_hf.data.vocabulary import resolve_class_names
 
 
 def write_folder(root, n=3, missing_label=False):
