@@ -1,5 +1,6 @@
 """Dataset specs: which split of which dataset, and how to read its label maps (class names, label
-reduction, void value, columns). Each evaluation dataset has its own.
+reduction, void value, columns). Each evaluation dataset has its own. This module only parses them;
+:func:`~opentrans_hf.data.assembly.load_spec_split` loads one along the data path.
 
 A spec on the command line (``evaluate --datasets``, ``train`` / ``demo --eval_datasets``) is either
 
