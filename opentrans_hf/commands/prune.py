@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_percentage
-from opentrans_hf.data.assembly import distillation_split
-from opentrans_hf.data.splits import make_loader
+from opentrans_hf.data.assembly import distillation_split, make_loader
 from opentrans_hf.methods.sparse_mask.counting import count_params_and_flops
 from opentrans_hf.methods.sparse_mask.imp import IMPConfig, iterative_magnitude_prune
 from opentrans_hf.training.pretraining import default_clip, zero_shot_evaluation

@@ -43,8 +43,7 @@ from pathlib import Path
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, prune, train
 from opentrans_hf.commands.train import FRAMEWORKS, TrainArguments
-from opentrans_hf.data.assembly import load_training_data
-from opentrans_hf.data.splits import make_loader
+from opentrans_hf.data.assembly import load_training_data, make_loader
 from opentrans_hf.methods.sparse_mask import SparseMask
 from opentrans_hf.methods.sparse_mask.counting import count_params_and_flops
 from opentrans_hf.methods.sparse_mask.magnitude import magnitude_prune

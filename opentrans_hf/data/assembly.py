@@ -1,20 +1,38 @@
-"""Dataset assembly for the jobs: one split of a dataset with its class names and columns, seen /
-held-out class splits, the training and evaluation splits of a run."""
+"""The one entry point of the data path: the training and evaluation splits of a run, and the splits
+pruning distils on. It composes the stages, each of which calls only the ones below it:
+
+1. :mod:`~opentrans_hf.data.sources`: the raw dataset of a name and split (``'embedded'``, a benchmark
+   name or Hub id, a ``save_to_disk`` directory, an image/label folder), what it is, its label
+   conventions and columns;
+2. :mod:`~opentrans_hf.data.vocabulary`: its class names (with a benchmark's synonyms) and where they
+   came from;
+3. :mod:`~opentrans_hf.data.splits`: held-out classes, a held-out validation part, the torch dataset;
+4. :mod:`~opentrans_hf.data.transforms`: tensors, resizing, augmentation, collation.
+
+:mod:`~opentrans_hf.data.specs` parses the evaluation datasets' specs (``NAME[:SPLIT]`` or a JSON file)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from opentrans_hf.data.benchmarks import get_benchmark
-from opentrans_hf.data.loading import find_columns, find_id2label, find_prepared_record, load_segmentation_dataset
-from opentrans_hf.data.specs import benchmark_name, parse_dataset_spec
-from opentrans_hf.data.splits import SegmentationSplit
+from opentrans_hf.data.sources import (
+    EMBEDDED,
+    default_columns,
+    default_held_out,
+    find_columns,
+    find_label_map_columns,
+    identify_source,
+    label_conventions,
+    load_raw_dataset,
+)
+from opentrans_hf.data.specs import parse_dataset_spec
+from opentrans_hf.data.splits import SegmentationSplit, held_out_classes, hold_out, make_loader, make_split
 from opentrans_hf.data.transforms import SegmentationTransform
-from opentrans_hf.data.vocabulary import Vocabulary, benchmark_vocabulary, resolve_vocabulary
-from opentrans_hf.embedded import dataset as synthetic
-from opentrans_hf.embedded.dataset import embedded_dataset
+from opentrans_hf.data.vocabulary import check_no_explicit_names, own_vocabulary, resolve_vocabulary
 
-EMBEDDED = "embedded"
+__all__ = ["CLI_FLAGS", "EMBEDDED", "add_eval_split", "distillation_split", "hold_out", "load_eval_splits",
+           "load_source", "load_spec_split", "load_split", "load_training_data", "make_loader", "make_split"]
+
 CLI_FLAGS = ("--class_names", "--id2label", "--vocabulary")
 
 
@@ -33,78 +51,17 @@ def load_source(name: str, split: str, image_size: int, *, seed: int = 0, embedd
     ``prepare-dataset`` carries its benchmark in its ``benchmark.json``. ``flags`` name the explicit
     sources in messages."""
     what = f"dataset {name!r} split {split!r}"
-    searched = ""
-    conventions = {}
-    if benchmark is not None:
-        benchmark = get_benchmark(benchmark).name
-    else:
-        benchmark = benchmark_name(name) if name != EMBEDDED else None
-    record, record_file = find_prepared_record(name) if name != EMBEDDED else (None, None)
-    if record is not None:
-        if benchmark is not None and benchmark != record["benchmark"]:
-            raise ValueError(f"{what}: it was prepared as benchmark {record['benchmark']!r} ({record_file}), not "
-                             f"{benchmark!r}")
-        benchmark = record["benchmark"]
-    if benchmark is not None and (class_names or id2label or vocabulary):
-        raise ValueError(f"{what} is benchmark {benchmark!r}, which brings its own class names: give "
-                         f"{' / '.join(f for f, v in zip(flags, (class_names, id2label, vocabulary)) if v)} only for other data")
-    if name == EMBEDDED:
-        ds = synthetic.embedded_dataset(split, num_train=embedded_size, image_size=image_size, seed=seed)
-        own = Vocabulary(tuple(synthetic.CLASS_NAMES), "embedded dataset's classes")
-        holdout = list(synthetic.HELD_OUT_CLASSES)
-    else:
-        ds = load_segmentation_dataset(name, split)
-        holdout = []
-        if record is not None:
-            own = benchmark_vocabulary(benchmark, f"prepared: {record_file}")
-            conventions = {"reduce_labels": False, "ignore_index": int(record.get("ignore_index", 255))}
-        elif benchmark is not None:
-            bench = get_benchmark(benchmark)
-            own = benchmark_vocabulary(benchmark, "raw labels")
-            conventions = {"reduce_labels": bench.raw_reduce_labels, "ignore_index": bench.raw_ignore_index}
-            if bench.hub is not None and not Path(name).exists():
-                image_column = image_column or bench.hub.image_column
-                label_column = label_column or bench.hub.label_column
-        else:
-            own, searched = find_id2label(name)
-    img_col, lab_col = find_columns(ds, image_column, label_column)
-    if lab_col is None:
-        raise ValueError(f"{what} has no label column (columns: {ds.column_names}); name it with --label_column "
-                         "(or \"label_column\" in a dataset spec)")
+    found = identify_source(name, split, benchmark)
+    check_no_explicit_names(found, what, flags, class_names, id2label, vocabulary)
+    ds = load_raw_dataset(name, split, image_size=image_size, seed=seed, embedded_size=embedded_size)
+    own, searched = own_vocabulary(found)
+    image_column, label_column = default_columns(found, image_column, label_column)
+    img_col, lab_col = find_label_map_columns(ds, image_column, label_column, what)
     vocab = resolve_vocabulary(ds, label_column=lab_col, class_names=class_names, id2label=id2label,
                                vocabulary=vocabulary, own=own, what=what, flags=flags, searched=searched)
     return {"ds": ds, "names": list(vocab.names), "prompts": vocab.class_prompts, "vocabulary": vocab.source,
-            "image_column": img_col, "label_column": lab_col, "holdout": holdout, "dataset": name, "split": split,
-            "benchmark": benchmark, **conventions}
-
-
-def make_split(source: dict, image_size: int, *, train: bool = False, reduce_labels: bool = False,
-               ignore_index: int | None = None, keep_classes=None, seed: int = 0):
-    """A :class:`SegmentationSplit` of a :func:`load_source` result with the training or evaluation
-    transform; ``ignore_index`` is the dataset's value for unlabelled pixels (default: the source's
-    convention, else 255), ``reduce_labels`` applies if asked or if the source's convention says so.
-    Checked to have a labelled pixel (an error, not a NaN mIoU later)."""
-    names = source["names"]
-    reduce_labels = bool(reduce_labels or source.get("reduce_labels", False))
-    if ignore_index is None:
-        ignore_index = source.get("ignore_index")
-    void = None if ignore_index is None or ignore_index == SegmentationTransform.ignore_index else int(ignore_index)
-    tf = SegmentationTransform(image_size, train=train, reduce_labels=reduce_labels, num_labels=len(names),
-                               label_ignore_index=void)
-    if keep_classes is not None and list(keep_classes) == names:
-        keep_classes = None
-    conventions = [source.get("vocabulary") or "class names given"]
-    if reduce_labels:
-        conventions.append("reduce_labels")
-    if void is not None:
-        conventions.append(f"ignore {void}")
-    split = SegmentationSplit(source["ds"], source["image_column"], source["label_column"], names, tf,
-                              keep_classes=keep_classes, seed=seed,
-                              origin=(source.get("dataset", "?"), source.get("split", "?")),
-                              vocabulary=", ".join(conventions), class_prompts=source.get("prompts"))
-    split.benchmark = source.get("benchmark")
-    split.check_labelled()
-    return split
+            "image_column": img_col, "label_column": lab_col, "holdout": default_held_out(found), "dataset": name,
+            "split": split, "benchmark": found.benchmark, **label_conventions(found)}
 
 
 def load_split(name: str, split: str, image_size: int, *, seed: int = 0, embedded_size: int = 192,
@@ -144,21 +101,6 @@ def load_eval_splits(specs, image_size: int, *, seed: int = 0, embedded_size: in
     return splits
 
 
-def hold_out(source: dict, percentage: float, seed: int = 0) -> tuple[dict, dict]:
-    """Split a :func:`load_source` result into (training part, held-out part): a fixed ``percentage`` of
-    its examples, chosen by ``seed`` (the same on every run and process), disjoint from the rest."""
-    ds = source["ds"]
-    n = len(ds)
-    k = round(n * percentage / 100)
-    if k < 1 or k >= n:
-        raise ValueError(f"dataset {source['dataset']!r} split {source['split']!r} has {n} example(s): holding out "
-                         f"{percentage:g}% of it leaves {'no held-out' if k < 1 else 'no training'} example; "
-                         "both parts need at least one")
-    parts = ds.train_test_split(test_size=k, shuffle=True, seed=seed, keep_in_memory=True)
-    held = f"{source['split']}[{percentage:g}% held out]"
-    return dict(source, ds=parts["train"]), dict(source, ds=parts["test"], split=held)
-
-
 def load_training_data(args, image_size: int):
     """(train split on the seen classes, {name: eval split}, held-out classes).
 
@@ -177,16 +119,7 @@ def load_training_data(args, image_size: int):
     else:
         eval_source = load_source(args.dataset, getattr(args, "eval_split", None) or "validation", image_size,
                                   **common, **options)
-    names = source["names"]
-    holdout = list(args.holdout_classes) if args.holdout_classes is not None else source["holdout"]
-    if [c.lower() for c in holdout] == ["none"]:
-        holdout = []
-    unknown = [c for c in holdout if c not in names]
-    if unknown:
-        raise ValueError(f"--holdout_classes {unknown} are not classes of {args.dataset!r} ({names})")
-    seen = [c for c in names if c not in holdout]
-    if not seen:
-        raise ValueError(f"all classes {names} are held out: nothing to train on")
+    holdout, seen = held_out_classes(source["names"], args.holdout_classes, source["holdout"], args.dataset)
     train = make_split(source, image_size, train=True, keep_classes=seen, seed=args.seed, **labels)
     evals = {f"{args.dataset}:{eval_source['split']}": make_split(eval_source, image_size, seed=args.seed, **labels)}
     specs = [parse_dataset_spec(spec) for spec in args.eval_datasets]
@@ -201,10 +134,7 @@ def distillation_split(name: str, split: str, image_size: int, *, seed: int = 0,
     pruning distils on: no class names are needed, since IMP is semantic-agnostic. With
     ``validation_split_percentage``, the part :func:`hold_out` keeps for evaluation (same ``seed``) is
     left out here too, so no evaluation image is seen while pruning."""
-    if name == EMBEDDED:
-        ds = embedded_dataset(split, embedded_size, image_size, seed)
-    else:
-        ds = load_segmentation_dataset(name, split)
+    ds = load_raw_dataset(name, split, image_size=image_size, seed=seed, embedded_size=embedded_size)
     if validation_split_percentage is not None:
         ds = hold_out({"ds": ds, "dataset": name, "split": split}, validation_split_percentage, seed)[0]["ds"]
     img_col, lab_col = find_columns(ds, image_column, label_column)

@@ -1,5 +1,6 @@
 """Dataset specs: which split of which dataset, and how to read its label maps (class names, label
-reduction, void value, columns). Each evaluation dataset has its own.
+reduction, void value, columns). Each evaluation dataset has its own. This module only parses them;
+:func:`~opentrans_hf.data.assembly.load_spec_split` loads one along the data path.
 
 A spec on the command line (``evaluate --datasets``, ``train`` / ``demo --eval_datasets``) is either
 
@@ -33,7 +34,8 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from opentrans_hf.data.benchmarks import get_benchmark, is_benchmark
+from opentrans_hf.data.benchmarks import get_benchmark
+from opentrans_hf.data.sources import benchmark_name
 from opentrans_hf.utils.io import read_json
 
 DEFAULT_SPLIT = "validation"
@@ -98,14 +100,6 @@ def parse_dataset_spec(spec: str, default_split: str = DEFAULT_SPLIT) -> Dataset
         name, _, split = spec.rpartition(":")
         split = split or default_split
     return DatasetSpec(dataset=name, split=split, benchmark=benchmark_name(name))
-
-
-def benchmark_name(dataset: str) -> str | None:
-    """The registered name of a dataset given as a benchmark name (``ADE20K-150`` -> ``ade150``); None for
-    anything else (an existing path is always a path)."""
-    if Path(dataset).exists() or not is_benchmark(dataset):
-        return None
-    return get_benchmark(dataset).name
 
 
 def read_spec_file(path: str | Path, default_split: str = DEFAULT_SPLIT) -> DatasetSpec:

@@ -1,4 +1,6 @@
-"""Torch datasets over HF segmentation datasets: transforms, seen/held-out class splits, loaders."""
+"""Stage 3 of the data path, the split: torch datasets over a source's HF dataset with its vocabulary
+(:class:`SegmentationSplit`), seen / held-out classes, a held-out validation part, loaders. Calls only
+:mod:`~opentrans_hf.data.transforms` (the last stage: tensors, resizing, collation)."""
 
 from __future__ import annotations
 
@@ -173,3 +175,65 @@ def make_loader(split: SegmentationSplit, batch_size: int, shuffle: bool, seed: 
         split, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None,
         collate_fn=collate_segmentation, num_workers=num_workers, drop_last=False,
     )
+
+
+def make_split(source: dict, image_size: int, *, train: bool = False, reduce_labels: bool = False,
+               ignore_index: int | None = None, keep_classes=None, seed: int = 0) -> SegmentationSplit:
+    """A :class:`SegmentationSplit` of a source (the dict :func:`~opentrans_hf.data.assembly.load_source`
+    returns: dataset, columns, names, conventions) with the training or evaluation transform;
+    ``ignore_index`` is the dataset's value for unlabelled pixels (default: the source's convention, else
+    255), ``reduce_labels`` applies if asked or if the source's convention says so. Checked to have a
+    labelled pixel (an error, not a NaN mIoU later)."""
+    names = source["names"]
+    reduce_labels = bool(reduce_labels or source.get("reduce_labels", False))
+    if ignore_index is None:
+        ignore_index = source.get("ignore_index")
+    void = None if ignore_index is None or ignore_index == SegmentationTransform.ignore_index else int(ignore_index)
+    tf = SegmentationTransform(image_size, train=train, reduce_labels=reduce_labels, num_labels=len(names),
+                               label_ignore_index=void)
+    if keep_classes is not None and list(keep_classes) == names:
+        keep_classes = None
+    conventions = [source.get("vocabulary") or "class names given"]
+    if reduce_labels:
+        conventions.append("reduce_labels")
+    if void is not None:
+        conventions.append(f"ignore {void}")
+    split = SegmentationSplit(source["ds"], source["image_column"], source["label_column"], names, tf,
+                              keep_classes=keep_classes, seed=seed,
+                              origin=(source.get("dataset", "?"), source.get("split", "?")),
+                              vocabulary=", ".join(conventions), class_prompts=source.get("prompts"))
+    split.benchmark = source.get("benchmark")
+    split.check_labelled()
+    return split
+
+
+def hold_out(source: dict, percentage: float, seed: int = 0) -> tuple[dict, dict]:
+    """Split a source (a dict with ``ds``, ``dataset`` and ``split``) into (training part, held-out part):
+    a fixed ``percentage`` of its examples, chosen by ``seed`` (the same on every run and process),
+    disjoint from the rest."""
+    ds = source["ds"]
+    n = len(ds)
+    k = round(n * percentage / 100)
+    if k < 1 or k >= n:
+        raise ValueError(f"dataset {source['dataset']!r} split {source['split']!r} has {n} example(s): holding out "
+                         f"{percentage:g}% of it leaves {'no held-out' if k < 1 else 'no training'} example; "
+                         "both parts need at least one")
+    parts = ds.train_test_split(test_size=k, shuffle=True, seed=seed, keep_in_memory=True)
+    held = f"{source['split']}[{percentage:g}% held out]"
+    return dict(source, ds=parts["train"]), dict(source, ds=parts["test"], split=held)
+
+
+def held_out_classes(names: list[str], requested, default: list[str], dataset: str) -> tuple[list[str], list[str]]:
+    """``(held-out classes, seen classes)`` of a dataset with the classes ``names``: the ``requested`` ones
+    (``--holdout_classes``; ``["none"]``: none), else the dataset's ``default``. An unknown class is an
+    error naming it, and so is holding out every class."""
+    holdout = list(requested) if requested is not None else list(default)
+    if [c.lower() for c in holdout] == ["none"]:
+        holdout = []
+    unknown = [c for c in holdout if c not in names]
+    if unknown:
+        raise ValueError(f"--holdout_classes {unknown} are not classes of {dataset!r} ({names})")
+    seen = [c for c in names if c not in holdout]
+    if not seen:
+        raise ValueError(f"all classes {names} are held out: nothing to train on")
+    return holdout, seen

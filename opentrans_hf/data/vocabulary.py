@@ -1,4 +1,6 @@
-"""Class names of a label map (the vocabulary a model is given for it), and where they came from.
+"""Stage 2 of the data path, the vocabulary: the class names of a source's label map (what a model is given
+for it, with a benchmark's synonyms), and where they came from. Calls only :mod:`~opentrans_hf.data.sources`
+and :mod:`~opentrans_hf.data.benchmarks`.
 
 Names are never guessed. They come from, in this order:
 
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opentrans_hf.data.benchmarks import BENCHMARK_NAMES, get_benchmark, is_benchmark
+from opentrans_hf.data.sources import LABEL_COLUMNS, SourceIdentity, files_beside
+from opentrans_hf.embedded.dataset import CLASS_NAMES
 from opentrans_hf.utils.io import read_json
 
 ID2LABEL_FILE = "id2label.json"
@@ -196,3 +200,62 @@ def resolve_vocabulary(dataset=None, *, label_column: str | None = None, class_n
     searched = f"; {searched}" if searched else ""
     raise ValueError(f"{what}: no class names for its label map (column {label_column!r}){note}{searched}. "
                      f"{SOURCES_HINT[0].upper()}{SOURCES_HINT[1:]}")
+
+
+def check_no_explicit_names(source: SourceIdentity, what: str, flags: tuple[str, str, str], class_names=None,
+                            id2label=None, vocabulary=None) -> None:
+    """A benchmark brings its own class names: explicit ones for it are an error naming the flags given."""
+    if source.benchmark is not None and (class_names or id2label or vocabulary):
+        given = " / ".join(f for f, v in zip(flags, (class_names, id2label, vocabulary)) if v)
+        raise ValueError(f"{what} is benchmark {source.benchmark!r}, which brings its own class names: give "
+                         f"{given} only for other data")
+
+
+def own_vocabulary(source: SourceIdentity) -> tuple[Vocabulary | None, str]:
+    """``(names the source carries outside its features, where an id2label.json was looked for)``: the
+    embedded dataset's classes, a prepared or raw benchmark's names, else an ``id2label.json`` beside it
+    (:func:`find_id2label`); ``(None, what was searched)`` if none."""
+    if source.embedded:
+        return Vocabulary(tuple(CLASS_NAMES), "embedded dataset's classes"), ""
+    if source.record is not None:
+        return benchmark_vocabulary(source.benchmark, f"prepared: {source.record_file}"), ""
+    if source.benchmark is not None:
+        return benchmark_vocabulary(source.benchmark, "raw labels"), ""
+    return find_id2label(source.name)
+
+
+def find_id2label(name_or_path: str | Path, revision: str | None = None):
+    """``(Vocabulary, "")`` from the ``id2label.json`` that describes a dataset's label map: in its
+    directory (for a split directory of a ``DatasetDict``, in the ``DatasetDict``'s), or in its Hub
+    repo (as transformers' semantic-segmentation examples read it). ``(None, what was searched)`` if none."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        for f in files_beside(p, ID2LABEL_FILE):
+            if f.is_file():
+                return Vocabulary(read_id2label(f), f"{ID2LABEL_FILE} in {f.parent}"), ""
+        return None, f"no {ID2LABEL_FILE} in {p}"
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = hf_hub_download(repo_id=str(name_or_path), filename=ID2LABEL_FILE, repo_type="dataset", revision=revision)
+    except LocalEntryNotFoundError:
+        return None, f"the Hub repo's {ID2LABEL_FILE} is not in the local cache (offline?)"
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        return None, f"no {ID2LABEL_FILE} in the Hub repo {str(name_or_path)!r}"
+    except OSError as err:  # network trouble: say so rather than guess
+        return None, f"the Hub repo's {ID2LABEL_FILE} could not be fetched ({err})"
+    where = f"{ID2LABEL_FILE} of Hub dataset {str(name_or_path)!r}"
+    return Vocabulary(read_id2label(path, where), where), ""
+
+
+def resolve_class_names(dataset=None, *, class_names: list[str] | None = None, id2label: str | Path | dict | None = None,
+                        label_column: str | None = None) -> list[str]:
+    """Class names, index = label value: an explicit list, else an ``id2label`` JSON file or dict
+    (``{"0": "wall", ...}``, contiguous ids from 0), else the names of a ``ClassLabel`` feature of the
+    dataset's label column itself (``label_column``, default: detected). A ClassLabel of another column
+    is never used (see :func:`resolve_vocabulary`, which also knows ``id2label.json`` files)."""
+    if dataset is not None and label_column is None:
+        label_column = next((c for c in LABEL_COLUMNS if c in dataset.column_names), None)
+    return list(resolve_vocabulary(dataset, label_column=label_column, class_names=class_names, id2label=id2label,
+                                   flags=("class_names", "id2label", "vocabulary")).names)

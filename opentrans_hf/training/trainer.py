@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from opentrans_hf.data.assembly import load_training_data
-from opentrans_hf.data.splits import make_loader
+from opentrans_hf.data.assembly import load_training_data, make_loader
 from opentrans_hf.methods.sparse_mask import SparseMask
 from opentrans_hf.methods.spectral_tuning import SpectralTuningConfig, get_spectral_model
 from opentrans_hf.models import FRAMEWORKS

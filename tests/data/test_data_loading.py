@@ -1,13 +1,17 @@
 """Loading segmentation datasets from disk, image/label folders and the Hub (offline: clear error)."""
 
+import importlib
 import json
+import sys
 
 import datasets
 import numpy as np
 import pytest
 from PIL import Image
 
-from opentrans_hf.data.loading import find_columns, load_segmentation_dataset, resolve_class_names
+from opentrans_hf.data import sources, vocabulary
+from opentrans_hf.data.sources import find_columns, load_segmentation_dataset
+from opentrans_hf.data.vocabulary import resolve_class_names
 
 
 def write_folder(root, n=3, missing_label=False):
@@ -64,3 +68,13 @@ def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="'someone/ade-mini'.*not a local directory"):
         load_segmentation_dataset("someone/ade-mini")
+
+
+def test_the_0_1_loading_module_warns_and_hands_out_the_moved_functions():
+    sys.modules.pop("opentrans_hf.data.loading", None)
+    with pytest.warns(FutureWarning, match=r"`opentrans_hf.data.loading` moved to `opentrans_hf.data.sources`"):
+        loading = importlib.import_module("opentrans_hf.data.loading")
+    for name in ("find_columns", "find_prepared_record", "load_segmentation_dataset", "LABEL_COLUMNS"):
+        assert getattr(loading, name) is getattr(sources, name)
+    for name in ("find_id2label", "resolve_class_names"):
+        assert getattr(loading, name) is getattr(vocabulary, name)

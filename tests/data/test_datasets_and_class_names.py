@@ -20,7 +20,7 @@ from PIL import Image
 from opentrans_hf.cli import main as cli_main
 from opentrans_hf.commands import parse_args
 from opentrans_hf.data.assembly import load_source, load_split
-from opentrans_hf.data.loading import load_segmentation_dataset
+from opentrans_hf.data.sources import load_segmentation_dataset
 
 SIZE = 30  # the tiny CLIP's image size
 SCENES = ["bathroom", "bedroom", "kitchen", "street", "airport_terminal"]

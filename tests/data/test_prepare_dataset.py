@@ -16,7 +16,7 @@ from opentrans_hf.cli import main as cli_main
 from opentrans_hf.commands import ArgumentError, prepare_dataset
 from opentrans_hf.data.benchmarks.prepare import RawDataError, RawLayoutError, resize_nearest, strip_jpeg_app1
 from opentrans_hf.data.benchmarks.registry import PREPARED_RECORD, get_benchmark
-from opentrans_hf.data.loading import load_segmentation_dataset
+from opentrans_hf.data.sources import load_segmentation_dataset
 from opentrans_hf.data.transforms import to_label_tensor
 
 W, H = 20, 16  # fixture images: 20 wide, 16 high; labels in 5 column blocks x 2 row halves
