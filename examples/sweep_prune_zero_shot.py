@@ -115,8 +115,10 @@ def main(argv=None) -> dict:
     from opentrans_hf.commands import prune
     from opentrans_hf.methods.sparse_mask.imp import IMPConfig
     from opentrans_hf.training.pretraining import default_clip
+    from opentrans_hf.utils import logging
     from opentrans_hf.utils.hub import quiet_loading
 
+    logging.set_verbosity(logging.job_level())  # the library's progress lines, as under `opentrans-hf`
     t0 = time.time()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

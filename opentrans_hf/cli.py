@@ -2,7 +2,9 @@
 
 Every job lives in ``opentrans_hf.commands`` (an arguments dataclass + ``run``); this only dispatches
 and turns failures into one line on stderr: exit status 2 for bad arguments, 1 for a run that failed,
-the full traceback with ``--debug`` (anywhere on the command line) or ``OPENTRANS_HF_DEBUG=1``.
+the full traceback with ``--debug`` (anywhere on the command line) or ``OPENTRANS_HF_DEBUG=1``. The jobs
+run with the library's log at INFO (their progress lines, on stderr; ``OPENTRANS_HF_VERBOSITY=warning``
+quiets them); their results are printed on stdout.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 import traceback
 
 from opentrans_hf.commands import COMMANDS, ArgumentError, command_module, parse_args
+from opentrans_hf.utils import logging
 from opentrans_hf.utils.version import __version__
 
 DEBUG_ENV = "OPENTRANS_HF_DEBUG"
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opentrans-hf {name}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     try:
-        command_module(name).run(args)
+        with logging.job_verbosity():  # INFO: the job says what it does (unless OPENTRANS_HF_VERBOSITY says otherwise)
+            command_module(name).run(args)
     except KeyboardInterrupt:
         print(f"opentrans-hf {name}: interrupted", file=sys.stderr)
         return 130

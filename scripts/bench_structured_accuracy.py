@@ -116,8 +116,10 @@ def main():
 
     from opentrans_hf.commands import prune, train
     from opentrans_hf.training.pretraining import default_clip
+    from opentrans_hf.utils import logging
     from opentrans_hf.utils.io import atomic_write_text, json_safe
 
+    logging.set_verbosity(logging.job_level())  # the library's progress lines, as under `opentrans-hf`
     extra = dict(embedded_size=16, max_eval_examples=8) if args.quick else {}
     if args.quick:
         args.max_steps, args.steps_per_round, args.timing_rounds, args.timing_repeats = 4, 1, 2, 2

@@ -35,6 +35,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def info_logs():
+    """The library's log at INFO for one test, as under the ``opentrans-hf`` command: its progress lines go to
+    stderr (``capsys.readouterr().err``)."""
+    from opentrans_hf.utils import logging as library_logging
+
+    previous = library_logging.get_verbosity()
+    library_logging.set_verbosity_info()
+    yield
+    library_logging.set_verbosity(previous)
+
+
 def launch_two_processes(script, *args, port: int, env: dict | None = None, timeout: int = 600):
     """Run ``script args`` as 2 processes with ``accelerate launch`` and return the finished process.
 

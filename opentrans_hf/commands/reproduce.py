@@ -58,6 +58,7 @@ from opentrans_hf.utils.distributed import cpu_only_multiprocess, make_accelerat
 from opentrans_hf.utils.hub import quiet_loading
 from opentrans_hf.utils.io import atomic_write_text, atomic_write_with, json_safe
 from opentrans_hf.utils.locking import output_dir_lock
+from opentrans_hf.utils.plotting import figure, require_matplotlib
 
 # what --quick changes (only where the flag itself is not given)
 QUICK_MAX_STEPS = 60
@@ -639,13 +640,9 @@ def _write_results(out: Path, results: dict, markdown: str) -> dict:
 def plot_results(path: Path, results: dict) -> Path:
     """The paper's Figure 1 in miniature: mIoU (unseen: filled, seen: hollow) against encoder inference FLOPs
     (table 1) and against training FLOPs (table 2), mean +- std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [k for k in ("table1", "table2") if k in results]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    fig = figure(figsize=(6.5 * len(panels), 4.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)
 
     def point(ax, x, agg, label, color, marker):
         for key, fill in (("mean_iou_unseen", True), ("mean_iou_seen", False)):
@@ -655,7 +652,7 @@ def plot_results(path: Path, results: dict) -> Path:
             ax.errorbar(x, 100 * a["mean"], yerr=100 * (a["std"] or 0), fmt=marker, color=color, capsize=3,
                         markerfacecolor=color if fill else "none", label=f"{label} ({key.split('_')[-1]})")
 
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = require_matplotlib().rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes[0], panels):
         if panel == "table1":
             markers = {"dense": "o", "random": "^", "ours": "*"}
@@ -677,5 +674,4 @@ def plot_results(path: Path, results: dict) -> Path:
         ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
     return path

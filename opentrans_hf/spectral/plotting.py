@@ -1,4 +1,5 @@
-"""PNG plots of a spectral report (matplotlib is an optional dependency: ``pip install opentrans-hf[plot]``)."""
+"""PNG plots of a spectral report (matplotlib is an optional dependency: ``pip install opentrans-hf[plot]``;
+the figures come from :mod:`opentrans_hf.utils.plotting`, which leaves the process's matplotlib backend alone)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,10 @@ from pathlib import Path
 
 from opentrans_hf.spectral.estimators import EVALS_THRESH
 from opentrans_hf.utils.io import atomic_write_with
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("plotting needs matplotlib: pip install 'opentrans-hf[plot]'") from None
-    return plt
+from opentrans_hf.utils.plotting import figure
 
 
 def plot_report(report, path: Path, frozen: Iterable[str] | None = None, num_esds: int = 4) -> Path:
-    plt = _pyplot()
     ok = [l for l in report.layers if l.status == "ok"]
     if not ok:
         raise ValueError("the report has no layer with status 'ok': nothing to plot")
@@ -35,7 +25,7 @@ def plot_report(report, path: Path, frozen: Iterable[str] | None = None, num_esd
         picks = [by_alpha[p] for p in positions]
 
     rows = 2 if picks else 1
-    fig = plt.figure(figsize=(max(10, 0.18 * len(ok) + 4), 4.5 * rows))
+    fig = figure(figsize=(max(10, 0.18 * len(ok) + 4), 4.5 * rows))
     ax = fig.add_subplot(rows, 1, 1)
     xs = range(len(ok))
     alphas = [l.alpha for l in ok]
@@ -80,6 +70,4 @@ def plot_report(report, path: Path, frozen: Iterable[str] | None = None, num_esd
         a.legend(fontsize=7)
         a.set_xlabel("eigenvalue")
     fig.tight_layout()
-    path = atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return path
+    return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

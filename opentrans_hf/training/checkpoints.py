@@ -14,9 +14,12 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from opentrans_hf.utils import logging
 from opentrans_hf.utils.distributed import on_main_process
 from opentrans_hf.utils.fingerprint import differences, fingerprint
 from opentrans_hf.utils.io import atomic_write_text, is_integer, read_json, replace_directory
+
+logger = logging.get_logger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.json"
 # in checkpoint.json of a run with --spectral_warmup_steps, once past the switch: the spectral config applied
@@ -132,9 +135,9 @@ def find_checkpoint(out: Path, spec: str) -> tuple[Path, dict, list[str]]:
     return path, record, ignored
 
 
-def check_fingerprint(path: Path, record: dict, current: dict, ignore: bool = False, say=print) -> list[str]:
+def check_fingerprint(path: Path, record: dict, current: dict, ignore: bool = False) -> list[str]:
     """Refuse (:class:`CheckpointMismatch`) to resume checkpoint ``path`` under arguments other than its own,
-    listing the differences; with ``ignore`` only print them. Returns the differences."""
+    listing the differences; with ``ignore`` only log them (a warning). Returns the differences."""
     saved = record.get("fingerprint")
     if not isinstance(saved, dict):
         diffs = ["the checkpoint records no arguments"]
@@ -145,5 +148,5 @@ def check_fingerprint(path: Path, record: dict, current: dict, ignore: bool = Fa
             f"checkpoint {path} was made with other arguments: {'; '.join(diffs)}. Resume with the same "
             f"arguments, use another --output_dir, or pass --ignore_checkpoint_mismatch to resume anyway")
     if diffs:
-        say(f"warning: resuming {path} despite other arguments (--ignore_checkpoint_mismatch): {'; '.join(diffs)}")
+        logger.warning(f"resuming {path} despite other arguments (--ignore_checkpoint_mismatch): {'; '.join(diffs)}")
     return diffs

@@ -10,9 +10,13 @@ import torch
 from opentrans_hf.data.transforms import CLIP_MEAN, CLIP_STD
 from opentrans_hf.training.divergence import check_finite_weights
 from opentrans_hf.training.warmup import frozen_by_rule
+from opentrans_hf.utils import logging
 from opentrans_hf.utils.hub import render_model_card
 from opentrans_hf.utils.io import atomic_directory, atomic_write_text, atomic_write_with, json_safe
+from opentrans_hf.utils.plotting import colormap, figure
 from opentrans_hf.utils.version import __version__
+
+logger = logging.get_logger(__name__)
 
 MASK_SUBFOLDER = "mask_adapter"
 """Where a training run's model directory keeps the sparse mask it was trained with."""
@@ -79,7 +83,7 @@ def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, sp
     try:
         paths.update(write_plots(plots, history, plain, spectral, eval_splits))
     except ImportError as err:  # matplotlib is optional
-        print(f"plots skipped: {err}")
+        logger.warning(f"plots skipped: {err}")
     atomic_write_text(out / "outputs.json", json.dumps({k: str(v) for k, v in paths.items()}, indent=2) + "\n")
     return paths
 
@@ -122,14 +126,10 @@ def _alpha_rows(spectral) -> list[dict]:
 
 
 def write_plots(plots: Path, history: dict, model, spectral, eval_splits) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    fig = figure(figsize=(11, 4))  # an ImportError without matplotlib, before anything is written
     plots.mkdir(parents=True, exist_ok=True)
     paths = {}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     axes[0].plot(history["step"], history["loss"], color="tab:blue")
     axes[0].set(xlabel="step", ylabel="training loss", title="Loss")
     for key in sorted({k for e in history["eval"] for k in e} - {"step"}):
@@ -139,11 +139,10 @@ def write_plots(plots: Path, history: dict, model, spectral, eval_splits) -> dic
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     paths["curves_plot"] = atomic_write_with(plots / "curves.png", lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
     if spectral is not None:
         paths["alpha_plot"] = spectral.spectral_report.plot(plots / "alpha.png", frozen=_frozen_report_names(spectral))
     name, split = next(iter(eval_splits.items()))
-    paths["predictions_plot"] = plot_predictions(plots / "predictions.png", model, split, plt)
+    paths["predictions_plot"] = plot_predictions(plots / "predictions.png", model, split)
     return paths
 
 
@@ -154,15 +153,16 @@ def _frozen_report_names(spectral) -> list[str]:
 
 
 @torch.no_grad()
-def plot_predictions(path: Path, model, split, plt, n: int = 4):
+def plot_predictions(path: Path, model, split, n: int = 4):
     n = min(n, len(split))
     examples = [split[i] for i in range(n)]
     x = torch.stack([e[0] for e in examples])
     device = next(model.parameters()).device
     preds = model.predict(x.to(device), split.class_names)
     k = len(split.class_names)
-    cmap = plt.get_cmap("tab20", max(k, 2))
-    fig, axes = plt.subplots(3, n, figsize=(3 * n, 9), squeeze=False)
+    cmap = colormap("tab20", max(k, 2))
+    fig = figure(figsize=(3 * n, 9))
+    axes = fig.subplots(3, n, squeeze=False)
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     for j, (img, lab) in enumerate(examples):
         axes[0, j].imshow((img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
@@ -173,9 +173,9 @@ def plot_predictions(path: Path, model, split, plt, n: int = 4):
         for row, title in enumerate(("image", "ground truth", "prediction")):
             axes[row, j].set_title(title, fontsize=8)
             axes[row, j].axis("off")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(k)]
+    from matplotlib.patches import Rectangle
+
+    handles = [Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(k)]
     fig.legend(handles, split.class_names, loc="lower center", ncol=min(k, 8), fontsize=7)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    p = atomic_write_with(path, lambda t: fig.savefig(t, format="png", dpi=90))
-    plt.close(fig)
-    return p
+    return atomic_write_with(path, lambda t: fig.savefig(t, format="png", dpi=90))

@@ -38,7 +38,10 @@ from opentrans_hf.models.classifier import OpenVocabClassifier
 from opentrans_hf.models.configuration_ovs import DEFAULT_TEMPLATES
 from opentrans_hf.models.zeroshot import CLIPDenseZeroShot, dense_class_logits
 from opentrans_hf.training.evaluation import evaluate_splits, shard_indices
+from opentrans_hf.utils import logging
 from opentrans_hf.utils.io import atomic_directory, json_safe
+
+logger = logging.get_logger(__name__)
 
 PRETRAINING_DEFAULTS: dict[str, dict] = {
     # size -> training length and batch (the default size trains in a few minutes on 2 CPU cores)
@@ -287,7 +290,7 @@ def pretrained_clip(size: str = "small", seed: int = 0, cache_dir: str | Path | 
             with open(path.parent / f".{path.name}.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when the process dies
                 if not _complete(path):
-                    print(f"building the pretrained embedded CLIP ({size}, seed {seed}) once into {path}", flush=True)
+                    logger.info(f"building the pretrained embedded CLIP ({size}, seed {seed}) once into {path}")
                     pretrain_clip(path, size, seed, progress=progress)
     if state is not None:
         state.wait_for_everyone()

@@ -43,10 +43,13 @@ from opentrans_hf.training.warmup import (
     switch_record,
     switch_to_spectral_tuning,
 )
+from opentrans_hf.utils import logging
 from opentrans_hf.utils.distributed import make_accelerator, on_main_process
 from opentrans_hf.utils.hub import push_folder_to_hub
 from opentrans_hf.utils.io import read_json
 from opentrans_hf.utils.locking import output_dir_lock
+
+logger = logging.get_logger(__name__)
 
 
 def framework_class(name: str):
@@ -89,9 +92,10 @@ def build_model(args, clip_path: str, image_size: int, seen_classes: list[str], 
         return spectral, mask, spectral, None
     cfg = spectral_config_of(args, model)
     if cfg is not None and getattr(model.config, "freeze_clip_encoder", False):
-        print(f"warning: {args.framework} keeps its CLIP image encoder frozen (freeze_clip_encoder=True, FC-CLIP's "
-              "design), so spectral tuning trains none of its layers; --config_overrides freeze_clip_encoder=false "
-              "fine-tunes the encoder (FC-CLIP's out-of-vocabulary branch then reads the tuned encoder)")
+        logger.warning(f"{args.framework} keeps its CLIP image encoder frozen (freeze_clip_encoder=True, FC-CLIP's "
+                       "design), so spectral tuning trains none of its layers; --config_overrides "
+                       "freeze_clip_encoder=false fine-tunes the encoder (FC-CLIP's out-of-vocabulary branch then "
+                       "reads the tuned encoder)")
     if cfg is not None and args.spectral_warmup_steps:
         check_warmup_config(cfg, args.spectral_warmup_steps, f"--spectral_config {args.spectral_config}")
         prepare_warmup(model, cfg)
@@ -138,8 +142,8 @@ def _train(accelerator, args, out: Path) -> dict:
     if args.resume_from_checkpoint:  # before any heavy work: a wrong checkpoint fails at once
         ckpt, record, ignored = find_checkpoint(out, args.resume_from_checkpoint)
         if ignored:
-            accelerator.print(f"ignored (not complete checkpoints): {'; '.join(ignored)}")
-        check_fingerprint(ckpt, record, fingerprint, ignore=args.ignore_checkpoint_mismatch, say=accelerator.print)
+            logger.warning(f"ignored (not complete checkpoints): {'; '.join(ignored)}")
+        check_fingerprint(ckpt, record, fingerprint, ignore=args.ignore_checkpoint_mismatch)
         resume = (ckpt, record["step"])
         spectral_state = record.get(SPECTRAL_KEY)
         if args.spectral_warmup_steps and record["step"] >= args.spectral_warmup_steps and spectral_state is None:
@@ -148,8 +152,7 @@ def _train(accelerator, args, out: Path) -> dict:
         if not args.spectral_warmup_steps:
             spectral_state = None
     elif args.checkpointing_steps and any(out.glob("step_*")):
-        accelerator.print(f"warning: {out} holds checkpoints of an earlier run; this run replaces those of the "
-                          f"steps it saves")
+        logger.warning(f"{out} holds checkpoints of an earlier run; this run replaces those of the steps it saves")
 
     set_seed(args.seed)
     clip_path = default_clip(args.model_name_or_path, accelerator)
@@ -193,7 +196,7 @@ def _train(accelerator, args, out: Path) -> dict:
         hist = last_checkpoint / "history.json"
         if hist.is_file():
             history = read_json(hist, "training history")
-        accelerator.print(f"resumed from {last_checkpoint} at step {step}")
+        logger.info(f"resumed from {last_checkpoint} at step {step}")
 
     def diverged(at: int, problem: str) -> TrainingDiverged:
         kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
@@ -253,7 +256,7 @@ def _train(accelerator, args, out: Path) -> dict:
                 trainable = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
                 history["spectral_switch"] = switch_record(spectral, step)
                 if accelerator.is_main_process:
-                    print(f"spectral tuning after {step} warm-up steps:")
+                    logger.info(f"spectral tuning after {step} warm-up steps:")
                     spectral.print_trainable_parameters()
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 state = spectral.spectral_config.to_dict() if warmup and spectral is not None else None
@@ -270,7 +273,7 @@ def _train(accelerator, args, out: Path) -> dict:
     switched = history.get("spectral_switch")
     paths = on_main_process(accelerator, lambda: write_model(out, plain, mask, spectral,
                                                              switched["step"] if switched else 0))
-    accelerator.print(f"model saved to {model_dir}")
+    logger.info(f"model saved to {model_dir}")
     stage = "the final evaluation"
     try:
         final = _evaluate_all(accelerator, model, eval_splits, args, holdout)
@@ -295,7 +298,7 @@ def _train(accelerator, args, out: Path) -> dict:
             stage = f"pushing it to the Hub ({args.hub_model_id})"
             url = on_main_process(accelerator, lambda: push_folder_to_hub(
                 model_dir, args.hub_model_id, commit_message="Upload OVS model with opentrans-hf"))
-            accelerator.print(f"pushed to {url}")
+            logger.info(f"pushed to {url}")
     except Exception as err:  # noqa: BLE001 - reported with where the model is
         raise IncompleteOutputs(model_dir, stage, err) from err
     if args.report_to:
@@ -321,8 +324,8 @@ def _evaluate_all(accelerator, model, eval_splits, args, holdout) -> dict:
     results = evaluate_splits(plain, eval_splits, seen_classes=seen, batch_size=args.batch_size,
                               accelerator=accelerator, max_examples=args.max_eval_examples)
     for name, res in results.items():  # percent for people; the results keep fractions of 1
-        accelerator.print(f"[{name}] mIoU {percent(res['mean_iou'])}%  pixel acc {percent(res['overall_accuracy'])}%"
-                          + (f"  seen {percent(res['mean_iou_seen'])}%" if "mean_iou_seen" in res else "")
-                          + (f"  unseen {percent(res['mean_iou_unseen'])}%" if "mean_iou_unseen" in res else "")
-                          + (f"  ({res['vocabulary']})" if res.get("vocabulary") else ""))
+        logger.info(f"[{name}] mIoU {percent(res['mean_iou'])}%  pixel acc {percent(res['overall_accuracy'])}%"
+                    + (f"  seen {percent(res['mean_iou_seen'])}%" if "mean_iou_seen" in res else "")
+                    + (f"  unseen {percent(res['mean_iou_unseen'])}%" if "mean_iou_unseen" in res else "")
+                    + (f"  ({res['vocabulary']})" if res.get("vocabulary") else ""))
     return results

@@ -366,7 +366,7 @@ def test_demo_with_a_held_out_percentage_and_an_eval_spec(tiny_clip_dir, tmp_pat
 # --- one unit for mIoU --------------------------------------------------------------------------------
 
 
-def test_miou_is_percent_with_two_decimals_in_logs_table_and_card(tiny_clip_dir, tmp_path, capsys):
+def test_miou_is_percent_with_two_decimals_in_logs_table_and_card(tiny_clip_dir, tmp_path, capsys, info_logs):
     import yaml
 
     from opentrans_hf.training.evaluation import results_table
@@ -375,7 +375,7 @@ def test_miou_is_percent_with_two_decimals_in_logs_table_and_card(tiny_clip_dir,
     res = metrics["eval"]["embedded:validation"]
     assert 0.0 <= res["mean_iou"] <= 1.0  # JSON keeps the Hub metric's fractions
     pct = f"{100 * res['mean_iou']:.2f}"
-    log = capsys.readouterr().out
+    log = capsys.readouterr().err  # the library's log (INFO)
     assert re.search(rf"\[embedded:validation\] mIoU {re.escape(pct)}%", log), log
     assert f"| {pct} |" in results_table(metrics["eval"])
     card = (tmp_path / "run" / "model" / "README.md").read_text()

@@ -133,7 +133,8 @@ print(pretraining.pretrained_clip("tiny", 0, progress=False), flush=True)
 
 
 def _build(tmp_path, steps):
-    env = {**os.environ, "OPENTRANS_HF_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OPENTRANS_HF_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "OPENTRANS_HF_VERBOSITY": "info"}  # the library says when it builds (on stderr)
     return subprocess.Popen([sys.executable, "-c", BUILD, str(steps)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -152,7 +153,10 @@ def test_killed_build_leaves_no_entry_and_a_waiting_builder_reuses_the_first(tmp
     assert lock.exists() and not entry.exists()
     # the lock died with the process: a new build takes it at once; a second builder waits and reuses it
     first = _build(tmp_path, 2)
-    assert first.stdout.readline().startswith("building the pretrained embedded CLIP")  # holds the lock now
+    line = ""
+    while not line.startswith("building the pretrained embedded CLIP"):  # then it holds the lock
+        line = first.stderr.readline()
+        assert line, "the first builder ended without building"
     second = _build(tmp_path, 100_000)  # would run for hours if it built instead of waiting and reusing
     out1, err1 = first.communicate(timeout=300)
     assert first.returncode == 0, err1

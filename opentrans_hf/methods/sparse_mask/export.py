@@ -39,8 +39,24 @@ CSR_DTYPES = (torch.float32, torch.float64)
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 DEFAULT_MIN_SPARSITY = 0.85
 
-# PyTorch warns once per process that CSR support is "in beta"; the products used here are tested
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+CSR_BETA_WARNING = "Sparse CSR tensor support is in beta state"
+_csr_beta_warning_passed = False
+
+
+def sparse_csr_tensor(*args, **kwargs) -> torch.Tensor:
+    """``torch.sparse_csr_tensor(*args, **kwargs)`` without PyTorch's "Sparse CSR tensor support is in beta
+    state" UserWarning (the products used here are tested). PyTorch gives that warning once per process, at
+    the first CSR tensor, so only the first call here filters it (within ``warnings.catch_warnings``: the
+    process's warning filters are left as they were); catching warnings around every forward would also
+    reset Python's once-per-place warning registry each time."""
+    global _csr_beta_warning_passed
+    if _csr_beta_warning_passed:
+        return torch.sparse_csr_tensor(*args, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=CSR_BETA_WARNING, category=UserWarning)
+        tensor = torch.sparse_csr_tensor(*args, **kwargs)
+    _csr_beta_warning_passed = True
+    return tensor
 
 
 class SparseLinear(nn.Module):
@@ -90,8 +106,8 @@ class SparseLinear(nn.Module):
         return self.nnz / max(self.in_features * self.out_features, 1)
 
     def weight_csr(self) -> torch.Tensor:
-        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
-                                       (self.out_features, self.in_features), check_invariants=False)
+        return sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
+                                 (self.out_features, self.in_features), check_invariants=False)
 
     def dense_weight(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` dense weight (zeros where pruned)."""

@@ -27,11 +27,14 @@ from opentrans_hf.methods.sparse_mask.magnitude import (
     magnitude_prune,
 )
 from opentrans_hf.methods.sparse_mask.mask import SparseMask
+from opentrans_hf.utils import logging
 from opentrans_hf.utils.distributed import make_accelerator, on_main_process
 from opentrans_hf.utils.fingerprint import differences
 from opentrans_hf.utils.fingerprint import fingerprint as as_fingerprint
 from opentrans_hf.utils.hub import read_safetensors
 from opentrans_hf.utils.io import atomic_write_text, atomic_write_with, is_integer
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -182,7 +185,7 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     resumed_mask = None
     if config.resume and ((out / "student.safetensors").is_file() or (out / "state.json").is_file()):
         state = read_imp_state(out)
-        _check_resumable(out, state, run, config, say=accelerator.print)
+        _check_resumable(out, state, run, config)
         student.load_state_dict(read_safetensors(out / "student.safetensors", "IMP student weights"))
         resumed_mask = SparseMask.from_pretrained(out / f"round_{state['round']:02d}")
         _check_weights_match_mask(student, resumed_mask, out, state["round"])
@@ -191,7 +194,7 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
             initial = read_safetensors(out / "initial.safetensors", "IMP initial weights")
         # the readable copy may lag behind the weights' state (a kill between the two writes)
         on_main_process(accelerator, lambda: atomic_write_text(out / "state.json", json.dumps(state, indent=2) + "\n"))
-        accelerator.print(f"resuming after round {state['round']} (sparsity {config.sparsity_after(state['round']):.4f})")
+        logger.info(f"resuming after round {state['round']} (sparsity {config.sparsity_after(state['round']):.4f})")
     elif config.rewind and accelerator.is_main_process:
         atomic_write_with(out / "initial.safetensors", lambda p: save_file({k: v.contiguous() for k, v in initial.items()}, str(p)))
 
@@ -297,7 +300,7 @@ def read_imp_state(output_dir: str | Path) -> dict:
     return state
 
 
-def _check_resumable(out: Path, state: dict, run: dict, config: IMPConfig, say=print) -> None:
+def _check_resumable(out: Path, state: dict, run: dict, config: IMPConfig) -> None:
     saved = state.get("fingerprint")
     diffs = differences(saved, run, "saved state") if isinstance(saved, dict) else ["the saved state records no settings"]
     if diffs and not config.ignore_mismatch:
@@ -305,7 +308,7 @@ def _check_resumable(out: Path, state: dict, run: dict, config: IMPConfig, say=p
                          f"settings, another output_dir, resume=False (--no_resume) to start over, or "
                          f"ignore_mismatch=True (--ignore_checkpoint_mismatch) to resume anyway")
     if diffs:
-        say(f"warning: resuming {out} despite other settings: {'; '.join(diffs)}")
+        logger.warning(f"resuming {out} despite other settings: {'; '.join(diffs)}")
     if state["round"] > config.num_rounds:
         raise ValueError(f"{out} holds round {state['round']} already, more than num_rounds={config.num_rounds}")
 

@@ -24,9 +24,9 @@ from opentrans_hf.methods.sparse_mask.layer import (  # noqa: F401  (pack_bits, 
     unpack_bits,
 )
 from opentrans_hf.methods.sparse_mask.structured import check_structure
-from opentrans_hf.spectral.plotting import _pyplot
 from opentrans_hf.utils.io import atomic_write_with, is_integer, is_number
 from opentrans_hf.utils.naming import VISION_PREFIXES, canonical_name
+from opentrans_hf.utils.plotting import figure
 from opentrans_hf.utils.version import __version__
 
 PEFT_TYPE = "SPARSE_MASK"
@@ -153,10 +153,10 @@ class SparseMask(AdapterHubMixin):
 
     def plot(self, path: str | os.PathLike) -> Path:
         """PNG: sparsity per layer (needs matplotlib)."""
-        plt = _pyplot()
         names = list(self.masks)
         vals = [100 * v for v in self.layer_sparsity().values()]
-        fig, ax = plt.subplots(figsize=(max(8, 0.18 * len(names) + 3), 4.5))
+        fig = figure(figsize=(max(8, 0.18 * len(names) + 3), 4.5))
+        ax = fig.subplots()
         ax.bar(range(len(names)), vals, color="tab:purple")
         ax.axhline(100 * self.sparsity, color="k", ls="--", lw=1, label=f"overall {100 * self.sparsity:.1f}%")
         ax.set_ylabel("pruned weights (%)")
@@ -167,9 +167,7 @@ class SparseMask(AdapterHubMixin):
             ax.set_xticklabels(names, rotation=90, fontsize=6)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        out = atomic_write_with(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
-        plt.close(fig)
-        return out
+        return atomic_write_with(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
 
     # ---- applying -------------------------------------------------------------------------------
     def resolve(self, model: nn.Module, strict: bool = True) -> tuple[dict[str, str], list[str]]:
