@@ -247,26 +247,8 @@ def _layer_result(spec: LayerMatrices, evals: torch.Tensor, fit_fn, keep: bool) 
         fit = TailFit(status="degenerate", reason=f"{what} weight matrix: no spectrum to fit")
     else:
         fit = fit_fn(flat)
-    out = LayerSpectrum(
-        name=spec.name,
-        kind=spec.kind,
-        shape=spec.shape,
-        num_evals=flat.numel(),
-        alpha=fit.alpha if fit.status == "ok" else None,
-        xmin=fit.xmin if fit.status == "ok" else None,
-        xmax=fit.xmax if fit.status == "ok" else None,
-        D=fit.D if fit.status == "ok" else None,
-        sigma=fit.sigma if fit.status == "ok" else None,
-        num_pl_spikes=fit.num_pl_spikes if fit.status == "ok" else None,
-        lambda_max=fit.lambda_max,
-        norm=fit.norm,
-        log_spectral_norm=fit.log_spectral_norm,
-        alpha_weighted=fit.alpha_weighted if fit.status == "ok" else None,
-        log_alpha_norm=fit.log_alpha_norm if fit.status == "ok" else None,
-        stable_rank=fit.stable_rank,
-        status=fit.status,
-        warning=fit.reason or _training_warning(fit.alpha),
-    )
+    out = LayerSpectrum(spec.name, spec.kind, spec.shape, flat.numel(), **fit.statistics(), status=fit.status,
+                        warning=fit.reason or _training_warning(fit.alpha))
     if keep:
         out.eigenvalues = torch.sort(flat).values.cpu().tolist()
     return out

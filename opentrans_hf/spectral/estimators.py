@@ -15,7 +15,7 @@ and the Kolmogorov-Smirnov distances are computed in memory-bounded blocks of ca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -32,9 +32,10 @@ FLAT_RTOL = 1e-4
 _KS_BLOCK_ELEMENTS = 1 << 22  # at most 4M float64 (32 MiB) per block of the KS scan
 
 
-@dataclass
-class TailFit:
-    """Result of one power-law tail fit. ``status`` is "ok" or "degenerate" (with ``reason``)."""
+@dataclass(kw_only=True)
+class TailStatistics:
+    """The statistics of one layer's eigenvalues and their power-law tail, declared once for
+    :class:`TailFit` and the report's ``LayerSpectrum``."""
 
     alpha: float | None = None
     xmin: float | None = None
@@ -44,12 +45,29 @@ class TailFit:
     num_pl_spikes: int | None = None
     lambda_max: float | None = None
     norm: float | None = None
-    stable_rank: float | None = None
     log_spectral_norm: float | None = None
     alpha_weighted: float | None = None
     log_alpha_norm: float | None = None
+    stable_rank: float | None = None
+
+
+SPECTRUM_STATISTICS = ("lambda_max", "norm", "log_spectral_norm", "stable_rank")
+"""The statistics of the whole spectrum, defined without a tail fit (the others need one)."""
+
+
+@dataclass(kw_only=True)
+class TailFit(TailStatistics):
+    """Result of one power-law tail fit. ``status`` is "ok" or "degenerate" (with ``reason``)."""
+
     status: str = "ok"
     reason: str | None = None
+
+    def statistics(self) -> dict[str, float | int | None]:
+        """``{name: value}`` of the :class:`TailStatistics` a layer reports: all of them when the fit is
+        "ok", else only the :data:`SPECTRUM_STATISTICS` (the tail's are None)."""
+        ok = self.status == "ok"
+        return {f.name: getattr(self, f.name) if ok or f.name in SPECTRUM_STATISTICS else None
+                for f in fields(TailStatistics)}
 
 
 def matrix_eigenvalues(mats: torch.Tensor) -> torch.Tensor:
