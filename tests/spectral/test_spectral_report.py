@@ -161,8 +161,8 @@ def test_a_layer_entry_keeps_its_keys_and_order_and_an_old_report_loads(tmp_path
 
 
 def test_a_layer_reports_the_tail_statistics_only_of_an_ok_fit():
-    stats = dict(alpha=3.0, xmin=0.5, xmax=9.0, D=0.1, sigma=0.2, num_pl_spikes=7, lambda_max=9.0, norm=20.0,
-                 log_spectral_norm=0.95, alpha_weighted=2.9, log_alpha_norm=1.5, stable_rank=2.2)
+    stats = {"alpha": 3.0, "xmin": 0.5, "xmax": 9.0, "D": 0.1, "sigma": 0.2, "num_pl_spikes": 7, "lambda_max": 9.0,
+             "norm": 20.0, "log_spectral_norm": 0.95, "alpha_weighted": 2.9, "log_alpha_norm": 1.5, "stable_rank": 2.2}
     assert TailFit(**stats).statistics() == stats
     degenerate = TailFit(**stats, status="degenerate", reason="flat").statistics()
     assert {k for k, v in degenerate.items() if v is not None} == set(SPECTRUM_STATISTICS)
