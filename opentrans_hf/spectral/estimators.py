@@ -135,6 +135,14 @@ def _summary_stats(fit: TailFit, evals: torch.Tensor) -> None:
         fit.log_alpha_norm = math.log10(s) if s > 0 and math.isfinite(s) else None
 
 
+def _fit_at(x: torch.Tensor, alphas: torch.Tensor, Ds: torch.Tensor, k: int, evals: torch.Tensor) -> TailFit:
+    """The fit whose xmin is candidate ``k`` of the sorted eigenvalues ``x`` (exponent ``alphas[k]``, KS
+    distance ``Ds[k]``); its spikes are the eigenvalues of ``evals`` at or above xmin."""
+    alpha = float(alphas[k])
+    return TailFit(alpha=alpha, xmin=float(x[k]), xmax=float(x[-1]), D=float(Ds[k]),
+                   sigma=(alpha - 1.0) / math.sqrt(x.numel() - k), num_pl_spikes=int((evals >= x[k]).sum()))
+
+
 def _degenerate(reason: str, evals: torch.Tensor) -> TailFit:
     fit = TailFit(status="degenerate", reason=reason)
     if evals.numel():
@@ -167,17 +175,9 @@ def fit_ww(evals: torch.Tensor) -> TailFit:
         idx = torch.nonzero(ok).flatten()
         Ds[idx] = ks_distances(x, idx, alphas[idx])
         k = int(torch.argmin(Ds))
-    alpha = float(alphas[k])
-    fit = TailFit(
-        alpha=alpha,
-        xmin=float(x[k]),
-        xmax=float(x[-1]),
-        D=float(Ds[k]),
-        sigma=(alpha - 1.0) / math.sqrt(n_all - k),
-        num_pl_spikes=int((evals >= x[k]).sum()),
-    )
-    if not math.isfinite(alpha) or not math.isfinite(fit.D) or alpha <= 1.0:
-        return _degenerate(f"power-law fit did not converge (alpha={alpha})", evals)
+    fit = _fit_at(x, alphas, Ds, k, evals)
+    if not math.isfinite(fit.alpha) or not math.isfinite(fit.D) or fit.alpha <= 1.0:
+        return _degenerate(f"power-law fit did not converge (alpha={fit.alpha})", evals)
     _summary_stats(fit, evals)
     return fit
 
@@ -263,17 +263,9 @@ def fit_opentrans(evals: torch.Tensor, bins: int = 100) -> TailFit:
     fit_idx = idx[alphas[idx] > 1]
     Ds[fit_idx] = ks_distances(nz, fit_idx, alphas[fit_idx])
     k = int(torch.argmin(Ds))
-    alpha = float(alphas[k])
-    if not math.isfinite(alpha) or alpha <= 1.0:
-        return _degenerate(f"power-law fit did not converge (alpha={alpha})", nz)
-    fit = TailFit(
-        alpha=alpha,
-        xmin=float(nz[k]),
-        xmax=float(nz[-1]),
-        D=float(Ds[k]),
-        sigma=(alpha - 1.0) / math.sqrt(N - k),
-        num_pl_spikes=int((nz >= nz[k]).sum()),
-    )
+    fit = _fit_at(nz, alphas, Ds, k, nz)
+    if not math.isfinite(fit.alpha) or fit.alpha <= 1.0:
+        return _degenerate(f"power-law fit did not converge (alpha={fit.alpha})", nz)
     _summary_stats(fit, nz)
     return fit
 
