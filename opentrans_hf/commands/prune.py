@@ -24,6 +24,7 @@ from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local
 from opentrans_hf.data.assembly import distillation_split, make_loader
 from opentrans_hf.methods.sparse_mask.counting import count_params_and_flops
 from opentrans_hf.methods.sparse_mask.imp import IMPConfig, iterative_magnitude_prune
+from opentrans_hf.methods.sparse_mask.magnitude import check_max_layer_sparsity
 from opentrans_hf.training.pretraining import default_clip, zero_shot_evaluation
 from opentrans_hf.utils.distributed import make_accelerator, on_main_process
 from opentrans_hf.utils.hub import load_or_explain, quiet_loading
@@ -61,8 +62,7 @@ class PruneArguments:
             raise ArgumentError("--push_to_hub needs --hub_model_id")
         check_at_least_one(self, "batch_size")
         check_percentage("validation_split_percentage", self.validation_split_percentage)
-        if not 0.0 < self.max_layer_sparsity <= 1.0:
-            raise ArgumentError(f"--max_layer_sparsity must be in (0, 1], got {self.max_layer_sparsity}")
+        check_max_layer_sparsity(self.max_layer_sparsity, name="--max_layer_sparsity", error=ArgumentError)
         check_local_paths(self, "model_name_or_path")
 
 

@@ -79,13 +79,20 @@ def analyze_spectra(
             f"no analysable layer in {type(model).__name__} for estimator {estimator!r}: searched modules of "
             f"class {searched} with target_modules={target_modules!r}, exclude_modules={exclude_modules!r}{detail}"
         )
+    bar = tqdm(total=len(specs), disable=not progress, desc=f"alpha ({estimator})", unit="layer")
+    results = _fit_layers(specs, todo, fit_fn, dtype, device, max_batch_bytes, keep_eigenvalues, bar)
+    bar.close()
+    return SpectralReport(results, estimator, type(model).__name__, precision)
 
+
+def _fit_layers(specs: list[LayerMatrices], todo: list[int], fit_fn, dtype: torch.dtype, device, max_batch_bytes: int,
+                keep_eigenvalues: bool, bar) -> list[LayerSpectrum]:
+    """One :class:`LayerSpectrum` per spec, in order: the skipped ones as such, the others fitted as their
+    eigenvalues arrive (``"invalid"`` where the weight or the eigensolver failed); ``bar`` counts layers."""
     results: list[LayerSpectrum | None] = [None] * len(specs)
     for i, s in enumerate(specs):
         if s.skip_reason is not None:
             results[i] = LayerSpectrum(s.name, s.kind, s.shape, status="skipped", warning=s.skip_reason)
-
-    bar = tqdm(total=len(specs), disable=not progress, desc=f"alpha ({estimator})", unit="layer")
     bar.update(len(specs) - len(todo))
     with torch.no_grad():
         for i, evals in layer_eigenvalues(specs, todo, dtype, device, max_batch_bytes):
@@ -95,8 +102,7 @@ def analyze_spectra(
             else:
                 results[i] = _layer_result(s, evals, fit_fn, keep_eigenvalues)
             bar.update(1)
-    bar.close()
-    return SpectralReport(results, estimator, type(model).__name__, precision)
+    return results
 
 
 def layer_eigenvalues(specs, todo, dtype=torch.float64, device=None, max_batch_bytes=DEFAULT_MAX_BATCH_BYTES):
@@ -247,26 +253,8 @@ def _layer_result(spec: LayerMatrices, evals: torch.Tensor, fit_fn, keep: bool) 
         fit = TailFit(status="degenerate", reason=f"{what} weight matrix: no spectrum to fit")
     else:
         fit = fit_fn(flat)
-    out = LayerSpectrum(
-        name=spec.name,
-        kind=spec.kind,
-        shape=spec.shape,
-        num_evals=flat.numel(),
-        alpha=fit.alpha if fit.status == "ok" else None,
-        xmin=fit.xmin if fit.status == "ok" else None,
-        xmax=fit.xmax if fit.status == "ok" else None,
-        D=fit.D if fit.status == "ok" else None,
-        sigma=fit.sigma if fit.status == "ok" else None,
-        num_pl_spikes=fit.num_pl_spikes if fit.status == "ok" else None,
-        lambda_max=fit.lambda_max,
-        norm=fit.norm,
-        log_spectral_norm=fit.log_spectral_norm,
-        alpha_weighted=fit.alpha_weighted if fit.status == "ok" else None,
-        log_alpha_norm=fit.log_alpha_norm if fit.status == "ok" else None,
-        stable_rank=fit.stable_rank,
-        status=fit.status,
-        warning=fit.reason or _training_warning(fit.alpha),
-    )
+    out = LayerSpectrum(spec.name, spec.kind, spec.shape, flat.numel(), **fit.statistics(), status=fit.status,
+                        warning=fit.reason or _training_warning(fit.alpha))
     if keep:
         out.eigenvalues = torch.sort(flat).values.cpu().tolist()
     return out

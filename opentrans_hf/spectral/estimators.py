@@ -15,7 +15,7 @@ and the Kolmogorov-Smirnov distances are computed in memory-bounded blocks of ca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -32,9 +32,10 @@ FLAT_RTOL = 1e-4
 _KS_BLOCK_ELEMENTS = 1 << 22  # at most 4M float64 (32 MiB) per block of the KS scan
 
 
-@dataclass
-class TailFit:
-    """Result of one power-law tail fit. ``status`` is "ok" or "degenerate" (with ``reason``)."""
+@dataclass(kw_only=True)
+class TailStatistics:
+    """The statistics of one layer's eigenvalues and their power-law tail, declared once for
+    :class:`TailFit` and the report's ``LayerSpectrum``."""
 
     alpha: float | None = None
     xmin: float | None = None
@@ -44,12 +45,29 @@ class TailFit:
     num_pl_spikes: int | None = None
     lambda_max: float | None = None
     norm: float | None = None
-    stable_rank: float | None = None
     log_spectral_norm: float | None = None
     alpha_weighted: float | None = None
     log_alpha_norm: float | None = None
+    stable_rank: float | None = None
+
+
+SPECTRUM_STATISTICS = ("lambda_max", "norm", "log_spectral_norm", "stable_rank")
+"""The statistics of the whole spectrum, defined without a tail fit (the others need one)."""
+
+
+@dataclass(kw_only=True)
+class TailFit(TailStatistics):
+    """Result of one power-law tail fit. ``status`` is "ok" or "degenerate" (with ``reason``)."""
+
     status: str = "ok"
     reason: str | None = None
+
+    def statistics(self) -> dict[str, float | int | None]:
+        """``{name: value}`` of the :class:`TailStatistics` a layer reports: all of them when the fit is
+        "ok", else only the :data:`SPECTRUM_STATISTICS` (the tail's are None)."""
+        ok = self.status == "ok"
+        return {f.name: getattr(self, f.name) if ok or f.name in SPECTRUM_STATISTICS else None
+                for f in fields(TailStatistics)}
 
 
 def matrix_eigenvalues(mats: torch.Tensor) -> torch.Tensor:
@@ -117,6 +135,14 @@ def _summary_stats(fit: TailFit, evals: torch.Tensor) -> None:
         fit.log_alpha_norm = math.log10(s) if s > 0 and math.isfinite(s) else None
 
 
+def _fit_at(x: torch.Tensor, alphas: torch.Tensor, Ds: torch.Tensor, k: int, evals: torch.Tensor) -> TailFit:
+    """The fit whose xmin is candidate ``k`` of the sorted eigenvalues ``x`` (exponent ``alphas[k]``, KS
+    distance ``Ds[k]``); its spikes are the eigenvalues of ``evals`` at or above xmin."""
+    alpha = float(alphas[k])
+    return TailFit(alpha=alpha, xmin=float(x[k]), xmax=float(x[-1]), D=float(Ds[k]),
+                   sigma=(alpha - 1.0) / math.sqrt(x.numel() - k), num_pl_spikes=int((evals >= x[k]).sum()))
+
+
 def _degenerate(reason: str, evals: torch.Tensor) -> TailFit:
     fit = TailFit(status="degenerate", reason=reason)
     if evals.numel():
@@ -149,17 +175,9 @@ def fit_ww(evals: torch.Tensor) -> TailFit:
         idx = torch.nonzero(ok).flatten()
         Ds[idx] = ks_distances(x, idx, alphas[idx])
         k = int(torch.argmin(Ds))
-    alpha = float(alphas[k])
-    fit = TailFit(
-        alpha=alpha,
-        xmin=float(x[k]),
-        xmax=float(x[-1]),
-        D=float(Ds[k]),
-        sigma=(alpha - 1.0) / math.sqrt(n_all - k),
-        num_pl_spikes=int((evals >= x[k]).sum()),
-    )
-    if not math.isfinite(alpha) or not math.isfinite(fit.D) or alpha <= 1.0:
-        return _degenerate(f"power-law fit did not converge (alpha={alpha})", evals)
+    fit = _fit_at(x, alphas, Ds, k, evals)
+    if not math.isfinite(fit.alpha) or not math.isfinite(fit.D) or fit.alpha <= 1.0:
+        return _degenerate(f"power-law fit did not converge (alpha={fit.alpha})", evals)
     _summary_stats(fit, evals)
     return fit
 
@@ -245,17 +263,9 @@ def fit_opentrans(evals: torch.Tensor, bins: int = 100) -> TailFit:
     fit_idx = idx[alphas[idx] > 1]
     Ds[fit_idx] = ks_distances(nz, fit_idx, alphas[fit_idx])
     k = int(torch.argmin(Ds))
-    alpha = float(alphas[k])
-    if not math.isfinite(alpha) or alpha <= 1.0:
-        return _degenerate(f"power-law fit did not converge (alpha={alpha})", nz)
-    fit = TailFit(
-        alpha=alpha,
-        xmin=float(nz[k]),
-        xmax=float(nz[-1]),
-        D=float(Ds[k]),
-        sigma=(alpha - 1.0) / math.sqrt(N - k),
-        num_pl_spikes=int((nz >= nz[k]).sum()),
-    )
+    fit = _fit_at(nz, alphas, Ds, k, nz)
+    if not math.isfinite(fit.alpha) or fit.alpha <= 1.0:
+        return _degenerate(f"power-law fit did not converge (alpha={fit.alpha})", nz)
     _summary_stats(fit, nz)
     return fit
 

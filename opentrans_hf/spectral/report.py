@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from opentrans_hf.spectral.estimators import TailStatistics
 from opentrans_hf.spectral.plotting import plot_report
 from opentrans_hf.utils.io import atomic_write_text, json_safe, read_json
 
@@ -17,25 +18,21 @@ REPORT_FORMAT_VERSION = 1
 
 
 @dataclass
-class LayerSpectrum:
-    """Heavy-tail statistics of one layer (``named_modules()`` name; ``_q/_k/_v`` for fused splits)."""
+class _LayerIdentity:
+    """Which layer: the first fields of :class:`LayerSpectrum`, before its statistics."""
 
     name: str
     kind: str
     shape: tuple[int, ...]
     num_evals: int = 0
-    alpha: float | None = None
-    xmin: float | None = None
-    xmax: float | None = None
-    D: float | None = None
-    sigma: float | None = None
-    num_pl_spikes: int | None = None
-    lambda_max: float | None = None
-    norm: float | None = None
-    log_spectral_norm: float | None = None
-    alpha_weighted: float | None = None
-    log_alpha_norm: float | None = None
-    stable_rank: float | None = None
+
+
+@dataclass(kw_only=True)
+class LayerSpectrum(TailStatistics, _LayerIdentity):
+    """Heavy-tail statistics of one layer (``named_modules()`` name; ``_q/_k/_v`` for fused splits): its
+    identity (``name, kind, shape, num_evals``, positional), the :class:`TailStatistics` of its fit, its
+    ``status`` and ``warning`` (keywords)."""
+
     status: str = "ok"
     warning: str = ""
     eigenvalues: list[float] | None = field(default=None, repr=False)

@@ -16,11 +16,22 @@ from collections.abc import Collection, Iterable
 VISION_PREFIXES = ("", "vision_model.", "clip.vision_model.")
 
 
-def vision_encoder_targets(layers: str = r"\d+") -> str:
-    """A PEFT ``target_modules`` regex: the Linear/Conv layers of the CLIP image encoder (the patch
-    embedding and the encoder blocks whose index matches the regex ``layers``) under a ``vision_model.``
-    module, in a ``CLIPModel``, CLIPSeg or a framework."""
-    return rf"(?:.*\.)?vision_model\.(?:embeddings\.patch_embedding|encoder\.layers\.(?:{layers})\..*)"
+def encoder_block_regex(layers: str = r"\d+") -> str:
+    """A regex for the CLIP encoder blocks (``encoder.layers.<i>``) whose index matches the regex ``layers``."""
+    return rf"encoder\.layers\.(?:{layers})"
+
+
+def vision_encoder_targets(layers: str = r"\d+", stem: bool = True) -> str:
+    """A PEFT ``target_modules`` regex: the Linear/Conv layers of the CLIP image encoder's blocks whose
+    index matches the regex ``layers``.
+
+    ``stem=True``: also the patch embedding, under a ``vision_model.`` module (a ``CLIPModel``, CLIPSeg or
+    a framework). ``stem=False``: the blocks only, under a ``vision_model.`` module or in a bare vision
+    tower (``encoder.layers.0.mlp.fc1``); the text tower's blocks never match."""
+    blocks = rf"{encoder_block_regex(layers)}\..*"
+    if stem:
+        return rf"(?:.*\.)?vision_model\.(?:embeddings\.patch_embedding|{blocks})"
+    return rf"(.*vision_model\.)?{blocks}"
 
 
 CLIP_VISION_ENCODER_TARGETS = vision_encoder_targets()

@@ -2,12 +2,15 @@
 
 import json
 import math
+from dataclasses import fields
 
 import pytest
 import torch
 from torch import nn
 
 from opentrans_hf import SpectralReport, analyze_spectra
+from opentrans_hf.spectral import LayerSpectrum, TailFit
+from opentrans_hf.spectral.estimators import SPECTRUM_STATISTICS, TailStatistics
 
 
 def model_with_bad_layers():
@@ -130,3 +133,40 @@ def test_plot_writes_png_with_and_without_selection(tmp_path, tiny_vision):
     # without eigenvalues: alpha bars only, still a valid PNG
     analyze_spectra(tiny_vision).plot(tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# the keys of a layer entry, in order, as reports have been written since format_version 1
+LAYER_KEYS = ["name", "kind", "shape", "num_evals", "alpha", "xmin", "xmax", "D", "sigma", "num_pl_spikes",
+              "lambda_max", "norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm", "stable_rank",
+              "status", "warning"]
+
+
+def test_a_layer_entry_keeps_its_keys_and_order_and_an_old_report_loads(tmp_path):
+    """LayerSpectrum shares its statistics with TailFit (TailStatistics); its JSON and pandas columns stay as
+    they were, and a report written before that loads and writes back the same."""
+    old = {"format_version": 1, "estimator": "opentrans", "model_class": "CLIPVisionModel", "precision": "float64",
+           "layers": [dict(zip(LAYER_KEYS, ["encoder.layers.0.mlp.fc1", "linear", [64, 32], 32, 3.25, 0.5, 9.0,
+                                            0.07, 0.4, 12, 9.0, 40.0, 0.954, 3.1, 1.7, 4.44, "ok", ""])),
+                      {"name": "encoder.layers.0.mlp.fc2", "kind": "linear", "shape": [32, 64], "status": "skipped",
+                       "warning": "not a target"}]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    report = SpectralReport.from_json(path)
+    assert report.alphas == {"encoder.layers.0.mlp.fc1": 3.25}
+    assert report["encoder.layers.0.mlp.fc1"].stable_rank == 4.44 and report["encoder.layers.0.mlp.fc1"].shape == (64, 32)
+    written = report.to_dict(with_eigenvalues=False)
+    assert [list(entry) for entry in written["layers"]] == [LAYER_KEYS, LAYER_KEYS]
+    assert written["layers"][0] == {**old["layers"][0], "shape": [64, 32]}
+    assert list(report.to_pandas().columns) == LAYER_KEYS
+
+
+def test_a_layer_reports_the_tail_statistics_only_of_an_ok_fit():
+    stats = {"alpha": 3.0, "xmin": 0.5, "xmax": 9.0, "D": 0.1, "sigma": 0.2, "num_pl_spikes": 7, "lambda_max": 9.0,
+             "norm": 20.0, "log_spectral_norm": 0.95, "alpha_weighted": 2.9, "log_alpha_norm": 1.5, "stable_rank": 2.2}
+    assert TailFit(**stats).statistics() == stats
+    degenerate = TailFit(**stats, status="degenerate", reason="flat").statistics()
+    assert {k for k, v in degenerate.items() if v is not None} == set(SPECTRUM_STATISTICS)
+    assert {k: degenerate[k] for k in SPECTRUM_STATISTICS} == {k: stats[k] for k in SPECTRUM_STATISTICS}
+    assert list(degenerate) == [f.name for f in fields(TailStatistics)] == LAYER_KEYS[4:16]
+    layer = LayerSpectrum("a", "linear", (3, 4), 3, **degenerate, status="degenerate", warning="flat")
+    assert layer.to_dict()["alpha"] is None and layer.to_dict()["norm"] == 20.0

@@ -29,9 +29,9 @@ from torch import nn
 from opentrans_hf.methods.sparse_mask.counting import vision_tower
 from opentrans_hf.methods.sparse_mask.layer import _BUFFER, _HOOK_ATTR, remove_hooks
 from opentrans_hf.methods.sparse_mask.structured import check_structure
-from opentrans_hf.utils.naming import canonical_name
+from opentrans_hf.utils.naming import canonical_name, encoder_block_regex
 
-_BLOCK = re.compile(r"(?:.*\.)?encoder\.layers\.\d+")
+_BLOCK = re.compile(r"(?:.*\.)?" + encoder_block_regex())
 
 
 class _Bias(nn.Module):

@@ -49,35 +49,9 @@ def count_params_and_flops(model: nn.Module, mask: SparseMask | None = None, ima
     handles = []
     for name, m in tower.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            w = m.weight.detach()
-            k = keep.get(canonical_name(f"{name}.weight"))
-            if k is None:
-                k = getattr(m, _BUFFER.format("weight"), None)
-            nz = (w != 0) if k is None else ((w != 0) & k.to(w.device))
-            density[name] = float(nz.sum()) / w.numel()
-
-            def hook(mod, args, out, name=name):
-                if isinstance(mod, nn.Linear):
-                    layer_macs[name] = layer_macs.get(name, 0) + out.numel() * mod.in_features
-                else:
-                    per_out = mod.in_channels // mod.groups
-                    for ks in mod.kernel_size:
-                        per_out *= ks
-                    layer_macs[name] = layer_macs.get(name, 0) + out.numel() * per_out
-
-            handles.append(m.register_forward_hook(hook))
-    device = next(tower.parameters()).device
-    pixel_values = torch.zeros(1, 3, size, size, device=device)
-    kwargs = {}
-    if cfg is not None and getattr(cfg, "image_size", size) != size:
-        kwargs["interpolate_pos_encoding"] = True
-    try:
-        with torch.no_grad(), flop_counter() as counter:
-            tower(pixel_values=pixel_values, **kwargs) if cfg is not None else tower(pixel_values)
-    finally:
-        for h in handles:
-            h.remove()
-    total_macs = counter.get_total_flops() // 2
+            density[name] = _layer_density(name, m, keep)
+            handles.append(m.register_forward_hook(_mac_hook(name, layer_macs)))
+    total_macs = _forward_flops(tower, cfg, size, handles) // 2
     param_macs = sum(layer_macs.values())
     other_macs = max(total_macs - param_macs, 0)
     effective_layer = {n: layer_macs[n] * density[n] for n in layer_macs}
@@ -96,3 +70,46 @@ def count_params_and_flops(model: nn.Module, mask: SparseMask | None = None, ima
         "layer_density": density,
         "attention_and_other_macs": other_macs,
     }
+
+
+def _layer_density(name: str, module: nn.Module, keep: dict) -> float:
+    """The fraction of ``module``'s weights that are non-zero and kept: by ``keep`` (canonical names), else
+    by the mask applied to it."""
+    w = module.weight.detach()
+    k = keep.get(canonical_name(f"{name}.weight"))
+    if k is None:
+        k = getattr(module, _BUFFER.format("weight"), None)
+    nz = (w != 0) if k is None else ((w != 0) & k.to(w.device))
+    return float(nz.sum()) / w.numel()
+
+
+def _mac_hook(name: str, layer_macs: dict[str, int]):
+    """A forward hook adding a Linear/Conv layer's multiply-accumulates to ``layer_macs[name]``."""
+
+    def hook(mod, args, out):
+        if isinstance(mod, nn.Linear):
+            layer_macs[name] = layer_macs.get(name, 0) + out.numel() * mod.in_features
+        else:
+            per_out = mod.in_channels // mod.groups
+            for ks in mod.kernel_size:
+                per_out *= ks
+            layer_macs[name] = layer_macs.get(name, 0) + out.numel() * per_out
+
+    return hook
+
+
+def _forward_flops(tower: nn.Module, cfg, size: int, handles: list) -> int:
+    """The FLOPs of one forward pass of a blank ``size`` x ``size`` image (the hooks in ``handles`` run,
+    then are removed)."""
+    device = next(tower.parameters()).device
+    pixel_values = torch.zeros(1, 3, size, size, device=device)
+    kwargs = {}
+    if cfg is not None and getattr(cfg, "image_size", size) != size:
+        kwargs["interpolate_pos_encoding"] = True
+    try:
+        with torch.no_grad(), flop_counter() as counter:
+            tower(pixel_values=pixel_values, **kwargs) if cfg is not None else tower(pixel_values)
+    finally:
+        for h in handles:
+            h.remove()
+    return counter.get_total_flops()

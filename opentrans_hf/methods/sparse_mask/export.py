@@ -164,9 +164,30 @@ def export_model(mask: SparseMask, model: nn.Module, format: str = "csr", *, min
         raise ValueError(f"unknown export format {format!r}; choose one of {FORMATS}")
     if not (isinstance(min_sparsity, (int, float)) and not isinstance(min_sparsity, bool) and 0.0 <= min_sparsity <= 1.0):
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
+    plan = _export_plan(mask, model, format, strict)
+    reason = _two_four_unsupported(plan, fallback) if format == "2:4" else None
+    report = {}
+    for mod_name, module, pname, linear, keep in plan:
+        param = getattr(module, pname)
+        sparsity = 1.0 - int(torch.count_nonzero(keep)) / max(keep.numel(), 1)
+        if linear and format == "csr" and sparsity >= min_sparsity:
+            _swap(model, mod_name, SparseLinear.from_linear(module, keep))
+            report[mod_name] = "csr"
+        elif linear and format == "2:4" and reason is None:
+            report[mod_name] = _to_semi_structured(module, keep, fallback)
+        else:
+            with torch.no_grad():
+                param.mul_(keep)
+            report[mod_name] = "dense"
+    return report
+
+
+def _export_plan(mask: SparseMask, model: nn.Module, format: str, strict: bool) -> list[tuple]:
+    """``(module name, module, parameter name, is a Linear weight, keep)`` of every masked parameter, its
+    keep mask combined with one already applied: every layer checked for ``format`` before any change."""
     found, _ = mask.resolve(model, strict=strict)
     modules = dict(model.named_modules())
-    plan = []  # (module name, module, parameter name, is a Linear weight, keep): all checked before any change
+    plan = []
     for name, target in found.items():
         mod_name, _, pname = target.rpartition(".")
         module = modules[mod_name]
@@ -187,28 +208,22 @@ def export_model(mask: SparseMask, model: nn.Module, format: str = "csr", *, min
                              "ones of a row, in_features divisible by 4): make it with magnitude_prune(model, 0.5, "
                              "scope='2:4')")
         plan.append((mod_name, module, pname, linear, keep))
-    reason = None
-    if format == "2:4" and any(linear for _, _, _, linear, _ in plan):
-        reason = semi_structured_unsupported(next(getattr(m, p) for _, m, p, linear, _ in plan if linear))
-        if reason is not None and not fallback:
-            raise RuntimeError(f"cannot export to 2:4: {reason}; pass fallback=True to keep the layers masked dense")
-        if reason is not None:
-            warnings.warn(f"2:4 export: {reason}; the masked layers stay dense (masked weights zeroed)", UserWarning,
-                          stacklevel=3)
-    report = {}
-    for mod_name, module, pname, linear, keep in plan:
-        param = getattr(module, pname)
-        sparsity = 1.0 - int(torch.count_nonzero(keep)) / max(keep.numel(), 1)
-        if linear and format == "csr" and sparsity >= min_sparsity:
-            _swap(model, mod_name, SparseLinear.from_linear(module, keep))
-            report[mod_name] = "csr"
-        elif linear and format == "2:4" and reason is None:
-            report[mod_name] = _to_semi_structured(module, keep, fallback)
-        else:
-            with torch.no_grad():
-                param.mul_(keep)
-            report[mod_name] = "dense"
-    return report
+    return plan
+
+
+def _two_four_unsupported(plan: list[tuple], fallback: bool) -> str | None:
+    """Why the plan's Linear layers cannot run 2:4 kernels here (None: they can, or there are none): a
+    ``RuntimeError`` without ``fallback``, else a warning (the layers then stay masked dense)."""
+    weights = [getattr(m, p) for _, m, p, linear, _ in plan if linear]
+    if not weights:
+        return None
+    reason = semi_structured_unsupported(weights[0])
+    if reason is not None and not fallback:
+        raise RuntimeError(f"cannot export to 2:4: {reason}; pass fallback=True to keep the layers masked dense")
+    if reason is not None:  # stacklevel: this, export_model, SparseMask.export, its caller
+        warnings.warn(f"2:4 export: {reason}; the masked layers stay dense (masked weights zeroed)", UserWarning,
+                      stacklevel=4)
+    return reason
 
 
 def semi_structured_unsupported(weight: torch.Tensor) -> str | None:

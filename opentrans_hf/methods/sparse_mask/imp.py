@@ -24,6 +24,7 @@ from opentrans_hf.methods.sparse_mask.magnitude import (
     DEFAULT_MAX_LAYER_SPARSITY,
     SCOPES,
     STRUCTURED_SCOPES,
+    check_max_layer_sparsity,
     magnitude_prune,
 )
 from opentrans_hf.methods.sparse_mask.mask import SparseMask
@@ -70,9 +71,7 @@ class IMPConfig:
     def __post_init__(self):
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}; choose one of {SCOPES}")
-        if isinstance(self.max_layer_sparsity, bool) or not isinstance(self.max_layer_sparsity, (int, float)) \
-                or not 0.0 < self.max_layer_sparsity <= 1.0:
-            raise ValueError(f"max_layer_sparsity must be in (0, 1], got {self.max_layer_sparsity!r}")
+        check_max_layer_sparsity(self.max_layer_sparsity)
         if not is_integer(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r} ({type(self.seed).__name__})")
         if not 0.0 < self.rate < 1.0:
@@ -166,37 +165,15 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     the config's rate, scope, ...) is refused with the differences listed unless ``config.ignore_mismatch``.
     Returns the final mask (applied to ``model``).
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     accelerator = accelerator or make_accelerator()
     out = Path(config.output_dir)
-    # the seed only changes a random-scope run; under its own key, apart from a caller's "seed" (data order)
-    run = as_fingerprint({"model": getattr(model, "name_or_path", None) or None, **(fingerprint or {}),
-                          **{k: v for k, v in asdict(config).items()
-                             if k not in RESUMABLE_CHANGES and k not in ("seed", "max_layer_sparsity")},
-                          **({"random_mask_seed": config.seed} if config.scope == "random" else {}),
-                          # the cap changes the global and structured scopes' masks only
-                          **({"max_layer_sparsity": config.max_layer_sparsity} if config.scope in CAPPED_SCOPES else {})})
+    run = _run_fingerprint(model, config, fingerprint)
     student = vision_tower(model)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()} if config.rewind else None
-    state = {"round": 0, "history": []}
-    resumed_mask = None
-    if config.resume and ((out / "student.safetensors").is_file() or (out / "state.json").is_file()):
-        state = read_imp_state(out)
-        _check_resumable(out, state, run, config)
-        student.load_state_dict(read_safetensors(out / "student.safetensors", "IMP student weights"))
-        resumed_mask = SparseMask.from_pretrained(out / f"round_{state['round']:02d}")
-        _check_weights_match_mask(student, resumed_mask, out, state["round"])
-        resumed_mask.apply(student)
-        if initial is not None:
-            initial = read_safetensors(out / "initial.safetensors", "IMP initial weights")
-        # the readable copy may lag behind the weights' state (a kill between the two writes)
-        on_main_process(accelerator, lambda: atomic_write_text(out / "state.json", json.dumps(state, indent=2) + "\n"))
-        logger.info(f"resuming after round {state['round']} (sparsity {config.sparsity_after(state['round']):.4f})")
-    elif config.rewind and accelerator.is_main_process:
-        atomic_write_with(out / "initial.safetensors", lambda p: save_file({k: v.contiguous() for k, v in initial.items()}, str(p)))
+    state, resumed_mask, initial = _resume_or_start(student, initial, out, run, config, accelerator)
 
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -218,37 +195,88 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
                 student.load_state_dict(initial)
             mask.apply(student)
         _reset_optimizer_state(optimizer)  # moments of freshly pruned weights would move them off zero
-        losses = []
-        it = iter(loader)
-        for _ in range(config.steps_per_round):
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                batch = next(it)
-            loss = distillation_loss(wrapped, teacher, batch, config)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.detach())
-            bar.update(1)
-            bar.set_postfix(round=f"{round_}/{config.num_rounds}", sparsity=f"{mask.sparsity:.3f}", loss=f"{loss.item():.4f}")
+        losses = _distil_round(wrapped, teacher, loader, optimizer, accelerator, config, bar, round_, mask)
         mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item() if losses else None
         state = {"round": round_, "sparsity": mask.sparsity, "target": target,
                  "history": state["history"] + [{"round": round_, "sparsity": mask.sparsity, "loss": mean_loss}],
                  "config": asdict(config), "fingerprint": run}
-        mask.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-        mask.method = f"imp-{config.scope}"
-        mask.target_sparsity = target
-        structure = mask.extra.get("structure")  # a structured scope's kept heads/neurons
-        mask.extra = {**({"structure": structure} if structure is not None else {}),
-                      **({"max_layer_sparsity": config.max_layer_sparsity} if "max_layer_sparsity" in mask.extra else {}),
-                      "round": round_, "rate": config.rate, "steps_per_round": config.steps_per_round,
-                      "objective": "distillation (embedding + patch tokens" + (" + regions)" if config.region_weight else ")"),
-                      **({"seed": config.seed} if config.scope == "random" else {})}
+        _label_round_mask(mask, model, config, round_, target)
         on_main_process(accelerator, lambda: _save_round(out, round_, mask, accelerator.unwrap_model(wrapped), state))
     bar.close()
     return mask
+
+
+def _run_fingerprint(model: nn.Module, config: IMPConfig, fingerprint: dict | None) -> dict:
+    """The settings that define the run (a resume must share them): the model, the caller's
+    ``fingerprint`` and the config's own, less those a resume may change."""
+    # the seed only changes a random-scope run; under its own key, apart from a caller's "seed" (data order)
+    return as_fingerprint({"model": getattr(model, "name_or_path", None) or None, **(fingerprint or {}),
+                           **{k: v for k, v in asdict(config).items()
+                              if k not in RESUMABLE_CHANGES and k not in ("seed", "max_layer_sparsity")},
+                           **({"random_mask_seed": config.seed} if config.scope == "random" else {}),
+                           # the cap changes the global and structured scopes' masks only
+                           **({"max_layer_sparsity": config.max_layer_sparsity} if config.scope in CAPPED_SCOPES else {})})
+
+
+def _resume_or_start(student: nn.Module, initial: dict | None, out: Path, run: dict, config: IMPConfig,
+                     accelerator) -> tuple[dict, SparseMask | None, dict | None]:
+    """``(state, the last round's mask or None, the initial weights or None)``: resumed from the last
+    round saved in ``out`` (the student loaded and masked), or a fresh start (the initial weights
+    written when ``config.rewind``)."""
+    from safetensors.torch import save_file
+
+    if not (config.resume and ((out / "student.safetensors").is_file() or (out / "state.json").is_file())):
+        if config.rewind and accelerator.is_main_process:
+            atomic_write_with(out / "initial.safetensors",
+                              lambda p: save_file({k: v.contiguous() for k, v in initial.items()}, str(p)))
+        return {"round": 0, "history": []}, None, initial
+    state = read_imp_state(out)
+    _check_resumable(out, state, run, config)
+    student.load_state_dict(read_safetensors(out / "student.safetensors", "IMP student weights"))
+    resumed_mask = SparseMask.from_pretrained(out / f"round_{state['round']:02d}")
+    _check_weights_match_mask(student, resumed_mask, out, state["round"])
+    resumed_mask.apply(student)
+    if initial is not None:
+        initial = read_safetensors(out / "initial.safetensors", "IMP initial weights")
+    # the readable copy may lag behind the weights' state (a kill between the two writes)
+    on_main_process(accelerator, lambda: atomic_write_text(out / "state.json", json.dumps(state, indent=2) + "\n"))
+    logger.info(f"resuming after round {state['round']} (sparsity {config.sparsity_after(state['round']):.4f})")
+    return state, resumed_mask, initial
+
+
+def _distil_round(wrapped, teacher, loader, optimizer, accelerator, config: IMPConfig, bar, round_: int,
+                  mask: SparseMask) -> list[torch.Tensor]:
+    """``config.steps_per_round`` distillation steps (the loader restarted when exhausted); the losses."""
+    losses = []
+    it = iter(loader)
+    for _ in range(config.steps_per_round):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        loss = distillation_loss(wrapped, teacher, batch, config)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+        bar.update(1)
+        bar.set_postfix(round=f"{round_}/{config.num_rounds}", sparsity=f"{mask.sparsity:.3f}", loss=f"{loss.item():.4f}")
+    return losses
+
+
+def _label_round_mask(mask: SparseMask, model: nn.Module, config: IMPConfig, round_: int, target: float) -> None:
+    """What made the round's mask: the model, ``imp-<scope>``, the target, the round and the IMP settings
+    (a structured scope's kept units and a binding scope's cap kept from ``magnitude_prune``'s extra)."""
+    mask.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    mask.method = f"imp-{config.scope}"
+    mask.target_sparsity = target
+    structure = mask.extra.get("structure")  # a structured scope's kept heads/neurons
+    mask.extra = {**({"structure": structure} if structure is not None else {}),
+                  **({"max_layer_sparsity": config.max_layer_sparsity} if "max_layer_sparsity" in mask.extra else {}),
+                  "round": round_, "rate": config.rate, "steps_per_round": config.steps_per_round,
+                  "objective": "distillation (embedding + patch tokens" + (" + regions)" if config.region_weight else ")"),
+                  **({"seed": config.seed} if config.scope == "random" else {})}
 
 
 def round_seed(seed: int, round_: int) -> int:

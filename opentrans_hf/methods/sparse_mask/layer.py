@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from opentrans_hf.utils.matching import Patterns, is_selected, normalize_patterns
-from opentrans_hf.utils.naming import resolve_name
+from opentrans_hf.utils.naming import resolve_name, vision_encoder_targets
 
 _BUFFER = "_sparse_mask_{}"  # non-persistent buffer on the owning module: state_dict keys do not change
 _HOOK_ATTR = "_sparse_mask_hooks"
-CLIP_ENCODER_TARGETS = r"(.*vision_model\.)?encoder\.layers\.\d+\..*"
+CLIP_ENCODER_TARGETS = vision_encoder_targets(stem=False)
 """Every Linear of the CLIP image encoder's blocks: the patch embedding (the stem) and the text tower are spared."""
 
 

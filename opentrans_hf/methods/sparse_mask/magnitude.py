@@ -85,28 +85,58 @@ def magnitude_prune(model: nn.Module, sparsity: float | None, scope: str = "glob
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
-    if isinstance(max_layer_sparsity, bool) or not isinstance(max_layer_sparsity, (int, float)) \
-            or not 0.0 < max_layer_sparsity <= 1.0:
-        raise ValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity!r}")
+    check_max_layer_sparsity(max_layer_sparsity)
     if like is not None and scope != "random":
         raise ValueError(f"like= (a mask whose per-layer sparsities to match) needs scope='random', got scope={scope!r}")
     if scope == "2:4":  # 2 largest of every 4 consecutive weights per row (semistructured.py); sparsity 0.5
         return two_four_prune(model, sparsity, target_modules, exclude_modules)
-    if like is not None:
-        layers, like_pruned = _layers_like(model, like, target_modules, exclude_modules)
-        sparsity = _check_like_sparsity(sparsity, like, layers)
-    elif sparsity is None or not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    else:
-        layers = prunable_layers(model, target_modules, exclude_modules)
+    layers, like_pruned, sparsity = _target_layers(model, sparsity, like, target_modules, exclude_modules)
     if scope in STRUCTURED_SCOPES:
         return _structured_prune(model, layers, sparsity, scope, max_layer_sparsity)
     if scope == "random" and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")
-    generator = torch.Generator().manual_seed(seed) if scope == "random" else None
+    scores, current = _layer_scores(layers, torch.Generator().manual_seed(seed) if scope == "random" else None)
+    if scope == "global":  # called from here: the cap's warning names magnitude_prune's caller
+        keep = _global_keep(scores, sparsity, [n for n, _ in layers], max_layer_sparsity)
+    elif scope == "random" and like is None:
+        keep = _global_keep(scores, sparsity)
+    elif like is not None:
+        keep = [_keep_k_smallest_pruned(s, k) for s, k in zip(scores, like_pruned)]
+    else:
+        ratios = [sparsity] * len(layers) if scope == "layerwise" else alpha_allocation(model, layers, sparsity, alphas, epsilon)
+        keep = [_keep_smallest_pruned(s, r) for s, r in zip(scores, ratios)]
+    keep = [k if c is None else k & c for k, c in zip(keep, current)]  # what was pruned stays pruned
+    masks = {canonical_name(f"{n}.weight"): k for (n, _), k in zip(layers, keep)}
+    method, extra = _method_and_extra(scope, like, seed, epsilon, max_layer_sparsity)
+    return SparseMask(masks, base_model_name_or_path=getattr(model, "name_or_path", None) or None,
+                      method=method, target_sparsity=sparsity, extra=extra)
+
+
+def check_max_layer_sparsity(value, name: str = "max_layer_sparsity", error: type[Exception] = ValueError) -> None:
+    """``value`` is a number in (0, 1] (not a bool), else ``error`` naming ``name``: the one check of the
+    cap on one layer's sparsity (:func:`magnitude_prune`, ``IMPConfig``, the prune job's arguments)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise error(f"{name} must be in (0, 1], got {value!r}")
+
+
+def _target_layers(model: nn.Module, sparsity: float | None, like: SparseMask | None, target_modules,
+                   exclude_modules) -> tuple[list, list[int] | None, float]:
+    """The layers to prune, how many weights ``like`` prunes in each (None without ``like``), and the
+    sparsity (``like``'s when not given)."""
+    if like is not None:
+        layers, like_pruned = _layers_like(model, like, target_modules, exclude_modules)
+        return layers, like_pruned, _check_like_sparsity(sparsity, like, layers)
+    if sparsity is None or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    return prunable_layers(model, target_modules, exclude_modules), None, sparsity
+
+
+def _layer_scores(layers, generator: torch.Generator | None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Per layer: the ranking scores (L1 magnitudes, or uniform draws from ``generator``; weights already
+    masked score -1, below every survivor) and the mask already applied (None if none)."""
     scores, current = [], []
-    for name, m in layers:
-        if scope == "random":  # uniform scores: the smallest k are a uniform draw of k weights
+    for _, m in layers:
+        if generator is not None:  # uniform scores: the smallest k are a uniform draw of k weights
             s = torch.rand(m.weight.shape, generator=generator)
         else:
             s = m.weight.detach().abs().float().cpu()
@@ -116,30 +146,19 @@ def magnitude_prune(model: nn.Module, sparsity: float | None, scope: str = "glob
             s = torch.where(cur, s, torch.full_like(s, -1.0))
         scores.append(s)
         current.append(cur)
-    if scope == "global":
-        keep = _global_keep(scores, sparsity, [n for n, _ in layers], max_layer_sparsity)
-    elif scope == "random" and like is None:
-        keep = _global_keep(scores, sparsity)
-    elif like is not None:
-        keep = [_keep_k_smallest_pruned(s, k) for s, k in zip(scores, like_pruned)]
-    else:
-        if scope == "layerwise":
-            ratios = [sparsity] * len(layers)
-        else:
-            ratios = alpha_allocation(model, layers, sparsity, alphas, epsilon)
-        keep = [_keep_smallest_pruned(s, r) for s, r in zip(scores, ratios)]
-    keep = [k if c is None else k & c for k, c in zip(keep, current)]  # what was pruned stays pruned
-    masks = {canonical_name(f"{n}.weight"): k for (n, _), k in zip(layers, keep)}
+    return scores, current
+
+
+def _method_and_extra(scope: str, like: SparseMask | None, seed: int, epsilon: float,
+                      max_layer_sparsity: float) -> tuple[str, dict | None]:
+    """The mask's ``method`` and ``extra`` for an unstructured scope."""
     if scope == "random":
         method = "random-like" if like is not None else "random-global"
-        extra = {"seed": seed, **({"like_method": like.method, "like_base_model": like.base_model_name_or_path}
-                                  if like is not None else {})}
-    else:
-        method, extra = f"magnitude-{scope}", {"epsilon": epsilon} if scope == "alpha" else None
-        if scope == "global":
-            extra = {"max_layer_sparsity": max_layer_sparsity}
-    return SparseMask(masks, base_model_name_or_path=getattr(model, "name_or_path", None) or None,
-                      method=method, target_sparsity=sparsity, extra=extra)
+        return method, {"seed": seed, **({"like_method": like.method, "like_base_model": like.base_model_name_or_path}
+                                         if like is not None else {})}
+    if scope == "global":
+        return f"magnitude-{scope}", {"max_layer_sparsity": max_layer_sparsity}
+    return f"magnitude-{scope}", {"epsilon": epsilon} if scope == "alpha" else None
 
 
 def _layers_like(model: nn.Module, like: SparseMask, target_modules, exclude_modules):

@@ -92,6 +92,14 @@ class SpectralTuningConfig:
     library_version: str | None = field(default=None, metadata={"help": "opentrans-hf version that wrote this"})
 
     def __post_init__(self):
+        self._check_settings()
+        self._normalise_name_lists()
+        self._check_layer_maps()
+        self._canonicalise_layer_names()
+        self._check_trainable_layers_analysed()
+
+    def _check_settings(self) -> None:
+        """The scalar settings: types, choices, ranges and what a freeze rule needs."""
         if self.peft_type != PEFT_TYPE:
             raise ValueError(f"peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r}")
         for name in ("base_model_name_or_path", "revision", "library_version"):
@@ -118,6 +126,9 @@ class SpectralTuningConfig:
             raise ValueError("freeze_rule='threshold' needs alpha_threshold (e.g. 4.0)")
         if self.freeze_rule == "top_k" and (self.k is None or self.k < 0):
             raise ValueError(f"freeze_rule='top_k' needs k >= 0, got k={self.k}")
+
+    def _normalise_name_lists(self) -> None:
+        """``target_modules``/``exclude_modules`` as PEFT patterns; ``modules_to_save``/``trainable_layers`` as lists."""
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, list, tuple)):
@@ -133,6 +144,9 @@ class SpectralTuningConfig:
                     hint = f" (did you mean [{value!r}]?)" if isinstance(value, str) else ""
                     _bad(name, "a list of module names or None" + hint, value)
                 setattr(self, name, list(value))
+
+    def _check_layer_maps(self) -> None:
+        """``layer_alphas`` maps names to finite numbers, ``invalid_layers`` names to reasons."""
         if self.layer_alphas is not None:
             if not isinstance(self.layer_alphas, dict):
                 _bad("layer_alphas", "a mapping of layer names to alphas, or None", self.layer_alphas)
@@ -146,15 +160,17 @@ class SpectralTuningConfig:
                 isinstance(self.invalid_layers, dict)
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in self.invalid_layers.items())):
             _bad("invalid_layers", "a mapping of layer names to reasons (strings), or None", self.invalid_layers)
-        self._canonicalise_layer_names()
-        if self.layer_alphas is not None:
-            if self.trainable_layers is not None:
-                decided = [*self.layer_alphas, *(self.invalid_layers or {})]
-                analysed = set(decided) | {n[:-2] for n in decided if n[-2:] in ("_q", "_k", "_v")}
-                unknown = [n for n in self.trainable_layers if n not in analysed]
-                if unknown:
-                    raise ValueError(f"SpectralTuningConfig.trainable_layers names {len(unknown)} layer(s) that "
-                                     f"layer_alphas does not have, e.g. {unknown[:3]}")
+
+    def _check_trainable_layers_analysed(self) -> None:
+        """With ``layer_alphas``, every one of ``trainable_layers`` is a layer it (or ``invalid_layers``) decided."""
+        if self.layer_alphas is None or self.trainable_layers is None:
+            return
+        decided = [*self.layer_alphas, *(self.invalid_layers or {})]
+        analysed = set(decided) | {n[:-2] for n in decided if n[-2:] in ("_q", "_k", "_v")}
+        unknown = [n for n in self.trainable_layers if n not in analysed]
+        if unknown:
+            raise ValueError(f"SpectralTuningConfig.trainable_layers names {len(unknown)} layer(s) that "
+                             f"layer_alphas does not have, e.g. {unknown[:3]}")
 
     def _canonicalise_layer_names(self) -> None:
         """Names in ``layer_alphas``, ``invalid_layers`` and ``trainable_layers`` relative to the CLIP vision
