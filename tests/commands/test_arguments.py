@@ -2,6 +2,7 @@
 declared once, in its group (opentrans_hf.commands.arguments), unless a job means something else by it."""
 
 import dataclasses
+import inspect
 
 import pytest
 
@@ -54,13 +55,13 @@ def test_every_job_keeps_its_flags_and_defaults(name):
 def test_a_shared_field_is_declared_once_in_its_group():
     owner = {}
     for group in GROUPS:
-        for field_name in group.__dict__.get("__annotations__", {}):
+        for field_name in inspect.get_annotations(group):
             assert field_name not in owner, f"{field_name} declared by {owner.get(field_name)} and {group.__name__}"
             owner[field_name] = group.__name__
     for name in COMMANDS:
         cls = command_module(name).ARGUMENTS
         taken = {f for f, group in owner.items() if issubclass(cls, getattr(arguments, group))}
-        again = {f for f in cls.__dict__.get("__annotations__", {}) if f in taken}
+        again = {f for f in inspect.get_annotations(cls) if f in taken}
         inherited = {f.name for f in dataclasses.fields(cls)} & taken
         assert again == {f for job, f in OWN_MEANING if job == name}, f"{name} declares {again} again"
         for field_name in inherited - again:  # the group's field, with the group's default and help
