@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from opentrans_hf.commands import check_local_paths
+from opentrans_hf.commands.arguments import ProgressArguments
 from opentrans_hf.embedded.random_clip import CLIP_SIZES, build_random_clip_vision, random_clip_config
 from opentrans_hf.spectral import analyze_spectra
 from opentrans_hf.utils.hub import load_or_explain, quiet_loading
@@ -20,8 +21,8 @@ TOWERS = ("vision", "text", "all")
 
 
 @dataclass
-class AnalyzeArguments:
-    model: str = field(metadata={"help": "local HF model directory, Hub id, or a random CLIP size: tiny, small, "
+class AnalyzeArguments(ProgressArguments):
+    model: str = field(kw_only=True, metadata={"help": "local HF model directory, Hub id, or a random CLIP size: tiny, small, "
                                          "vit-b16, vit-l14 (may also be given as the first positional argument)"})
     estimator: Literal["opentrans", "ww"] = field(default="opentrans", metadata={"help": "alpha estimator: the paper's (opentrans) or WeightWatcher 0.7.7's (ww)"})
     tower: Literal["vision", "text", "all"] = field(default="vision", metadata={"help": "for CLIP checkpoints: which tower to analyse"})
@@ -32,7 +33,6 @@ class AnalyzeArguments:
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model"})
     out: str | None = field(default=None, metadata={"help": "write the report as JSON here"})
     plot: str | None = field(default=None, metadata={"help": "write a PNG plot (alpha per layer, ESDs) here"})
-    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
     print_layers: bool = field(default=True, metadata={"help": "print one line per layer (--no_print_layers: the overview lines only)"})
 
     def __post_init__(self):

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Literal
 
 from opentrans_hf.commands import ArgumentError, analyze, check_at_least_one, check_local_paths, prune, train
+from opentrans_hf.commands.arguments import ClipArguments, DatasetArguments, FrameworkArguments, RunArguments
 from opentrans_hf.commands.train import (
     FRAMEWORKS,
-    Framework,
     FreezeRule,
     check_benchmark,
     check_config_overrides,
@@ -48,21 +48,8 @@ from opentrans_hf.utils.locking import output_dir_lock
 
 
 @dataclass
-class DemoArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP (Hub id or dir); default: the pretrained embedded CLIP (opentrans-hf pretrain-clip; built once, cached)"})
-    dataset: str = field(default="embedded", metadata={"help": "training dataset (Hub name, save_to_disk dir, image/label folder, 'embedded')"})
-    eval_datasets: list[str] = field(default_factory=list, metadata={"help": "extra zero-shot evaluation datasets, each a spec: NAME[:SPLIT] (a dataset with class names of its own) or a .json file with its class names and label conventions (see `opentrans-hf evaluate --help`)"})
+class DemoArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArguments):
     validation_split_percentage: float | None = field(default=None, metadata={"help": "evaluate on this percentage of --dataset's train split (a fixed part chosen by --seed, left out of fine-tuning) instead of its validation split"})
-    image_column: str | None = field(default=None, metadata={"help": "image column (default: detected)"})
-    label_column: str | None = field(default=None, metadata={"help": "label-map column (default: detected)"})
-    class_names: list[str] | None = field(default=None, metadata={"help": "class names of --dataset, index = label value"})
-    id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names of --dataset"})
-    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K), for --dataset"})
-    ignore_index: int | None = field(default=None, metadata={"help": "label value of unlabelled pixels in --dataset (default: 255, or the benchmark's)"})
-    benchmark: str | None = field(default=None, metadata={"help": "train on a standard benchmark (opentrans-hf benchmarks), e.g. coco_panoptic133: its class names with synonyms and label conventions; its Hub copy unless --dataset gives the data (a prepare-dataset directory or the raw form)"})
-    holdout_classes: list[str] | None = field(default=None, metadata={"help": "classes left out of training, evaluated zero-shot ('none': train on all)"})
-    framework: Framework = field(default="deeplabv3", metadata={"help": "OVS framework"})
-    config_overrides: str | None = field(default=None, metadata={"help": "framework config settings, 'key=value,...' (as train's --config_overrides)"})
     output_dir: str = field(default="runs/demo", metadata={"help": "where everything is written"})
     estimator: Literal["opentrans", "ww"] = field(default="opentrans", metadata={"help": "alpha estimator"})
     freeze_rule: FreezeRule = field(default="median", metadata={"help": "spectral tuning rule"})
@@ -72,11 +59,7 @@ class DemoArguments:
     prune_steps_per_round: int = field(default=10, metadata={"help": "distillation steps between rounds (the paper: 5000)"})
     prune_scope: Literal["global", "layerwise"] = field(default="layerwise", metadata={"help": "magnitude ranking of the IMP rounds: layerwise (default: the same fraction of every layer, whose pruned CLIP keeps its own zero-shot at 90%%) or global (the paper's; at 90%% it strips some layers almost bare)"})
     max_steps: int = field(default=500, metadata={"help": "fine-tuning steps"})
-    batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
     learning_rate: float = field(default=1e-3, metadata={"help": "fine-tuning learning rate"})
-    embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
-    max_eval_examples: int | None = field(default=None, metadata={"help": "cap on evaluation examples per dataset"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
     no_baselines: bool = field(default=False, metadata={"help": "skip the dense fine-tuned baseline (a second fine-tuning run) and the other baseline rows"})
     no_resume: bool = field(default=False, metadata={"help": "prune from round 0 even if output_dir/prune holds the rounds of an earlier run (needed after changing a pruning setting)"})
 
@@ -113,8 +96,6 @@ def run(args: DemoArguments) -> dict:
 
 
 def _run(args: DemoArguments) -> dict:
-    from dataclasses import replace
-
     from accelerate import PartialState
 
     state = PartialState(cpu=cpu_only_multiprocess())
@@ -125,8 +106,32 @@ def _run(args: DemoArguments) -> dict:
         say("[0/4] the pretrained embedded CLIP (built once by `opentrans-hf pretrain-clip`, then cached)")
     clip = default_clip(args.model_name_or_path, state)
     t_clip = time.time() - t0
+    paths, spectral = _analysis(args, state, out, clip, say)
+    t_spectral = time.time() - t0 - t_clip
+    pruned = _pruning(args, out, clip, say)
+    t_prune = time.time() - t0 - t_clip - t_spectral
+    metrics, comparison = _finetuning(args, out, clip, pruned, say)
+    t_train = time.time() - t0 - t_clip - t_spectral - t_prune
+    summary = {
+        "clip": clip,
+        "spectral": spectral,
+        "pruning": pruned,
+        "training": {k: metrics[k] for k in ("framework", "steps", "train_seconds", "final_train_loss",
+                                             "train_classes", "holdout_classes")},
+        "eval": metrics["eval"],
+        "comparison": comparison,
+        "seconds": {"clip": round(t_clip, 1), "spectral": round(t_spectral, 1), "prune": round(t_prune, 1),
+                    "train": round(t_train, 1), "total": round(time.time() - t0, 1)},
+    }
+    if state.is_main_process:
+        _report(out, paths, pruned, metrics, comparison, summary, say)
+    state.wait_for_everyone()
+    return summary
 
-    # 1. spectral analysis of the image encoder (a look at the dense model; cheap, so the main process alone)
+
+def _analysis(args: DemoArguments, state, out: Path, clip: str, say):
+    """Step 1: spectral analysis of the image encoder (a look at the dense model; cheap, so the main process
+    alone) -> ``(paths, spectral summary or None)``."""
     say(f"[1/4] spectral analysis ({args.estimator}) of the CLIP image encoder: {clip}")
     paths, spectral = {}, None
     if state.is_main_process:
@@ -145,21 +150,27 @@ def _run(args: DemoArguments) -> dict:
         spectral = {"estimator": args.estimator, "layers": len(alphas),
                     "median_alpha": statistics.median(alphas) if alphas else None}
     state.wait_for_everyone()
-    t_spectral = time.time() - t0 - t_clip
+    return paths, spectral
 
-    # 2. semantic-agnostic IMP of the encoder -> mask adapter
+
+def _pruning(args: DemoArguments, out: Path, clip: str, say) -> dict:
+    """Step 2: semantic-agnostic IMP of the encoder -> the prune job's result (its mask adapter)."""
     say(f"[2/4] iterative magnitude pruning to {args.target_sparsity:.0%} (rate {args.prune_rate}, "
         f"{args.prune_steps_per_round} distillation steps per round, {args.prune_scope} ranking)")
-    pruned = prune.run(prune.PruneArguments(
+    return prune.run(prune.PruneArguments(
         model_name_or_path=clip, dataset=args.dataset, rate=args.prune_rate, target_sparsity=args.target_sparsity,
         steps_per_round=args.prune_steps_per_round, batch_size=args.batch_size, learning_rate=1e-4, scope=args.prune_scope,
         output_dir=str(out / "prune"), seed=args.seed, embedded_size=args.embedded_size,
         image_column=args.image_column, label_column=args.label_column,
         validation_split_percentage=args.validation_split_percentage, no_resume=args.no_resume,
     ))
-    t_prune = time.time() - t0 - t_clip - t_spectral
 
-    # 3 + 4. spectral fine-tuning of the framework with the mask applied, then evaluation
+
+def _finetuning(args: DemoArguments, out: Path, clip: str, pruned: dict, say):
+    """Steps 3 and 4: spectral fine-tuning of the framework with the mask applied, its evaluation and (unless
+    --no_baselines) the baselines -> ``(metrics, comparison or None)``."""
+    from dataclasses import replace
+
     say(f"[3/4] spectral fine-tuning ({args.freeze_rule} rule) of {args.framework} with the mask, {args.max_steps} steps")
     train_args = train.TrainArguments(
         model_name_or_path=clip, framework=args.framework, config_overrides=args.config_overrides, dataset=args.dataset, eval_datasets=list(args.eval_datasets),
@@ -172,38 +183,28 @@ def _run(args: DemoArguments) -> dict:
         benchmark=args.benchmark,
     )
     metrics = train.run(train_args)
-    t_train = time.time() - t0 - t_clip - t_spectral - t_prune
     say("[4/4] evaluation (zero-shot on the held-out classes)" + ("" if args.no_baselines else
         ", beside the baselines: the same framework fine-tuned dense, the dense CLIP untrained, random labels"))
-    table = results_table(metrics["eval"])
     comparison = None
     if not args.no_baselines:
         dense = train.run(replace(train_args, mask=None, freeze_rule=None, spectral_warmup_steps=0,
                                   output_dir=str(out / "dense")))
         comparison = baseline_rows(train_args, clip, metrics, dense, make_accelerator(), pruned=pruned)  # every process: sharded
-    summary = {
-        "clip": clip,
-        "spectral": spectral,
-        "pruning": pruned,
-        "training": {k: metrics[k] for k in ("framework", "steps", "train_seconds", "final_train_loss",
-                                             "train_classes", "holdout_classes")},
-        "eval": metrics["eval"],
-        "comparison": comparison,
-        "seconds": {"clip": round(t_clip, 1), "spectral": round(t_spectral, 1), "prune": round(t_prune, 1),
-                    "train": round(t_train, 1), "total": round(time.time() - t0, 1)},
-    }
-    if state.is_main_process:
-        paths["pruned_mask"] = Path(pruned["mask"])
-        paths.update(read_json(out / "train" / "outputs.json", "training outputs"))  # written by the train job
-        paths["summary"] = atomic_write_text(out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
-        say("\n" + table)
-        if comparison is not None:
-            say(f"\n{comparison_table(comparison)}")
-        say(f"\nfinished in {summary['seconds']['total']:.0f} s; outputs:")
-        for k, v in paths.items():
-            say(f"  {k:17s} {v}")
-    state.wait_for_everyone()
-    return summary
+    return metrics, comparison
+
+
+def _report(out: Path, paths: dict, pruned: dict, metrics: dict, comparison, summary: dict, say) -> None:
+    """On the main process: ``summary.json``, the tables and where every output is."""
+    table = results_table(metrics["eval"])
+    paths["pruned_mask"] = Path(pruned["mask"])
+    paths.update(read_json(out / "train" / "outputs.json", "training outputs"))  # written by the train job
+    paths["summary"] = atomic_write_text(out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
+    say("\n" + table)
+    if comparison is not None:
+        say(f"\n{comparison_table(comparison)}")
+    say(f"\nfinished in {summary['seconds']['total']:.0f} s; outputs:")
+    for k, v in paths.items():
+        say(f"  {k:17s} {v}")
 
 
 def uniform_random_labels(seed: int = 0):

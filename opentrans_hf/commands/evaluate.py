@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_prompt_templates
+from opentrans_hf.commands.arguments import RunArguments
 from opentrans_hf.data.assembly import load_eval_splits
 from opentrans_hf.data.benchmarks import get_benchmark
 from opentrans_hf.data.specs import parse_dataset_spec
@@ -47,8 +48,8 @@ from opentrans_hf.utils.io import atomic_write_text, json_safe
 
 
 @dataclass
-class EvaluateArguments:
-    model: str = field(metadata={"help": "trained framework: output_dir/model of a training run, or a Hub id"})
+class EvaluateArguments(RunArguments):
+    model: str = field(kw_only=True, metadata={"help": "trained framework: output_dir/model of a training run, or a Hub id"})
     datasets: list[str] | None = field(default=None, metadata={"help": "dataset specs, each NAME[:SPLIT] (a dataset with class names of its own: 'embedded', a benchmark name, a prepared benchmark directory, a Hub dataset, a save_to_disk dir or an image/label folder) or a .json spec file with its class names and label conventions (see above). Default: embedded:validation, unless --benchmark is given"})
     benchmark: list[str] | None = field(default=None, metadata={"help": "standard benchmarks to evaluate on, by name (opentrans-hf benchmarks lists them): each its Hub copy with its class names, synonyms, label conventions and the field's evaluation protocol (a benchmark without a Hub copy: prepare it with opentrans-hf prepare-dataset and give the directory in --datasets)"})
     class_names: list[str] | None = field(default=None, metadata={"help": "class names, index = label value (one NAME[:SPLIT] dataset only)"})
@@ -58,9 +59,7 @@ class EvaluateArguments:
     image_column: str | None = field(default=None, metadata={"help": "image column; default: detected (one NAME[:SPLIT] dataset only)"})
     label_column: str | None = field(default=None, metadata={"help": "label-map column; default: detected (one NAME[:SPLIT] dataset only)"})
     image_size: int | None = field(default=None, metadata={"help": "evaluation resolution (default: the model's)"})
-    batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
     max_examples: int | None = field(default=None, metadata={"help": "cap on examples per dataset"})
-    embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
     seed: int = field(default=0, metadata={"help": "random seed (embedded dataset)"})
     out: str | None = field(default=None, metadata={"help": "write the results as JSON here (metrics as fractions of 1) and the table (percent) beside it as .md"})
     eval_resize: str | None = field(default=None, metadata={"choices": ["square", "shortest_side"], "help": "square: image and label resized to --image_size x --image_size; shortest_side: the field's protocol (shorter side --shortest_side, longer at most --max_size, sliding --image_size windows, scored at the label's original size). Default: shortest_side for benchmark datasets (with the benchmark's sizes) or when --shortest_side / --max_size are given, else square"})

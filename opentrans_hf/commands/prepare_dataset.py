@@ -17,24 +17,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one
+from opentrans_hf.commands.arguments import ProgressArguments
 from opentrans_hf.data.benchmarks.prepare import SPLITS, prepare_benchmark
 from opentrans_hf.data.benchmarks.registry import get_benchmark
 from opentrans_hf.utils.locking import LOCK_NAME, output_dir_lock
 
 
 @dataclass
-class PrepareDatasetArguments:
-    benchmark: str = field(metadata={"help": "the benchmark: coco_panoptic133, coco_stuff171, ade150, ade847, pc59, "
+class PrepareDatasetArguments(ProgressArguments):
+    benchmark: str = field(kw_only=True, metadata={"help": "the benchmark: coco_panoptic133, coco_stuff171, ade150, ade847, pc59, "
                                              "pc459, voc20, voc21, cityscapes19 (may also be given as the first "
                                              "positional argument)"})
-    raw_dir: str = field(metadata={"help": "folder holding the official release's top folder (e.g. the parent of "
+    raw_dir: str = field(kw_only=True, metadata={"help": "folder holding the official release's top folder (e.g. the parent of "
                                            "ADEChallengeData2016), or that folder itself"})
-    output_dir: str = field(metadata={"help": "where to write the prepared DatasetDict (save_to_disk), "
+    output_dir: str = field(kw_only=True, metadata={"help": "where to write the prepared DatasetDict (save_to_disk), "
                                               "id2label.json and benchmark.json"})
     splits: list[str] = field(default_factory=lambda: ["validation"], metadata={"help": "splits to prepare: validation and/or train (ADE training/validation, VOC and Pascal Context train/val lists, COCO train2017/val2017, Cityscapes train/val)"})
     max_examples: int | None = field(default=None, metadata={"help": "at most this many examples per split (the first ones, in file order), for quick trials"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing non-empty --output_dir (it is replaced only once the new dataset is complete)"})
-    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
 
     def __post_init__(self):
         try:

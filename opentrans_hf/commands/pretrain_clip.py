@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one
+from opentrans_hf.commands.arguments import ProgressArguments
 from opentrans_hf.training.pretraining import PRETRAINING_DEFAULTS, pretrain_clip, pretrained_clip
 from opentrans_hf.utils.distributed import cpu_only_multiprocess, make_accelerator
 from opentrans_hf.utils.io import read_json
@@ -28,7 +29,7 @@ from opentrans_hf.utils.locking import output_dir_lock
 
 
 @dataclass
-class PretrainClipArguments:
+class PretrainClipArguments(ProgressArguments):
     size: Literal["tiny", "small"] = field(default="small", metadata={"help": "CLIP size: small (the jobs' default CLIP, a few minutes on 2 CPU cores) or tiny (tests)"})
     seed: int = field(default=0, metadata={"help": "random seed (initialisation, images, batches)"})
     output_dir: str | None = field(default=None, metadata={"help": "where to write the checkpoint (default: the cache entry the other jobs use, built only if missing)"})
@@ -36,7 +37,6 @@ class PretrainClipArguments:
     batch_size: int | None = field(default=None, metadata={"help": "per-process batch size (default: the size's recipe)"})
     learning_rate: float | None = field(default=None, metadata={"help": "AdamW peak learning rate, cosine schedule (default: the size's recipe)"})
     num_examples: int | None = field(default=None, metadata={"help": "captioned images rendered for pretraining (default: the size's recipe)"})
-    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
 
     def __post_init__(self):
         check_at_least_one(self, "max_steps", "batch_size", "num_examples")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_percentage
+from opentrans_hf.commands.arguments import ClipArguments, RunArguments
 from opentrans_hf.data.assembly import distillation_split, make_loader
 from opentrans_hf.methods.sparse_mask.counting import count_params_and_flops
 from opentrans_hf.methods.sparse_mask.imp import IMPConfig, iterative_magnitude_prune
@@ -33,8 +34,7 @@ from opentrans_hf.utils.locking import output_dir_lock
 
 
 @dataclass
-class PruneArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint (Hub id or dir); default: the pretrained embedded CLIP (opentrans-hf pretrain-clip; built once, cached)"})
+class PruneArguments(RunArguments, ClipArguments):
     dataset: str = field(default="embedded", metadata={"help": "Hub dataset, save_to_disk dir, image/label folder, or 'embedded'"})
     split: str = field(default="train", metadata={"help": "split of --dataset to distil on"})
     image_column: str | None = field(default=None, metadata={"help": "image column (default: detected)"})
@@ -44,7 +44,6 @@ class PruneArguments:
     num_rounds: int | None = field(default=None, metadata={"help": "rounds (default: enough for --target_sparsity, else 22)"})
     target_sparsity: float | None = field(default=None, metadata={"help": "stop at the first round reaching this sparsity"})
     steps_per_round: int = field(default=5000, metadata={"help": "distillation steps between rounds (the paper's 5000)"})
-    batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the distillation"})
     scope: Literal["global", "layerwise", "alpha", "random", "structured", "structured-layerwise", "2:4"] = field(default="global", metadata={"help": "magnitude ranking: global (the paper), per layer, or alpha-allocated; random: the paper's Random baseline, a random mask of the same sparsity drawn by --seed (nested across rounds); structured: whole attention heads and MLP neurons (importance: L1 / weights of the unit, ranked globally; structured-layerwise: the same fraction of each layer's units), a mask that SparseMask.compact turns into a smaller model; 2:4: one round keeping 2 of every 4 consecutive weights per row (50%%, for SparseMask.export(model, '2:4') on CUDA)"})
     max_layer_sparsity: float = field(default=0.99, metadata={"help": "global and structured scopes: at most this fraction of one layer pruned, the rest taken elsewhere (1.0: no cap; structured: below 1 keeps a head and a neuron per layer)"})
@@ -52,8 +51,6 @@ class PruneArguments:
     output_dir: str = field(default="runs/prune", metadata={"help": "where rounds, the final mask and counts are written"})
     no_resume: bool = field(default=False, metadata={"help": "start from round 0 even if output_dir holds a finished round"})
     ignore_checkpoint_mismatch: bool = field(default=False, metadata={"help": "resume even if the saved rounds were made with other settings (the differences are printed)"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
     push_to_hub: bool = field(default=False, metadata={"help": "push the final mask adapter"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub"})
 

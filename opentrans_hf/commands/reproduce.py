@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, prune, train
+from opentrans_hf.commands.arguments import ClipArguments, EmbeddedArguments
 from opentrans_hf.commands.train import FRAMEWORKS, TrainArguments
 from opentrans_hf.data.assembly import load_training_data, make_loader
 from opentrans_hf.methods.sparse_mask import SparseMask
@@ -88,8 +89,7 @@ NOISE_RULE = "|difference of means| < 2 x pooled sample std of the two rows (ove
 
 
 @dataclass
-class ReproduceArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint (Hub id or dir); default: the pretrained embedded CLIP (opentrans-hf pretrain-clip; built once, cached)"})
+class ReproduceArguments(EmbeddedArguments, ClipArguments):
     output_dir: str = field(default="runs/reproduce", metadata={"help": "where every sub-run and the results are written"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seeds: every row is trained once per seed (mean +- std over them); --quick uses the first only"})
     quick: bool = field(default=False, metadata={"help": f"the first seed only, --max_steps {QUICK_MAX_STEPS}, at most {QUICK_MAX_EVAL_EXAMPLES} evaluation examples and a shorter IMP schedule (--prune_rate {QUICK_PRUNE_RATE}, --prune_steps_per_round {QUICK_PRUNE_STEPS_PER_ROUND}, in output_dir/prune_quick) unless those flags are given: a few minutes on 2 CPU cores"})
@@ -104,7 +104,6 @@ class ReproduceArguments:
     prune_scope: str = field(default=PRUNE_SCOPE, metadata={"help": f"IMP's magnitude ranking, as prune --scope (default {PRUNE_SCOPE!r}: the same fraction of every layer, whose pruned CLIP keeps its zero-shot best on the embedded benchmark; the paper: 'global')"})
     batch_size: int = field(default=8, metadata={"help": "batch size of pruning and fine-tuning"})
     learning_rate: float | None = field(default=MINIATURE_LEARNING_RATE, metadata={"help": f"fine-tuning learning rate of the heads (the encoder's: times the framework's backbone multiplier); the rest of each framework's solver is its own. Default {MINIATURE_LEARNING_RATE:g} (the references' 1e-4 is for long schedules); none: each framework's default"})
-    embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
     max_eval_examples: int | None = field(default=None, metadata={"help": f"cap on evaluation examples (default: all; --quick: {QUICK_MAX_EVAL_EXAMPLES})"})
     no_resume: bool = field(default=False, metadata={"help": "prune from round 0 even if output_dir/prune (or prune_quick) holds the rounds of an earlier run (needed after changing a pruning setting)"})
 
@@ -307,45 +306,9 @@ def _run_record(metrics: dict, out_dir: Path) -> dict:
 
 
 def _table1(args, clip, out, seeds, state, say, dense_runs: dict) -> dict:
-    from transformers import CLIPVisionModel
-
-    schedule = resolved_prune(args)
-    say(f"[table 1] IMP of the bare CLIP image encoder to {args.target_sparsity:.0%} (rate {schedule['rate']}, "
-        f"{schedule['steps_per_round']} distillation steps per round, {args.prune_scope} ranking), once")
-    pruned = prune.run(prune.PruneArguments(
-        model_name_or_path=clip, rate=schedule["rate"], target_sparsity=args.target_sparsity,
-        steps_per_round=schedule["steps_per_round"], batch_size=args.batch_size, learning_rate=args.prune_learning_rate,
-        output_dir=str(out / schedule["dir"]), seed=seeds[0], embedded_size=args.embedded_size,
-        no_resume=args.no_resume, scope=args.prune_scope))
-    ours = SparseMask.from_pretrained(pruned["mask"])
-    with quiet_loading():
-        vision = CLIPVisionModel.from_pretrained(clip)
+    pruned, vision, ours, mask_dirs = _table1_masks(args, clip, out, seeds, state, say)
     ours_layers = ours.layer_sparsity()
-
-    def random_masks():  # the main process draws and saves them; every process then reads the same files
-        made = {}
-        for seed in seeds:
-            mask = magnitude_prune(vision, None, scope="random", like=ours, seed=seed)
-            path = out / "masks" / f"random-seed{seed}"
-            mask.save_pretrained(path)
-            made[seed] = str(path)
-        return made
-
-    on_main_process(state, random_masks)
-    mask_dirs = {"dense": {s: None for s in seeds}, "ours": {s: pruned["mask"] for s in seeds},
-                 "random": {s: str(out / "masks" / f"random-seed{s}") for s in seeds}}
-    counts = {}
-    for row in TABLE1_ROWS:
-        counts[row] = {}
-        for seed in seeds:
-            mask = SparseMask.from_pretrained(mask_dirs[row][seed]) if mask_dirs[row][seed] else None
-            c = count_params_and_flops(vision, mask)
-            counts[row][seed] = {
-                "params": c["params"], "effective_params": c["effective_params"],
-                "inference_flops": 2 * c["macs"], "effective_inference_flops": 2 * c["effective_macs"],
-                "sparsity": mask.sparsity if mask is not None else 0.0,
-                "same_layer_sparsity_as_ours": (mask.layer_sparsity() == ours_layers) if mask is not None else None,
-                "mask": mask_dirs[row][seed], **_clip_zero_shot(args, clip, pruned, row, mask, seeds[0])}
+    counts = _table1_counts(args, clip, pruned, vision, ours_layers, mask_dirs, seeds)
     table = {"framework_rows": {}, "pruning": {k: pruned[k] for k in ("sparsity", "rounds", "mask")},
              "ours_layer_sparsity": ours_layers}
     n = len(args.frameworks) * len(TABLE1_ROWS) * len(seeds)
@@ -371,6 +334,56 @@ def _table1(args, clip, out, seeds, state, say, dense_runs: dict) -> dict:
                  table["framework_rows"][fw]["random"], "Ours", "Random")
         for fw in args.frameworks]
     return table
+
+
+def _table1_masks(args, clip, out, seeds, state, say):
+    """Table 1's masks: IMP of the bare CLIP image encoder, once (Ours), and one Random mask per seed with
+    Ours' per-layer sparsity -> ``(pruned, vision encoder, Ours, {row: {seed: mask dir or None}})``."""
+    from transformers import CLIPVisionModel
+
+    schedule = resolved_prune(args)
+    say(f"[table 1] IMP of the bare CLIP image encoder to {args.target_sparsity:.0%} (rate {schedule['rate']}, "
+        f"{schedule['steps_per_round']} distillation steps per round, {args.prune_scope} ranking), once")
+    pruned = prune.run(prune.PruneArguments(
+        model_name_or_path=clip, rate=schedule["rate"], target_sparsity=args.target_sparsity,
+        steps_per_round=schedule["steps_per_round"], batch_size=args.batch_size, learning_rate=args.prune_learning_rate,
+        output_dir=str(out / schedule["dir"]), seed=seeds[0], embedded_size=args.embedded_size,
+        no_resume=args.no_resume, scope=args.prune_scope))
+    ours = SparseMask.from_pretrained(pruned["mask"])
+    with quiet_loading():
+        vision = CLIPVisionModel.from_pretrained(clip)
+
+    def random_masks():  # the main process draws and saves them; every process then reads the same files
+        made = {}
+        for seed in seeds:
+            mask = magnitude_prune(vision, None, scope="random", like=ours, seed=seed)
+            path = out / "masks" / f"random-seed{seed}"
+            mask.save_pretrained(path)
+            made[seed] = str(path)
+        return made
+
+    on_main_process(state, random_masks)
+    mask_dirs = {"dense": {s: None for s in seeds}, "ours": {s: pruned["mask"] for s in seeds},
+                 "random": {s: str(out / "masks" / f"random-seed{s}") for s in seeds}}
+    return pruned, vision, ours, mask_dirs
+
+
+def _table1_counts(args, clip, pruned: dict, vision, ours_layers: dict, mask_dirs: dict, seeds) -> dict:
+    """``{row: {seed: ...}}``: the encoder's parameters and inference FLOPs under the row's mask, its sparsity
+    and the row's CLIP zero-shot (a collective for a Random mask)."""
+    counts = {}
+    for row in TABLE1_ROWS:
+        counts[row] = {}
+        for seed in seeds:
+            mask = SparseMask.from_pretrained(mask_dirs[row][seed]) if mask_dirs[row][seed] else None
+            c = count_params_and_flops(vision, mask)
+            counts[row][seed] = {
+                "params": c["params"], "effective_params": c["effective_params"],
+                "inference_flops": 2 * c["macs"], "effective_inference_flops": 2 * c["effective_macs"],
+                "sparsity": mask.sparsity if mask is not None else 0.0,
+                "same_layer_sparsity_as_ours": (mask.layer_sparsity() == ours_layers) if mask is not None else None,
+                "mask": mask_dirs[row][seed], **_clip_zero_shot(args, clip, pruned, row, mask, seeds[0])}
+    return counts
 
 
 def _clip_zero_shot(args, clip, pruned: dict, row: str, mask, seed: int) -> dict:

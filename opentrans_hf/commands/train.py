@@ -31,6 +31,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_percentage
+from opentrans_hf.commands.arguments import (
+    FRAMEWORKS,
+    ClipArguments,
+    DatasetArguments,
+    Framework,  # noqa: F401 - importable from here as before
+    FrameworkArguments,
+    RunArguments,
+)
 from opentrans_hf.data.assembly import EMBEDDED
 from opentrans_hf.data.benchmarks import get_benchmark
 from opentrans_hf.data.specs import parse_dataset_spec
@@ -42,31 +50,16 @@ from opentrans_hf.training.optim import resolve_solver
 from opentrans_hf.training.trainer import config_overrides, framework_class, run_training
 from opentrans_hf.training.warmup import check_warmup_config, spectral_config_of
 
-FRAMEWORKS = ("deeplabv3", "mask2former", "fcclip")
-Framework = Literal[FRAMEWORKS]
 FreezeRule = Literal[FREEZE_RULES]
 Scheduler = Literal[SCHEDULERS]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
 @dataclass
-class TrainArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint: Hub id or local dir. Default: the pretrained embedded CLIP (opentrans-hf pretrain-clip; built once, cached); no weights are downloaded."})
-    framework: Framework = field(default="deeplabv3", metadata={"help": "OVS framework"})
-    dataset: str = field(default=EMBEDDED, metadata={"help": "training data: Hub dataset name, save_to_disk dir, image/label folder, or 'embedded' (procedural)"})
+class TrainArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArguments):
     train_split: str = field(default="train", metadata={"help": "split of --dataset to train on"})
     eval_split: str | None = field(default=None, metadata={"help": "split of --dataset to evaluate on (default: validation); not with --validation_split_percentage"})
     validation_split_percentage: float | None = field(default=None, metadata={"help": "evaluate on this percentage of --train_split instead of --eval_split: a fixed part (chosen by --seed), left out of training"})
-    eval_datasets: list[str] = field(default_factory=list, metadata={"help": "extra zero-shot evaluation datasets, each a spec: NAME[:SPLIT] (a dataset with class names of its own) or a .json file with its class names and label conventions (see the description)"})
-    image_column: str | None = field(default=None, metadata={"help": "image column of --dataset (default: detected)"})
-    label_column: str | None = field(default=None, metadata={"help": "label-map column of --dataset (default: detected)"})
-    class_names: list[str] | None = field(default=None, metadata={"help": "class names of --dataset, index = label value"})
-    id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names of --dataset"})
-    holdout_classes: list[str] | None = field(default=None, metadata={"help": "classes left out of training (labels ignored), evaluated zero-shot ('none': train on all). Default for the embedded dataset: its held-out classes"})
-    reduce_labels: bool = field(default=False, metadata={"help": "label 0 -> ignore, others -1 (ADE20K), for --dataset"})
-    ignore_index: int | None = field(default=None, metadata={"help": "label value of unlabelled pixels in --dataset (default: 255, or the benchmark's)"})
-    benchmark: str | None = field(default=None, metadata={"help": "train on a standard benchmark (opentrans-hf benchmarks), e.g. coco_panoptic133: its class names with synonyms and label conventions; its Hub copy unless --dataset gives the data (a prepare-dataset directory or the raw form)"})
-    config_overrides: str | None = field(default=None, metadata={"help": "framework config settings, 'key=value,key=value' as transformers' PretrainedConfig.update_from_string reads them, e.g. 'clip_residual=true,aspp_channels=128' (see the framework's config class)"})
     image_size: int | None = field(default=None, metadata={"help": "train/eval resolution (default: CLIP's image size)"})
     spectral_config: str | None = field(default=None, metadata={"help": "SpectralTuningConfig: adapter dir / Hub id or a JSON file"})
     freeze_rule: FreezeRule | None = field(default=None, metadata={"help": "spectral tuning of the vision encoder with this rule when no --spectral_config (default: no spectral tuning)"})
@@ -74,7 +67,6 @@ class TrainArguments:
     mask: str | None = field(default=None, metadata={"help": "SparseMask adapter dir or Hub id, applied to the CLIP image encoder"})
     num_epochs: float = field(default=3.0, metadata={"help": "epochs over the training split (ignored when --max_steps > 0)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; a positive value overrides --num_epochs"})
-    batch_size: int = field(default=8, metadata={"help": "per-process batch size"})
     learning_rate: float | None = field(default=None, metadata={"help": "AdamW learning rate of the heads (default: the framework's solver: deeplabv3 1e-3, mask2former/fcclip 1e-4)"})
     backbone_lr_multiplier: float | None = field(default=None, metadata={"help": "the CLIP's parameters train at learning_rate x this (default: the framework's: deeplabv3 1.0, mask2former/fcclip 0.1)"})
     weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay (default: the framework's: deeplabv3 0.01, mask2former/fcclip 0.05)"})
@@ -86,17 +78,14 @@ class TrainArguments:
     max_grad_norm: float | None = field(default=None, metadata={"help": "clip the gradient of all trainable parameters to this L2 norm; 0: no clipping (default: the framework's: mask2former/fcclip 0.01, deeplabv3 none)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     mixed_precision: MixedPrecision = field(default="no", metadata={"help": "Accelerate mixed precision"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
     output_dir: str = field(default="runs/train", metadata={"help": "where everything is written"})
     checkpointing_steps: int | None = field(default=None, metadata={"help": "save the full training state every N steps (default: never)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir, or 'latest' (the complete checkpoint in --output_dir with the highest recorded step); refused if it was made with other arguments"})
     ignore_checkpoint_mismatch: bool = field(default=False, metadata={"help": "resume even if the checkpoint was made with other arguments (the differences are printed)"})
     eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (and always at the end)"})
-    max_eval_examples: int | None = field(default=None, metadata={"help": "cap on evaluation examples per dataset"})
     report_to: str | None = field(default=None, metadata={"help": "accelerate trackers (tensorboard, wandb, ...)"})
     push_to_hub: bool = field(default=False, metadata={"help": "push the trained model and adapters"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub"})
-    embedded_size: int = field(default=192, metadata={"help": "examples in the embedded dataset's train split"})
 
     def __post_init__(self):
         if self.framework not in FRAMEWORKS:

@@ -355,6 +355,34 @@ def predict_images(model, images: Sequence, classes: Sequence, output_dir: str |
     void (255 in 8-bit, 65535 in 16-bit label maps; counted apart as ``"void"``). With ``check_first``
     every image file is read before the first prediction, so a bad one stops the job with nothing
     written (:func:`check_images`). ``progress``: an optional ``callable(done, total)``."""
+    classes, names, images, keys = _checked_inputs(classes, names, images, batch_size, alpha)
+    if check_first:
+        check_images(images)
+    k = len(classes)
+    void_out = 255 if k <= 255 else 65535
+    palette = label_palette(k)
+    stems = output_stems(images)
+    out = Path(output_dir)
+    record = {"model": model_name, "classes": names,
+              "prompts": {n: list(c) for n, c in zip(names, classes) if not isinstance(c, str) or c != n},
+              "allow_void": bool(allow_void), "void_value": void_out, "images": {}}
+    for start in range(0, len(images), batch_size):
+        chunk = [load_image(im) for im in images[start: start + batch_size]]
+        with _void_value(model, k, allow_void) as void_in:
+            preds = model.predict(chunk, list(classes), batch_size=batch_size, allow_void=allow_void)
+        for j, (rgb, pred) in enumerate(zip(chunk, preds)):
+            i = start + j
+            record["images"][keys[i]] = _write_prediction(rgb, pred, out, stems[i], names, palette, alpha,
+                                                          void_in if allow_void else None)
+            if progress is not None:
+                progress(i + 1, len(images))
+    atomic_write_text(out / AREAS_FILE, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return record
+
+
+def _checked_inputs(classes, names, images, batch_size: int, alpha: float):
+    """:func:`predict_images`' arguments checked -> ``(classes, display names, images, their keys in
+    areas.json)``."""
     classes = check_class_names(classes)
     names = [display_name(c) for c in classes] if names is None else [str(n) for n in names]
     if len(names) != len(classes):
@@ -373,34 +401,20 @@ def predict_images(model, images: Sequence, classes: Sequence, output_dir: str |
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
         raise ValueError(f"images given twice: {twice}")
-    if check_first:
-        check_images(images)
-    k = len(classes)
-    void_out = 255 if k <= 255 else 65535
-    palette = label_palette(k)
-    stems = output_stems(images)
-    out = Path(output_dir)
-    record = {"model": model_name, "classes": names,
-              "prompts": {n: list(c) for n, c in zip(names, classes) if not isinstance(c, str) or c != n},
-              "allow_void": bool(allow_void), "void_value": void_out, "images": {}}
-    for start in range(0, len(images), batch_size):
-        chunk = [load_image(im) for im in images[start: start + batch_size]]
-        with _void_value(model, k, allow_void) as void_in:
-            preds = model.predict(chunk, list(classes), batch_size=batch_size, allow_void=allow_void)
-        for j, (rgb, pred) in enumerate(zip(chunk, preds)):
-            i = start + j
-            labels = _labels_array(pred)
-            ignore = void_in if allow_void else None
-            save_png(label_image(labels, k, ignore), out / f"{stems[i]}.labels.png")
-            save_png(overlay_with_legend(rgb, labels, names, ignore=ignore, alpha=alpha, palette=palette),
-                     out / f"{stems[i]}.overlay.png")
-            entry = {"size": [int(labels.shape[0]), int(labels.shape[1])], "areas": class_areas(labels, names, ignore),
-                     "labels": f"{stems[i]}.labels.png", "overlay": f"{stems[i]}.overlay.png"}
-            if allow_void:
-                void = int((labels == ignore).sum())
-                entry["void"] = {"pixels": void, "fraction": void / labels.size}
-            record["images"][keys[i]] = entry
-            if progress is not None:
-                progress(i + 1, len(images))
-    atomic_write_text(out / AREAS_FILE, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    return record
+    return classes, names, images, keys
+
+
+def _write_prediction(rgb, pred, out: Path, stem: str, names: list, palette, alpha: float, ignore) -> dict:
+    """One image's label PNG and overlay -> its ``areas.json`` entry (``ignore``: the model's void value, or
+    None when every pixel gets a class)."""
+    k = len(names)
+    labels = _labels_array(pred)
+    save_png(label_image(labels, k, ignore), out / f"{stem}.labels.png")
+    save_png(overlay_with_legend(rgb, labels, names, ignore=ignore, alpha=alpha, palette=palette),
+             out / f"{stem}.overlay.png")
+    entry = {"size": [int(labels.shape[0]), int(labels.shape[1])], "areas": class_areas(labels, names, ignore),
+             "labels": f"{stem}.labels.png", "overlay": f"{stem}.overlay.png"}
+    if ignore is not None:
+        void = int((labels == ignore).sum())
+        entry["void"] = {"pixels": void, "fraction": void / labels.size}
+    return entry

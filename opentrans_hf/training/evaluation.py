@@ -100,8 +100,6 @@ def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: i
     """
     import time
 
-    import torch.nn.functional as F
-
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
@@ -119,27 +117,12 @@ def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: i
     was_training = model.training
     model.eval()
     show = accelerator is None or accelerator.is_main_process
-    windows = 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     with tqdm(total=len(idx), desc=desc, unit="img", disable=not show, leave=False) as bar:
-        if sliding:
-            for i in idx:
-                x, y = split[i]
-                windows += len(sliding_windows(*x.shape[-2:], window, stride))
-                pred = model.predict_sliding(x, names, window=window, stride=stride, batch_size=batch_size)
-                if tuple(pred.shape) != tuple(y.shape):
-                    pred = F.interpolate(pred[None, None].float(), size=tuple(y.shape), mode="nearest")[0, 0].long()
-                metric.update(pred.to(device), y.to(device))
-                bar.update(1)
-        else:
-            for start in range(0, len(idx), batch_size):
-                batch = collate_segmentation([split[i] for i in idx[start : start + batch_size]])
-                preds = model.predict(batch["pixel_values"].to(device), names, allow_void=False)
-                preds = torch.stack([p.to(device) for p in preds]) if isinstance(preds, (list, tuple)) else preds
-                metric.update(preds, batch["labels"].to(device))
-                bar.update(len(batch["pixel_values"]))
+        windows = _score_examples(model, split, idx, names, metric, device, batch_size, bar,
+                                  (window, stride) if sliding else None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
@@ -149,13 +132,47 @@ def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: i
         raise ValueError(f"{getattr(split, 'name', desc)}: none of the {n} evaluated examples has a labelled pixel "
                          f"(every label is the ignore index {ignore_index}): nothing to score")
     if timing is not None:
-        timing.update(images=len(idx), seconds=seconds, processes=world, images_total=n)
-        if sliding:
-            counts = torch.tensor([windows, len(idx)], dtype=torch.long)
-            if accelerator is not None and world > 1:
-                counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
-            timing.update(windows_per_image=int(counts[0]) / max(int(counts[1]), 1), window=window, stride=stride)
+        _fill_timing(timing, accelerator, len(idx), seconds, world, n, (windows, window, stride) if sliding else None)
     return metrics_from_confusion(confusion, class_names)
+
+
+def _score_examples(model, split, idx, names, metric, device, batch_size: int, bar, sliding) -> int:
+    """Predict the examples ``idx`` of ``split`` and add them to ``metric``: by sliding windows (``sliding``
+    = ``(window, stride)``, one image at a time, the prediction resized to the label's size) or in batches
+    of the square resize (``sliding`` None). Returns the number of windows predicted."""
+    import torch.nn.functional as F
+
+    windows = 0
+    if sliding:
+        window, stride = sliding
+        for i in idx:
+            x, y = split[i]
+            windows += len(sliding_windows(*x.shape[-2:], window, stride))
+            pred = model.predict_sliding(x, names, window=window, stride=stride, batch_size=batch_size)
+            if tuple(pred.shape) != tuple(y.shape):
+                pred = F.interpolate(pred[None, None].float(), size=tuple(y.shape), mode="nearest")[0, 0].long()
+            metric.update(pred.to(device), y.to(device))
+            bar.update(1)
+    else:
+        for start in range(0, len(idx), batch_size):
+            batch = collate_segmentation([split[i] for i in idx[start : start + batch_size]])
+            preds = model.predict(batch["pixel_values"].to(device), names, allow_void=False)
+            preds = torch.stack([p.to(device) for p in preds]) if isinstance(preds, (list, tuple)) else preds
+            metric.update(preds, batch["labels"].to(device))
+            bar.update(len(batch["pixel_values"]))
+    return windows
+
+
+def _fill_timing(timing: dict, accelerator, images: int, seconds: float, world: int, n: int, sliding) -> None:
+    """:func:`evaluate_segmentation`'s ``timing``; ``sliding`` = ``(windows, window, stride)`` of this
+    process (the windows per image averaged over every process's images) or None."""
+    timing.update(images=images, seconds=seconds, processes=world, images_total=n)
+    if sliding:
+        windows, window, stride = sliding
+        counts = torch.tensor([windows, images], dtype=torch.long)
+        if accelerator is not None and world > 1:
+            counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+        timing.update(windows_per_image=int(counts[0]) / max(int(counts[1]), 1), window=window, stride=stride)
 
 
 def evaluate_splits(model, splits: dict, *, seen_classes: list[str] | None = None, batch_size: int = 8,

@@ -157,34 +157,12 @@ def pretrain_clip(output_dir: str | Path, size: str = "small", seed: int = 0, *,
     ``accelerator``: an Accelerate ``Accelerator`` to train data-parallel (each process draws its own
     batches); None: this process alone, on the CPU."""
     from tqdm.auto import tqdm
-    from transformers import CLIPModel, get_cosine_schedule_with_warmup
 
-    if size not in PRETRAINING_DEFAULTS:
-        raise ValueError(f"no pretraining recipe for CLIP size {size!r}; choose one of {sorted(PRETRAINING_DEFAULTS)}")
-    d = PRETRAINING_DEFAULTS[size]
-    max_steps = d["max_steps"] if max_steps is None else max_steps
-    batch_size = d["batch_size"] if batch_size is None else batch_size
-    learning_rate = d["learning_rate"] if learning_rate is None else learning_rate
-    num_examples = d["num_examples"] if num_examples is None else num_examples
-    if not 1 <= batch_size <= num_examples:
-        raise ValueError(f"batch_size {batch_size} must be between 1 and num_examples {num_examples} (each batch "
-                         "draws distinct images)")
+    max_steps, batch_size, learning_rate, num_examples = _pretraining_recipe(
+        size, max_steps, batch_size, learning_rate, num_examples)
     t0 = time.time()
-
-    tok = build_clip_tokenizer()
-    config = random_clip_config(size, tokenizer=tok)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        clip = CLIPModel(config)
-    data = CaptionedImages(num_examples, config.vision_config.image_size, seed)
-    classifier = OpenVocabClassifier(DEFAULT_TEMPLATES, config.projection_dim)
-    decay = [p for n, p in clip.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    rest = [p for n, p in clip.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=learning_rate, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, max_steps // 20), max_steps)
-    if accelerator is not None:
-        clip, optimizer, scheduler = accelerator.prepare(clip, optimizer, scheduler)
+    tok, config, clip, data, classifier, optimizer, scheduler = _pretraining_setup(
+        size, seed, max_steps, learning_rate, num_examples, accelerator)
     model = accelerator.unwrap_model(clip) if accelerator is not None else clip
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
@@ -204,23 +182,7 @@ def pretrain_clip(output_dir: str | Path, size: str = "small", seed: int = 0, *,
         patch_logits = dense_class_logits(model, out.vision_model_output.last_hidden_state[:, 1:, :], class_emb)
         losses = caption_losses(out, patch_logits, present)
         loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
-        bad = not torch.isfinite(loss)
-        if accelerator is not None and accelerator.num_processes > 1:  # every process stops at the same step
-            bad = accelerator.reduce(torch.tensor(float(bad), device=device), reduction="sum").item() > 0
-        if bad:
-            raise FloatingPointError(f"pretraining diverged at step {step}: a non-finite loss (this process: "
-                                     f"{ {k: round(v.item(), 4) for k, v in losses.items()} }); nothing was written")
-        if accelerator is not None:
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(clip.parameters(), 1.0)
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # CLIP clamps its temperature at 100
-            model.logit_scale.clamp_(0, math.log(100))
+        _pretraining_step(accelerator, clip, model, optimizer, scheduler, step, loss, losses, device)
         if step % 50 == 0 or step == max_steps - 1:
             history.append({"step": step, **{k: round(v.item(), 4) for k, v in losses.items()}})
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -233,14 +195,80 @@ def pretrain_clip(output_dir: str | Path, size: str = "small", seed: int = 0, *,
     }
     record["zero_shot"] = zero_shot_evaluation(model, tok, seed=seed, accelerator=accelerator)  # every process
     if main:
-        with atomic_directory(output_dir) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            (Path(tmp) / "pretraining.json").write_text(json.dumps(json_safe(record), indent=2) + "\n")
-            (Path(tmp) / "README.md").write_text(render_card(record))
+        _write_pretrained(output_dir, model, tok, record)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return record
+
+
+def _pretraining_recipe(size: str, max_steps, batch_size, learning_rate, num_examples) -> tuple:
+    """The size's recipe (``PRETRAINING_DEFAULTS``) under the values given -> ``(max_steps, batch_size,
+    learning_rate, num_examples)``."""
+    if size not in PRETRAINING_DEFAULTS:
+        raise ValueError(f"no pretraining recipe for CLIP size {size!r}; choose one of {sorted(PRETRAINING_DEFAULTS)}")
+    d = PRETRAINING_DEFAULTS[size]
+    max_steps = d["max_steps"] if max_steps is None else max_steps
+    batch_size = d["batch_size"] if batch_size is None else batch_size
+    learning_rate = d["learning_rate"] if learning_rate is None else learning_rate
+    num_examples = d["num_examples"] if num_examples is None else num_examples
+    if not 1 <= batch_size <= num_examples:
+        raise ValueError(f"batch_size {batch_size} must be between 1 and num_examples {num_examples} (each batch "
+                         "draws distinct images)")
+    return max_steps, batch_size, learning_rate, num_examples
+
+
+def _pretraining_setup(size: str, seed: int, max_steps: int, learning_rate: float, num_examples: int, accelerator):
+    """The tokenizer, a fresh CLIP (seeded), the captioned images, the class-text classifier and AdamW with a
+    cosine schedule (prepared by ``accelerator`` when given) -> ``(tok, config, clip, data, classifier,
+    optimizer, scheduler)``."""
+    from transformers import CLIPModel, get_cosine_schedule_with_warmup
+
+    tok = build_clip_tokenizer()
+    config = random_clip_config(size, tokenizer=tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = CLIPModel(config)
+    data = CaptionedImages(num_examples, config.vision_config.image_size, seed)
+    classifier = OpenVocabClassifier(DEFAULT_TEMPLATES, config.projection_dim)
+    decay = [p for n, p in clip.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    rest = [p for n, p in clip.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=learning_rate, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, max_steps // 20), max_steps)
+    if accelerator is not None:
+        clip, optimizer, scheduler = accelerator.prepare(clip, optimizer, scheduler)
+    return tok, config, clip, data, classifier, optimizer, scheduler
+
+
+def _pretraining_step(accelerator, clip, model, optimizer, scheduler, step: int, loss, losses: dict, device) -> None:
+    """The divergence check (every process stops at the same step), backward with the gradient clipped to 1,
+    the optimizer step and CLIP's temperature clamp."""
+    bad = not torch.isfinite(loss)
+    if accelerator is not None and accelerator.num_processes > 1:  # every process stops at the same step
+        bad = accelerator.reduce(torch.tensor(float(bad), device=device), reduction="sum").item() > 0
+    if bad:
+        raise FloatingPointError(f"pretraining diverged at step {step}: a non-finite loss (this process: "
+                                 f"{ {k: round(v.item(), 4) for k, v in losses.items()} }); nothing was written")
+    if accelerator is not None:
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(clip.parameters(), 1.0)
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # CLIP clamps its temperature at 100
+        model.logit_scale.clamp_(0, math.log(100))
+
+
+def _write_pretrained(output_dir, model, tok, record: dict) -> None:
+    """The checkpoint, atomically: weights, tokenizer, ``pretraining.json`` and the model card."""
+    with atomic_directory(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (Path(tmp) / "pretraining.json").write_text(json.dumps(json_safe(record), indent=2) + "\n")
+        (Path(tmp) / "README.md").write_text(render_card(record))
 
 
 def render_card(record: dict) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -129,32 +129,87 @@ def run_training(args) -> dict:
         return _train(accelerator, args, out)
 
 
+@dataclass
+class _Run:
+    """What the loop carries from step to step: the prepared objects (replaced at the spectral switch), the
+    step, the history and the last checkpoint written."""
+
+    model: object
+    optimizer: object
+    scheduler: object
+    loader: object
+    spectral: object
+    pending: object
+    solver: object
+    max_steps: int
+    steps_per_epoch: int
+    trainable: list = field(default_factory=list)
+    step: int = 0
+    history: dict = field(default_factory=lambda: {"step": [], "loss": [], "lr": [], "eval": []})
+    last_checkpoint: Path | None = None
+
+    def make_optimizer(self, m):
+        return build_optimizer(m, self.solver)
+
+    def diverged(self, at: int, problem: str) -> TrainingDiverged:
+        kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
+                else "no checkpoint was written")
+        return TrainingDiverged(f"training diverged at step {at}: {problem}; stopped, no model was written "
+                                f"({kept}); try a lower --learning_rate or some --warmup_steps")
+
+
+def _trainable(accelerator, model) -> list:
+    return [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+
+
 def _train(accelerator, args, out: Path) -> dict:
+    """``training_function``: resume check, data and model, the loop, then the model and its outputs."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import CLIPConfig
 
     if args.spectral_warmup_steps:
         check_switch_supported(accelerator)
     on_main_process(accelerator, lambda: remove_partial_checkpoints(out))  # writes killed before they finished
     fingerprint = run_fingerprint(args, accelerator.num_processes)
-    resume, spectral_state = None, None
-    if args.resume_from_checkpoint:  # before any heavy work: a wrong checkpoint fails at once
-        ckpt, record, ignored = find_checkpoint(out, args.resume_from_checkpoint)
-        if ignored:
-            logger.warning(f"ignored (not complete checkpoints): {'; '.join(ignored)}")
-        check_fingerprint(ckpt, record, fingerprint, ignore=args.ignore_checkpoint_mismatch)
-        resume = (ckpt, record["step"])
-        spectral_state = record.get(SPECTRAL_KEY)
-        if args.spectral_warmup_steps and record["step"] >= args.spectral_warmup_steps and spectral_state is None:
-            raise ValueError(f"checkpoint {ckpt} is at step {record['step']}, after the spectral warm-up of "
-                             f"{args.spectral_warmup_steps} steps, but records no spectral config (made by another run?)")
-        if not args.spectral_warmup_steps:
-            spectral_state = None
-    elif args.checkpointing_steps and any(out.glob("step_*")):
-        logger.warning(f"{out} holds checkpoints of an earlier run; this run replaces those of the steps it saves")
+    resume, spectral_state = _check_resume(accelerator, args, out, fingerprint)
 
     set_seed(args.seed)
+    train_split, eval_splits, holdout, model, mask, spectral, pending = _data_and_model(
+        accelerator, args, spectral_state)
+    run = _prepare(accelerator, args, train_split, model, spectral, pending)
+    if resume is not None:
+        _resume(accelerator, run, resume)
+
+    t0 = time.time()
+    _loop(accelerator, args, out, run, train_split, eval_splits, holdout, fingerprint)
+    train_seconds = time.time() - t0
+    return _finish(accelerator, args, out, run, mask, train_split, eval_splits, holdout, train_seconds)
+
+
+def _check_resume(accelerator, args, out: Path, fingerprint: dict):
+    """Before any heavy work, so that a wrong checkpoint fails at once: ``((checkpoint, step) or None,
+    the checkpoint's spectral config or None)``."""
+    if not args.resume_from_checkpoint:
+        if args.checkpointing_steps and any(out.glob("step_*")):
+            logger.warning(f"{out} holds checkpoints of an earlier run; this run replaces those of the steps it saves")
+        return None, None
+    ckpt, record, ignored = find_checkpoint(out, args.resume_from_checkpoint)
+    if ignored:
+        logger.warning(f"ignored (not complete checkpoints): {'; '.join(ignored)}")
+    check_fingerprint(ckpt, record, fingerprint, ignore=args.ignore_checkpoint_mismatch)
+    spectral_state = record.get(SPECTRAL_KEY)
+    if args.spectral_warmup_steps and record["step"] >= args.spectral_warmup_steps and spectral_state is None:
+        raise ValueError(f"checkpoint {ckpt} is at step {record['step']}, after the spectral warm-up of "
+                         f"{args.spectral_warmup_steps} steps, but records no spectral config (made by another run?)")
+    if not args.spectral_warmup_steps:
+        spectral_state = None
+    return (ckpt, record["step"]), spectral_state
+
+
+def _data_and_model(accelerator, args, spectral_state):
+    """The CLIP, the data at its resolution, the framework around it with the mask and spectral tuning ->
+    ``(train_split, eval_splits, holdout, model, mask, spectral, pending)``."""
+    from transformers import CLIPConfig
+
     clip_path = default_clip(args.model_name_or_path, accelerator)
     image_size = args.image_size or CLIPConfig.from_pretrained(clip_path).vision_config.image_size
     train_split, eval_splits, holdout = load_training_data(args, image_size)
@@ -165,12 +220,13 @@ def _train(accelerator, args, out: Path) -> dict:
     model, mask, spectral, pending = build_model(args, clip_path, image_size, seen, spectral_state)
     if accelerator.is_main_process and spectral is not None:
         spectral.print_trainable_parameters()
+    return train_split, eval_splits, holdout, model, mask, spectral, pending
 
-    solver = resolve_solver(framework_class(args.framework), args)  # the framework's defaults, the flags on top
 
-    def make_optimizer(m):
-        return build_optimizer(m, solver)
-
+def _prepare(accelerator, args, train_split, model, spectral, pending) -> _Run:
+    """The solver (the framework's defaults, the flags on top), the loader, the run's length, the optimizer
+    and scheduler, all through ``accelerator.prepare``; the trackers started."""
+    solver = resolve_solver(framework_class(args.framework), args)
     loader = make_loader(train_split, args.batch_size, shuffle=True, seed=args.seed)
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
@@ -178,118 +234,151 @@ def _train(accelerator, args, out: Path) -> dict:
     if warmup and warmup >= max_steps:
         raise ValueError(f"--spectral_warmup_steps {warmup} must be below the run's {max_steps} optimizer steps "
                          f"(alpha is measured after the warm-up, then training continues)")
-
-    def make_scheduler(opt):
-        return build_scheduler(opt, solver, max_steps, accelerator.num_processes)
-
-    optimizer = make_optimizer(model)
-    scheduler = make_scheduler(optimizer)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    trainable = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+    run = _Run(model=model, optimizer=None, scheduler=None, loader=loader, spectral=spectral, pending=pending,
+               solver=solver, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
+    optimizer = run.make_optimizer(model)
+    scheduler = _make_scheduler(accelerator, run, optimizer)
+    run.model, run.optimizer, run.loader, run.scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    run.trainable = _trainable(accelerator, run.model)
     if args.report_to:
         accelerator.init_trackers("opentrans-hf", config={k: str(v) for k, v in asdict(args).items()})
+    return run
 
-    step, history, last_checkpoint = 0, {"step": [], "loss": [], "lr": [], "eval": []}, None
-    if resume is not None:
-        last_checkpoint, step = resume
-        accelerator.load_state(str(last_checkpoint))
-        hist = last_checkpoint / "history.json"
-        if hist.is_file():
-            history = read_json(hist, "training history")
-        logger.info(f"resumed from {last_checkpoint} at step {step}")
 
-    def diverged(at: int, problem: str) -> TrainingDiverged:
-        kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
-                else "no checkpoint was written")
-        return TrainingDiverged(f"training diverged at step {at}: {problem}; stopped, no model was written "
-                                f"({kept}); try a lower --learning_rate or some --warmup_steps")
+def _make_scheduler(accelerator, run: _Run, optimizer):
+    return build_scheduler(optimizer, run.solver, run.max_steps, accelerator.num_processes)
 
-    class_names = train_split.class_names
+
+def _resume(accelerator, run: _Run, resume) -> None:
+    """The checkpoint's state (model, optimizer, scheduler, samplers, RNGs) and its history."""
+    last_checkpoint, step = resume
+    accelerator.load_state(str(last_checkpoint))
+    hist = last_checkpoint / "history.json"
+    if hist.is_file():
+        run.history = read_json(hist, "training history")
+    logger.info(f"resumed from {last_checkpoint} at step {step}")
+    run.last_checkpoint, run.step = last_checkpoint, step
+
+
+def _loop(accelerator, args, out: Path, run: _Run, train_split, eval_splits, holdout, fingerprint) -> None:
+    """Epochs of optimizer steps up to ``run.max_steps``, from ``run.step`` (a resumed epoch skips the batches
+    it already trained on)."""
+    from tqdm.auto import tqdm
+
     class_prompts = train_split.class_prompts  # what the model scores per class (synonyms for benchmarks)
-    bar = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
-    model.train()
-    t0 = time.time()
-    while step < max_steps:
-        epoch = step // steps_per_epoch
+    bar = tqdm(total=run.max_steps, initial=run.step, desc="train", disable=not accelerator.is_main_process)
+    run.model.train()
+    while run.step < run.max_steps:
+        epoch = run.step // run.steps_per_epoch
         train_split.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        skip = (step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        run.loader.set_epoch(epoch)
+        skip = (run.step - epoch * run.steps_per_epoch) * args.gradient_accumulation_steps
+        epoch_loader = accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
         running = []
         for batch in epoch_loader:
-            with accelerator.accumulate(model):
-                outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"], class_names=class_prompts)
-                accelerator.backward(outputs.loss)
-                running.append(outputs.loss.detach())
-                if accelerator.sync_gradients:  # the micro-batches' losses and the gradients, before the step
-                    problem = step_problem(accelerator, torch.stack(running), trainable,
-                                           check_grads=accelerator.scaler is None)
-                    if problem is not None:
-                        raise diverged(step + 1, problem)
-                    if solver.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_([p for _, p in trainable], solver.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+            _micro_batch(accelerator, run, batch, class_prompts, running)
             if not accelerator.sync_gradients:
                 continue
-            step += 1
-            problem = weights_problem(accelerator, trainable)
+            run.step += 1
+            problem = weights_problem(accelerator, run.trainable)
             if problem is not None:
-                raise diverged(step, problem)
+                raise run.diverged(run.step, problem)
             loss = accelerator.reduce(torch.stack(running).mean(), reduction="mean").item()
             running = []
-            history["step"].append(step)
-            history["loss"].append(loss)
-            history.setdefault("lr", []).append(scheduler.get_last_lr()[0])
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if args.report_to:
-                accelerator.log({"train/loss": loss, "lr": scheduler.get_last_lr()[0]}, step=step)
-            if args.eval_steps and step % args.eval_steps == 0 and step < max_steps:
-                res = _evaluate_all(accelerator, model, eval_splits, args, holdout)
-                history["eval"].append(eval_record(step, res))
-            if pending is not None and step == warmup:  # the paper's protocol: alpha after the warm-up
-                model, optimizer, scheduler, spectral = switch_to_spectral_tuning(
-                    accelerator, model, optimizer, scheduler, pending, make_optimizer, make_scheduler)
-                pending = None
-                trainable = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
-                history["spectral_switch"] = switch_record(spectral, step)
-                if accelerator.is_main_process:
-                    logger.info(f"spectral tuning after {step} warm-up steps:")
-                    spectral.print_trainable_parameters()
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                state = spectral.spectral_config.to_dict() if warmup and spectral is not None else None
-                last_checkpoint = save_checkpoint(accelerator, out, step, history, fingerprint, spectral_config=state)
-            if step >= max_steps:
+            _log_step(accelerator, args, run, bar, loss)
+            _after_step(accelerator, args, out, run, eval_splits, holdout, fingerprint)
+            if run.step >= run.max_steps:
                 break
     bar.close()
-    train_seconds = time.time() - t0
 
-    # the model first (atomically), then what can fail without losing it: evaluation, card, metrics, push
+
+def _micro_batch(accelerator, run: _Run, batch, class_prompts, running: list) -> None:
+    """Forward and backward of one micro-batch; at the last of an optimizer step, the divergence check of its
+    losses and gradients and the gradient clipping; the (accumulated) optimizer step."""
+    with accelerator.accumulate(run.model):
+        outputs = run.model(pixel_values=batch["pixel_values"], labels=batch["labels"], class_names=class_prompts)
+        accelerator.backward(outputs.loss)
+        running.append(outputs.loss.detach())
+        if accelerator.sync_gradients:  # the micro-batches' losses and the gradients, before the step
+            problem = step_problem(accelerator, torch.stack(running), run.trainable,
+                                   check_grads=accelerator.scaler is None)
+            if problem is not None:
+                raise run.diverged(run.step + 1, problem)
+            if run.solver.max_grad_norm is not None:
+                accelerator.clip_grad_norm_([p for _, p in run.trainable], run.solver.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
+
+
+def _log_step(accelerator, args, run: _Run, bar, loss: float) -> None:
+    """The step's loss and learning rate: history, progress bar, trackers."""
+    history = run.history
+    history["step"].append(run.step)
+    history["loss"].append(loss)
+    history.setdefault("lr", []).append(run.scheduler.get_last_lr()[0])
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}")
+    if args.report_to:
+        accelerator.log({"train/loss": loss, "lr": run.scheduler.get_last_lr()[0]}, step=run.step)
+
+
+def _after_step(accelerator, args, out: Path, run: _Run, eval_splits, holdout, fingerprint) -> None:
+    """After an optimizer step: the periodic evaluation, the spectral switch at the end of the warm-up, the
+    periodic checkpoint (in that order: a checkpoint at the switch records the spectral config)."""
+    step, warmup = run.step, args.spectral_warmup_steps
+    if args.eval_steps and step % args.eval_steps == 0 and step < run.max_steps:
+        res = _evaluate_all(accelerator, run.model, eval_splits, args, holdout)
+        run.history["eval"].append(eval_record(step, res))
+    if run.pending is not None and step == warmup:  # the paper's protocol: alpha after the warm-up
+        _switch(accelerator, run)
+    if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+        state = run.spectral.spectral_config.to_dict() if warmup and run.spectral is not None else None
+        run.last_checkpoint = save_checkpoint(accelerator, out, step, run.history, fingerprint,
+                                              spectral_config=state)
+
+
+def _switch(accelerator, run: _Run) -> None:
+    """The end of the warm-up: alpha measured now, the freeze rule applied, optimizer and scheduler rebuilt."""
+    run.model, run.optimizer, run.scheduler, run.spectral = switch_to_spectral_tuning(
+        accelerator, run.model, run.optimizer, run.scheduler, run.pending, run.make_optimizer,
+        lambda opt: _make_scheduler(accelerator, run, opt))
+    run.pending = None
+    run.trainable = _trainable(accelerator, run.model)
+    step, spectral = run.step, run.spectral
+    run.history["spectral_switch"] = switch_record(spectral, step)
+    if accelerator.is_main_process:
+        logger.info(f"spectral tuning after {step} warm-up steps:")
+        spectral.print_trainable_parameters()
+
+
+def _finish(accelerator, args, out: Path, run: _Run, mask, train_split, eval_splits, holdout,
+            train_seconds: float) -> dict:
+    """The model first (atomically), then what can fail without losing it: evaluation, card, metrics, push."""
     accelerator.wait_for_everyone()
-    plain = accelerator.unwrap_model(model)
+    plain = accelerator.unwrap_model(run.model)
     model_dir = out / "model"
+    history, spectral = run.history, run.spectral
     switched = history.get("spectral_switch")
     paths = on_main_process(accelerator, lambda: write_model(out, plain, mask, spectral,
                                                              switched["step"] if switched else 0))
     logger.info(f"model saved to {model_dir}")
     stage = "the final evaluation"
     try:
-        final = _evaluate_all(accelerator, model, eval_splits, args, holdout)
-        history["eval"].append(eval_record(step, final))
+        final = _evaluate_all(accelerator, run.model, eval_splits, args, holdout)
+        history["eval"].append(eval_record(run.step, final))
         metrics = {
             "framework": args.framework,
-            "steps": step,
+            "steps": run.step,
             "train_seconds": round(train_seconds, 2),
             "final_train_loss": history["loss"][-1] if history["loss"] else None,
-            "train_classes": class_names,
+            "train_classes": train_split.class_names,
             "holdout_classes": list(holdout),
             "eval": final,
             "units": METRIC_UNITS,
             "num_processes": accelerator.num_processes,
             "spectral_switch": history.get("spectral_switch"),
-            "solver": solver.to_dict(),
+            "solver": run.solver.to_dict(),
         }
         stage = "writing the model card, metrics and plots"
         on_main_process(accelerator, lambda: write_outputs(out, plain, args, metrics, history, mask, spectral,
