@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from transformers import HfArgumentParser
+
 from opentrans_hf.data.assembly import EMBEDDED
 from opentrans_hf.models.configuration_ovs import resolve_prompt_templates
 from opentrans_hf.utils.hub import check_local_or_hub
@@ -106,8 +108,6 @@ def parse_args(name: str, argv: list[str] | None = None, prog: str | None = None
 
 
 def _parser_class():
-    from transformers import HfArgumentParser
-
     class OneLineErrorParser(HfArgumentParser):
         """Usage errors as one line (the usage itself is one ``--help`` away)."""
 

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+from transformers import AutoConfig, AutoModel, CLIPModel, CLIPTextModel, CLIPVisionModel
+
 from opentrans_hf.commands import check_local_paths
 from opentrans_hf.commands.arguments import ProgressArguments
 from opentrans_hf.embedded.random_clip import CLIP_SIZES, build_random_clip_vision, random_clip_config
@@ -63,9 +66,6 @@ def load_model_for_analysis(name: str, tower: str = "vision", revision: str | No
     """A model to analyse: a ``make_random_clip`` size name (random-initialised), a local HF model
     directory or a Hub id. For CLIP checkpoints ``tower`` picks the vision tower (default), the text
     tower or the whole ``CLIPModel``; other models load with ``AutoModel``."""
-    import torch
-    from transformers import AutoConfig, AutoModel, CLIPModel, CLIPTextModel, CLIPVisionModel
-
     if tower not in TOWERS:
         raise ValueError(f"unknown tower {tower!r}; choose one of {TOWERS}")
     if name in CLIP_SIZES and not Path(name).exists():

@@ -23,9 +23,14 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
+
+import torch
+from accelerate import PartialState
+from transformers import CLIPConfig
 
 from opentrans_hf.commands import ArgumentError, analyze, check_at_least_one, check_local_paths, prune, train
 from opentrans_hf.commands.arguments import ClipArguments, DatasetArguments, FrameworkArguments, RunArguments
@@ -83,10 +88,6 @@ def run(args: DemoArguments) -> dict:
     """The four steps, each one job's ``run`` with typed arguments; returns the summary. Holds the locks
     of its output directory and of its sub-jobs' (``prune/``, ``train/``) for the whole pipeline: no other
     run can write there meanwhile, and its own sub-jobs re-enter them."""
-    from contextlib import ExitStack
-
-    from accelerate import PartialState
-
     state = PartialState(cpu=cpu_only_multiprocess())
     out = Path(args.output_dir)
     with ExitStack() as locks:
@@ -96,8 +97,6 @@ def run(args: DemoArguments) -> dict:
 
 
 def _run(args: DemoArguments) -> dict:
-    from accelerate import PartialState
-
     state = PartialState(cpu=cpu_only_multiprocess())
     out = Path(args.output_dir)
     t0 = time.time()
@@ -169,8 +168,6 @@ def _pruning(args: DemoArguments, out: Path, clip: str, say) -> dict:
 def _finetuning(args: DemoArguments, out: Path, clip: str, pruned: dict, say):
     """Steps 3 and 4: spectral fine-tuning of the framework with the mask applied, its evaluation and (unless
     --no_baselines) the baselines -> ``(metrics, comparison or None)``."""
-    from dataclasses import replace
-
     say(f"[3/4] spectral fine-tuning ({args.freeze_rule} rule) of {args.framework} with the mask, {args.max_steps} steps")
     train_args = train.TrainArguments(
         model_name_or_path=clip, framework=args.framework, config_overrides=args.config_overrides, dataset=args.dataset, eval_datasets=list(args.eval_datasets),
@@ -209,8 +206,6 @@ def _report(out: Path, paths: dict, pruned: dict, metrics: dict, comparison, sum
 
 def uniform_random_labels(seed: int = 0):
     """A "model" predicting uniformly random classes (seeded): the chance row of the comparison."""
-    import torch
-
     class UniformRandomLabels(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -234,8 +229,6 @@ def baseline_rows(train_args, clip: str, metrics: dict, dense: dict, accelerator
     same CLIP's original weights with the prune job's mask, untrained (what the mask transfers to a
     frozen-CLIP framework; :func:`pruned_clip_row`), and uniformly random labels. With ``accelerator``
     a collective: every process evaluates its share of the examples."""
-    from transformers import CLIPConfig
-
     name = next(iter(metrics["eval"]))
     image_size = train_args.image_size or CLIPConfig.from_pretrained(clip).vision_config.image_size
     _, eval_splits, _ = load_training_data(train_args, image_size)

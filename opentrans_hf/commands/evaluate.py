@@ -31,8 +31,10 @@ Hub's mean_iou metric: mean_iou, overall_accuracy, per_category_iou, ...); the t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from transformers import AutoModel
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_prompt_templates
 from opentrans_hf.commands.arguments import RunArguments
@@ -82,8 +84,6 @@ class EvaluateArguments(RunArguments):
     def dataset_specs(self) -> list:
         """The :class:`~opentrans_hf.data.specs.DatasetSpec` of every --datasets entry (the global label
         flags folded into a single NAME[:SPLIT] spec; anywhere else they are an error)."""
-        from dataclasses import replace
-
         specs = []
         texts = list(self.datasets or ([] if self.benchmark else ["embedded:validation"]))
         for name in self.benchmark or []:
@@ -122,8 +122,6 @@ ARGUMENTS = EvaluateArguments
 
 
 def run(args: EvaluateArguments) -> dict:
-    from transformers import AutoModel
-
     accelerator = make_accelerator()
     model = load_or_explain(args.model, lambda: AutoModel.from_pretrained(args.model), "OVS model")
     if not hasattr(model, "predict"):

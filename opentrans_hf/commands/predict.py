@@ -20,8 +20,12 @@ stops the job with nothing written. Without --allow_void every pixel gets one of
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import torch
+from transformers import AutoModel
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_prompt_templates
 from opentrans_hf.data.benchmarks import get_benchmark
@@ -137,11 +141,6 @@ def preprocess_argv(argv: list[str]) -> list[str]:
 
 
 def run(args: PredictArguments) -> dict:
-    import sys
-
-    import torch
-    from transformers import AutoModel
-
     classes = args.class_prompts()
     check_images(args.images)  # every image readable before the model loads and anything is written
     model = load_or_explain(args.model, lambda: AutoModel.from_pretrained(args.model), "OVS model")

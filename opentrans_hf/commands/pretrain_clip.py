@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
+
+from accelerate import PartialState
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one
 from opentrans_hf.commands.arguments import ProgressArguments
@@ -59,11 +62,7 @@ ARGUMENTS = PretrainClipArguments
 def run(args: PretrainClipArguments) -> dict:
     """Pretrain (or, without ``--output_dir`` and with the default recipe, find the cached build) and
     print the zero-shot results; returns the pretraining record."""
-    from pathlib import Path
-
     if args.output_dir is None:
-        from accelerate import PartialState
-
         state = PartialState(cpu=cpu_only_multiprocess())
         path = pretrained_clip(args.size, args.seed, state=state, progress=not args.no_progress)
         record = read_json(path / "pretraining.json", "pretraining record")

@@ -16,9 +16,13 @@ counts.json under "zero_shot", in the mask's extra and its model card (:func:`pr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from accelerate.utils import set_seed
+from transformers import AutoConfig, AutoTokenizer, CLIPModel, CLIPVisionModel
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_percentage
 from opentrans_hf.commands.arguments import ClipArguments, RunArguments
@@ -75,9 +79,6 @@ def run(args: PruneArguments) -> dict:
 
 
 def _prune(accelerator, args: PruneArguments) -> dict:
-    from accelerate.utils import set_seed
-    from transformers import CLIPVisionModel
-
     set_seed(args.seed)
     out = Path(args.output_dir)
     clip_path = default_clip(args.model_name_or_path, accelerator)
@@ -145,10 +146,6 @@ def pruned_zero_shot(clip_path: str, mask, args: PruneArguments, accelerator=Non
     ``accelerator`` a collective: every process must call it (each scores its share of the examples, all
     return the same numbers); the skip decisions depend on files alone, so every process takes the same.
     """
-    import math
-
-    from transformers import AutoConfig, AutoTokenizer, CLIPModel
-
     if args.dataset != "embedded":
         return {"skipped": f"--dataset {args.dataset!r} is not the embedded dataset: the pruned CLIP's own dense "
                            "zero-shot is measured on the embedded validation split (its 16 class names, 4 of them "

@@ -38,8 +38,12 @@ import json
 import math
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from accelerate import PartialState
+from transformers import CLIPConfig, CLIPVisionModel
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, prune, train
 from opentrans_hf.commands.arguments import ClipArguments, EmbeddedArguments
@@ -223,10 +227,6 @@ def run(args: ReproduceArguments) -> dict:
     """Both tables: the sub-jobs through their ``run`` with typed arguments; returns the results (what
     results.json holds). Holds the locks of its output directory and of every sub-run's directory for the
     whole run (its own sub-jobs re-enter them)."""
-    from contextlib import ExitStack
-
-    from accelerate import PartialState
-
     state = PartialState(cpu=cpu_only_multiprocess())
     out = Path(args.output_dir)
     with ExitStack() as locks:
@@ -339,8 +339,6 @@ def _table1(args, clip, out, seeds, state, say, dense_runs: dict) -> dict:
 def _table1_masks(args, clip, out, seeds, state, say):
     """Table 1's masks: IMP of the bare CLIP image encoder, once (Ours), and one Random mask per seed with
     Ours' per-layer sparsity -> ``(pruned, vision encoder, Ours, {row: {seed: mask dir or None}})``."""
-    from transformers import CLIPVisionModel
-
     schedule = resolved_prune(args)
     say(f"[table 1] IMP of the bare CLIP image encoder to {args.target_sparsity:.0%} (rate {schedule['rate']}, "
         f"{schedule['steps_per_round']} distillation steps per round, {args.prune_scope} ranking), once")
@@ -453,8 +451,6 @@ def _table2(args, clip, out, seeds, state, say, dense_runs: dict) -> dict:
 
 def _first_batch(args, clip, seed) -> dict:
     """The first training batch of the embedded dataset as the train job loads it (FLOPs are counted on it)."""
-    from transformers import CLIPConfig
-
     image_size = CLIPConfig.from_pretrained(clip).vision_config.image_size
     targs = train.TrainArguments(model_name_or_path=clip, framework=TABLE2_FRAMEWORK, max_steps=1, seed=seed,
                                  batch_size=args.batch_size, embedded_size=args.embedded_size)
@@ -466,8 +462,6 @@ def _first_batch(args, clip, seed) -> dict:
 def _training_cost(clip, run_dir: Path, metrics: dict, batch: dict, warmup: int) -> dict:
     """Trainable parameters and training FLOPs of a finished run: its framework rebuilt around the CLIP with
     the spectral adapter it saved (the layers it froze, no re-analysis), one step counted on ``batch``."""
-    from transformers import CLIPConfig
-
     image_size = CLIPConfig.from_pretrained(clip).vision_config.image_size
     model = framework_class(metrics["framework"]).from_clip(clip, image_size=image_size,
                                                             seen_class_names=list(metrics["train_classes"]))

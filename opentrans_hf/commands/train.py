@@ -28,6 +28,7 @@ and the model card show percent.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_percentage
@@ -131,8 +132,6 @@ def check_config_overrides(args) -> None:
 def check_spectral_warmup(args) -> None:
     """--spectral_warmup_steps: >= 0, below a positive --max_steps, with a freeze rule to apply after it (a
     local --spectral_config must not have layer_alphas yet; a Hub one is checked when loaded)."""
-    from pathlib import Path
-
     n = args.spectral_warmup_steps
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ArgumentError(f"--spectral_warmup_steps must be an integer >= 0, got {n!r}")

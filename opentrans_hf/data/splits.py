@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import torch
 from torch.utils.data import Dataset
@@ -72,8 +73,6 @@ class SegmentationSplit(Dataset):
         default 800, longer side at most ``max_size``, default 1333 (FC-CLIP's / detectron2's test
         resize); the label map keeps its original size and evaluation runs sliding windows). Only
         the transform changes (label conventions, kept classes and checks stay); evaluation splits only."""
-        from dataclasses import replace
-
         if self.transform.train:
             raise ValueError(f"{self.name}: use_eval_resize is for evaluation splits; this one has the training transform")
         if resize == "shortest_side":

@@ -23,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
 from opentrans_hf.data.benchmarks import BENCHMARK_NAMES, get_benchmark, is_benchmark
 from opentrans_hf.data.sources import LABEL_COLUMNS, SourceIdentity, files_beside
 from opentrans_hf.embedded.dataset import CLASS_NAMES
@@ -234,11 +237,8 @@ def find_id2label(name_or_path: str | Path, revision: str | None = None):
             if f.is_file():
                 return Vocabulary(read_id2label(f), f"{ID2LABEL_FILE} in {f.parent}"), ""
         return None, f"no {ID2LABEL_FILE} in {p}"
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     try:
-        path = hf_hub_download(repo_id=str(name_or_path), filename=ID2LABEL_FILE, repo_type="dataset", revision=revision)
+        path = huggingface_hub.hf_hub_download(repo_id=str(name_or_path), filename=ID2LABEL_FILE, repo_type="dataset", revision=revision)
     except LocalEntryNotFoundError:
         return None, f"the Hub repo's {ID2LABEL_FILE} is not in the local cache (offline?)"
     except (EntryNotFoundError, RepositoryNotFoundError):

@@ -15,6 +15,7 @@ models pretrained on an earlier version are not mistaken for current ones.
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 DATA_VERSION = 2
 CLASS_NAMES = ["sky", "grass", "water", "sand", "road", "brick wall", "snow", "forest",
@@ -111,8 +112,6 @@ def make_synthetic_segmentation_dataset(num_examples: int, image_size: int = 64,
     ``classes`` (Sequence of ClassLabel: the classes present; its names are the dataset's classes) and
     ``caption`` (a sentence naming the classes present, for image-text pretraining)."""
     import datasets
-    from PIL import Image
-
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
     images, labels, present, captions = [], [], [], []

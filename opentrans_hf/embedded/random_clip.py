@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
 CLIP_SIZES: dict[str, dict] = {
     # tiny: the tests' model (the smallest vision tower that still has every layer type)
@@ -178,8 +178,6 @@ def make_random_clip(path: str | Path, size: str = "tiny", seed: int = 0) -> Pat
 
 def build_random_clip_vision(size: str, seed: int = 0):
     """An in-memory random-initialised ``CLIPVisionModel`` of a named size (no disk round trip)."""
-    from transformers import CLIPVisionModel
-
     config = random_clip_config(size).vision_config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from opentrans_hf.utils.hub import push_folder_to_hub, read_safetensors, render_model_card, resolve_pretrained_dir
 from opentrans_hf.utils.io import atomic_write_text, atomic_write_with, json_safe, read_json
 
@@ -45,8 +47,6 @@ def write_adapter_files(save_directory: str | os.PathLike, *, config: dict, tens
     """The one write path of every adapter: ``adapter_model.safetensors`` (``tensors``), then
     ``adapter_config.json`` (``config``), then ``README.md`` (``card``), each atomically (a temporary file
     beside it, then a rename). Compute everything that can fail (the card too) before calling this."""
-    from safetensors.torch import save_file
-
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_with(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata or {"format": "pt"}))

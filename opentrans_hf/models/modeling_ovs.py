@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel, PreTrainedModel
+from transformers import AutoTokenizer, CLIPModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -137,8 +137,6 @@ class OVSPreTrainedModel(PreTrainedModel):
                   token=None, **config_overrides):
         """Build the framework around a ``CLIPModel`` checkpoint (Hub id or local dir with its tokenizer);
         the heads are newly initialised, the CLIP weights are the checkpoint's."""
-        from transformers import AutoTokenizer
-
         name = str(clip_name_or_path)
         clip = load_or_explain(name, lambda: CLIPModel.from_pretrained(name, revision=revision, token=token), "CLIP model")
         if tokenizer is None:
@@ -155,8 +153,6 @@ class OVSPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, tokenizer=None, **kwargs):
         """``PreTrainedModel.from_pretrained``, plus the tokenizer saved beside the model."""
-        from transformers import AutoTokenizer
-
         name = str(pretrained_model_name_or_path)
         if is_sparse_checkpoint(name):  # save_pretrained(..., sparse_storage=True): values + bit masks, local only
             model = load_sparse_pretrained(cls, name)

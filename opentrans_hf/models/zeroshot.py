@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoTokenizer, CLIPModel
 
 from opentrans_hf.models.backbone import check_pixel_values, clip_dense_embeddings, vit_feature_maps
 from opentrans_hf.models.classifier import OpenVocabClassifier, check_class_names, class_scores
@@ -40,8 +41,6 @@ class CLIPDenseZeroShot(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, templates: list[str] | None = None) -> "CLIPDenseZeroShot":
         """From a CLIP checkpoint (local dir or Hub id) with its tokenizer."""
-        from transformers import AutoTokenizer, CLIPModel
-
         with quiet_loading():
             return cls(CLIPModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), templates).eval()
 

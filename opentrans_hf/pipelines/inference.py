@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from opentrans_hf.models.classifier import check_class_names, display_name
 from opentrans_hf.utils.io import atomic_write_text, atomic_write_with
@@ -121,8 +122,6 @@ def load_image(image) -> "Image.Image":
     """An image file (path) or an in-memory image -> an RGB PIL image as it is meant to be seen: EXIF
     orientation applied, transparency composited over white, 16-bit grey scaled to 8 bits. A file that
     cannot be read fully (missing, not an image, truncated) is a ``ValueError`` naming it."""
-    from PIL import Image, ImageOps
-
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         try:
@@ -153,8 +152,6 @@ def load_image(image) -> "Image.Image":
 
 def to_rgb(im) -> "Image.Image":
     """A PIL image of any mode -> RGB (transparent parts over white; 16/32-bit grey scaled to 8 bits)."""
-    from PIL import Image
-
     if im.mode == "RGB":
         return im
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -218,8 +215,6 @@ def output_stems(images: Sequence) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------- drawing
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)  # scalable with FreeType
     except (TypeError, ImportError, OSError):
@@ -257,8 +252,6 @@ def overlay_with_legend(image, labels, names: Sequence[str], *, ignore: int | No
     void pixels keep the image), with a white legend strip underneath: one swatch + "name  12.3%" per
     class present (:func:`legend_entries`), flowing left to right. The result is RGB, as wide as the
     image (wider only if one legend entry needs it) and the image's height plus the legend's."""
-    from PIL import Image, ImageDraw
-
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     rgb = image if isinstance(image, Image.Image) and image.mode == "RGB" else load_image(image)
@@ -305,8 +298,6 @@ def overlay_with_legend(image, labels, names: Sequence[str], *, ignore: int | No
 def label_image(labels, num_classes: int, ignore: int | None = None) -> "Image.Image":
     """The label map as a PNG-ready image: mode ``L`` for up to 255 classes (void = 255), 16-bit
     ``I;16`` otherwise (void = 65535)."""
-    from PIL import Image
-
     if num_classes > 65535:
         raise ValueError(f"{num_classes} classes do not fit a 16-bit label map (at most 65535)")
     arr = _labels_array(labels)

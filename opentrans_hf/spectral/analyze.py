@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -127,10 +129,6 @@ def layer_eigenvalues(specs, todo, dtype=torch.float64, device=None, max_batch_b
 
 
 def _cpu_eigenvalues(specs, todo, dtype):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_limits
-
     def one(i):
         w = specs[i].matrices()
         reason = _invalid_reason(w)

@@ -4,6 +4,7 @@ weights, agreed on by every process (one rank's NaN stops them all, at the same 
 from __future__ import annotations
 
 import torch
+from accelerate.utils import gather_object
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,8 +48,6 @@ def _agree(accelerator, local_problem: str | None) -> str | None:
         return None
     if accelerator.num_processes == 1:
         return local_problem
-    from accelerate.utils import gather_object
-
     problems = gather_object([local_problem])
     rank, problem = next((r, p) for r, p in enumerate(problems) if p is not None)
     return f"{problem} (on process {rank})"

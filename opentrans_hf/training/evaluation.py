@@ -7,7 +7,11 @@ logs, model cards) shows percent with two decimals (:func:`percent`)."""
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from opentrans_hf.data.benchmarks.registry import get_benchmark
@@ -98,8 +102,6 @@ def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: i
     reading, transforms, prediction, scoring), ``processes``, ``images_total`` (all processes); and, in the sliding protocol,
     ``windows_per_image`` averaged over every process's images, ``window``, ``stride``.
     """
-    import time
-
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
@@ -140,8 +142,6 @@ def _score_examples(model, split, idx, names, metric, device, batch_size: int, b
     """Predict the examples ``idx`` of ``split`` and add them to ``metric``: by sliding windows (``sliding``
     = ``(window, stride)``, one image at a time, the prediction resized to the label's size) or in batches
     of the square resize (``sliding`` None). Returns the number of windows predicted."""
-    import torch.nn.functional as F
-
     windows = 0
     if sliding:
         window, stride = sliding
@@ -185,8 +185,6 @@ def evaluate_splits(model, splits: dict, *, seen_classes: list[str] | None = Non
     conventions), ``dataset`` and ``split``; ``protocol`` (:func:`protocol_description`) for splits in
     the sliding protocol (``window`` / ``stride``: see :func:`evaluate_segmentation`). ``timing``, when
     given, gets ``{name: evaluate_segmentation's timing}``."""
-    import math
-
     seen_set = set(seen_classes or [])
     results = {}
     for name, split in splits.items():

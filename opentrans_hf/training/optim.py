@@ -9,6 +9,7 @@ import dataclasses
 
 import torch
 from torch import nn
+from transformers import get_scheduler
 
 from opentrans_hf.models.configuration_ovs import SolverConfig
 
@@ -78,8 +79,6 @@ def make_scheduler(optimizer, solver: SolverConfig, num_training_steps: int, num
 
     Accelerate's prepared scheduler steps once per process on every optimizer step (its convention), so the
     schedule is laid out in process-steps: warm-up and decay span the given optimizer steps."""
-    from transformers import get_scheduler
-
     extra = {"power": solver.poly_power, "lr_end": 0.0} if solver.lr_scheduler_type == "polynomial" else None
     return get_scheduler(solver.lr_scheduler_type, optimizer, num_warmup_steps=solver.warmup_steps * num_processes,
                          num_training_steps=num_training_steps * num_processes, scheduler_specific_kwargs=extra)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -38,8 +40,6 @@ def write_model(out: Path, model, mask, spectral, spectral_warmup_steps: int = 0
     adapter's own card says when alpha was measured: after ``spectral_warmup_steps``, if any). Refuses
     non-finite weights (``ValueError`` naming the parameter). An adapter that fails to save is left out
     and reported by :class:`IncompleteOutputs` once the model is in place. Returns ``{what: path}``."""
-    import shutil
-
     plain = spectral.base_model if spectral is not None else model
     check_finite_weights(plain, "the trained model")
     out.mkdir(parents=True, exist_ok=True)
@@ -70,8 +70,6 @@ def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, sp
     """Write the rest of the run's artefacts under ``out`` once :func:`write_model` (whose result is
     ``paths``) has written the model directory: its card, metrics, history, plots; returns
     ``{what: path}`` (also printed by the CLI)."""
-    from dataclasses import asdict
-
     paths = dict(paths)
     plain = spectral.base_model if spectral is not None else model
     atomic_write_text(out / "model" / "README.md", render_training_card(args, metrics, spectral, mask))

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import CLIPModel, get_cosine_schedule_with_warmup
 
 from opentrans_hf.data.assembly import load_split
 from opentrans_hf.data.transforms import SegmentationTransform, collate_segmentation
@@ -156,8 +158,6 @@ def pretrain_clip(output_dir: str | Path, size: str = "small", seed: int = 0, *,
 
     ``accelerator``: an Accelerate ``Accelerator`` to train data-parallel (each process draws its own
     batches); None: this process alone, on the CPU."""
-    from tqdm.auto import tqdm
-
     max_steps, batch_size, learning_rate, num_examples = _pretraining_recipe(
         size, max_steps, batch_size, learning_rate, num_examples)
     t0 = time.time()
@@ -221,8 +221,6 @@ def _pretraining_setup(size: str, seed: int, max_steps: int, learning_rate: floa
     """The tokenizer, a fresh CLIP (seeded), the captioned images, the class-text classifier and AdamW with a
     cosine schedule (prepared by ``accelerator`` when given) -> ``(tok, config, clip, data, classifier,
     optimizer, scheduler)``."""
-    from transformers import CLIPModel, get_cosine_schedule_with_warmup
-
     tok = build_clip_tokenizer()
     config = random_clip_config(size, tokenizer=tok)
     with torch.random.fork_rng(devices=[]):

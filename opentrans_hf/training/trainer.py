@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import CLIPConfig
 
 from opentrans_hf.data.assembly import load_training_data, make_loader
 from opentrans_hf.methods.sparse_mask import SparseMask
@@ -115,8 +118,6 @@ def run_training(args) -> dict:
     before the final evaluation; a failure after it raises
     :class:`~opentrans_hf.training.outputs.IncompleteOutputs` saying where the model is and what failed.
     """
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
     out = Path(args.output_dir)
     accelerator = make_accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -164,8 +165,6 @@ def _trainable(accelerator, model) -> list:
 
 def _train(accelerator, args, out: Path) -> dict:
     """``training_function``: resume check, data and model, the loop, then the model and its outputs."""
-    from accelerate.utils import set_seed
-
     if args.spectral_warmup_steps:
         check_switch_supported(accelerator)
     on_main_process(accelerator, lambda: remove_partial_checkpoints(out))  # writes killed before they finished
@@ -208,8 +207,6 @@ def _check_resume(accelerator, args, out: Path, fingerprint: dict):
 def _data_and_model(accelerator, args, spectral_state):
     """The CLIP, the data at its resolution, the framework around it with the mask and spectral tuning ->
     ``(train_split, eval_splits, holdout, model, mask, spectral, pending)``."""
-    from transformers import CLIPConfig
-
     clip_path = default_clip(args.model_name_or_path, accelerator)
     image_size = args.image_size or CLIPConfig.from_pretrained(clip_path).vision_config.image_size
     train_split, eval_splits, holdout = load_training_data(args, image_size)
@@ -263,8 +260,6 @@ def _resume(accelerator, run: _Run, resume) -> None:
 def _loop(accelerator, args, out: Path, run: _Run, train_split, eval_splits, holdout, fingerprint) -> None:
     """Epochs of optimizer steps up to ``run.max_steps``, from ``run.step`` (a resumed epoch skips the batches
     it already trained on)."""
-    from tqdm.auto import tqdm
-
     class_prompts = train_split.class_prompts  # what the model scores per class (synonyms for benchmarks)
     bar = tqdm(total=run.max_steps, initial=run.step, desc="train", disable=not accelerator.is_main_process)
     run.model.train()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from accelerate.utils import broadcast_object_list
+
 from opentrans_hf.methods.spectral_tuning import SpectralTuningConfig, get_spectral_model
 from opentrans_hf.utils.distributed import on_main_process
 from opentrans_hf.utils.io import read_json
@@ -72,8 +74,6 @@ def apply_after_warmup(accelerator, model, config):
     if accelerator.num_processes == 1:
         return get_spectral_model(model, config)
     measured = on_main_process(accelerator, lambda: get_spectral_model(model, config))
-    from accelerate.utils import broadcast_object_list
-
     box = [config.to_dict() if accelerator.is_main_process else None]
     broadcast_object_list(box, from_process=0)
     if measured is not None:

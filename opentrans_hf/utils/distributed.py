@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import os
 
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
 
 def cpu_only_multiprocess() -> bool:
     """True when this process is one of several (``accelerate launch --multi_gpu --num_processes N`` or
     ``torchrun``) on a machine without CUDA: Accelerate must then be told ``cpu=True`` to run DDP on CPU
     with gloo (otherwise every process silently trains alone). ``accelerate launch --cpu`` starts only
     one process (several need mpirun), so the torchrun launcher plus this is the way to test DDP on CPU."""
-    import torch
-
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def make_accelerator(**kwargs):
     """``Accelerator(**kwargs)``, with ``cpu=True`` added when :func:`cpu_only_multiprocess`."""
-    from accelerate import Accelerator
-
     if cpu_only_multiprocess():
         kwargs.setdefault("cpu", True)
     return Accelerator(**kwargs)
@@ -37,8 +37,6 @@ def on_main_process(state, fn):
         except Exception as err:  # noqa: BLE001 - re-raised below, after the others have heard of it
             error = err
     if state is not None and state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         message = [None if error is None else f"{type(error).__name__}: {error}"]
         broadcast_object_list(message, from_process=0)
         if error is None and message[0] is not None:

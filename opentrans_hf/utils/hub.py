@@ -8,6 +8,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import huggingface_hub
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
+
 T = TypeVar("T")
 
 
@@ -85,13 +92,10 @@ def resolve_pretrained_dir(
     if p.exists():
         raise NotADirectoryError(f"{what} path {p} is a file; pass the directory that holds {filenames}")
     check_local_or_hub(name_or_path, what)
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     local = None
     for f in filenames:
         try:
-            local = Path(hf_hub_download(str(name_or_path), f, revision=revision, token=token))
+            local = Path(huggingface_hub.hf_hub_download(str(name_or_path), f, revision=revision, token=token))
         except EntryNotFoundError as err:
             if isinstance(err, LocalEntryNotFoundError):  # offline / unreachable and not cached
                 _raise_download_error(name_or_path, f, what, err)
@@ -125,9 +129,7 @@ def push_folder_to_hub(
     """``create_repo(exist_ok=True)`` + ``upload_folder``; returns the commit URL. Offline: a clear error."""
     if is_offline():
         raise OSError(f"cannot push to the Hub repo {repo_id!r}: HF_HUB_OFFLINE is set (unset it to push)")
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
+    api = huggingface_hub.HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.upload_folder(
@@ -141,8 +143,6 @@ def push_folder_to_hub(
 def render_model_card(template: str, card_data: dict, **variables) -> str:
     """Render ``opentrans_hf/model_cards/<template>`` (Jinja) with YAML metadata ``card_data``
     (``huggingface_hub.ModelCardData`` fields: library_name, tags, base_model, model-index, ...)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     path = MODEL_CARDS_DIR / template
     if not path.is_file():
         raise FileNotFoundError(f"model card template {path} does not exist")
@@ -157,8 +157,6 @@ def render_model_card(template: str, card_data: dict, **variables) -> str:
 def quiet_loading():
     """Silence transformers' load report and progress bars, e.g. for ``CLIPVisionModel.from_pretrained``
     on a full ``CLIPModel`` checkpoint, where the text tower's "unexpected" keys are expected."""
-    from transformers.utils import logging as hf_logging
-
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -174,9 +172,6 @@ def quiet_loading():
 def read_safetensors(path: str | os.PathLike, what: str = "adapter weights") -> dict:
     """``safetensors.torch.load_file`` with errors that name the file: FileNotFoundError when it is
     missing, ValueError when it is not a complete safetensors file (truncated, corrupt)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")

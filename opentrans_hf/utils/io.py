@@ -5,6 +5,8 @@ A crash or an exception mid-write never leaves a half-written file or directory 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -82,8 +84,6 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], object]) -> Pat
 
 def json_safe(obj):
     """Replace non-finite floats (never valid JSON) by None, recursively."""
-    import math
-
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -105,8 +105,6 @@ def is_integer(value) -> bool:
 
 def read_json(path: str | Path, what: str = "file"):
     """``json.loads`` of a file, with errors that name the file and what it was meant to be."""
-    import json
-
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 from opentrans_hf.data.benchmarks.registry import PREPARED_RECORD, Benchmark, get_benchmark
 from opentrans_hf.utils.io import atomic_directory
@@ -86,8 +88,6 @@ def layout_text(benchmark: Benchmark) -> str:
 def _open_image(path: Path, data: bytes | None = None):
     """A fully decoded PIL image (of ``data``, the bytes of ``path``, when given); an unreadable file is a
     :class:`RawDataError` naming it."""
-    from PIL import Image
-
     try:
         im = Image.open(path if data is None else io.BytesIO(data))
         im.load()
@@ -425,8 +425,6 @@ def _png_bytes(image) -> bytes:
 def label_png(label: np.ndarray) -> bytes:
     """A prepared label map as PNG bytes: mode L (uint8) or 16-bit grayscale (uint16), which ``datasets``'
     own encoder would store as TIFF."""
-    from PIL import Image
-
     if label.dtype not in (np.uint8, np.uint16):
         raise TypeError(f"label maps are uint8 or uint16, got {label.dtype}")
     return _png_bytes(Image.fromarray(np.ascontiguousarray(label)))
@@ -471,8 +469,6 @@ def strip_jpeg_app1(data: bytes) -> bytes | None:
 def image_entry(path: Path, label_path: Path, label_shape: tuple[int, int], shorter_side: int | None = None):
     """``({"bytes": ..., "path": None}, resized_to)``: the RGB image on its label's pixel grid (resized
     so its shorter side is ``shorter_side`` when over it; ``resized_to`` is then ``(width, height)``)."""
-    from PIL import Image, ImageOps
-
     data = path.read_bytes()
     im = _open_image(path, data)
     h, w = label_shape
@@ -529,8 +525,6 @@ def split_examples(conv: Converter, base: Path, split: str, max_examples: int | 
 
 
 def _generate(name: str, examples: list[RawExample], desc: str, progress: bool) -> Iterator[dict]:
-    from tqdm.auto import tqdm
-
     conv = converter(name)
     lut = class_lookup(conv.benchmark)
     for ex in tqdm(examples, desc=desc, unit="img", disable=not progress):

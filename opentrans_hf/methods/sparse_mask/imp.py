@@ -15,9 +15,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from opentrans_hf.methods.sparse_mask.counting import vision_tower
 from opentrans_hf.methods.sparse_mask.magnitude import (
@@ -165,8 +169,6 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     the config's rate, scope, ...) is refused with the differences listed unless ``config.ignore_mismatch``.
     Returns the final mask (applied to ``model``).
     """
-    from tqdm.auto import tqdm
-
     accelerator = accelerator or make_accelerator()
     out = Path(config.output_dir)
     run = _run_fingerprint(model, config, fingerprint)
@@ -223,8 +225,6 @@ def _resume_or_start(student: nn.Module, initial: dict | None, out: Path, run: d
     """``(state, the last round's mask or None, the initial weights or None)``: resumed from the last
     round saved in ``out`` (the student loaded and masked), or a fresh start (the initial weights
     written when ``config.rewind``)."""
-    from safetensors.torch import save_file
-
     if not (config.resume and ((out / "student.safetensors").is_file() or (out / "state.json").is_file())):
         if config.rewind and accelerator.is_main_process:
             atomic_write_with(out / "initial.safetensors",
@@ -283,8 +283,6 @@ def round_seed(seed: int, round_: int) -> int:
     """The seed of round ``round_``'s random mask: a fresh draw per round (among the survivors of the
     previous one), determined by ``seed`` and the round alone, so a resumed run draws what an
     uninterrupted one would."""
-    import numpy as np
-
     return int(np.random.SeedSequence([seed % 2**63, round_]).generate_state(1, np.uint64)[0] % 2**63)
 
 
@@ -292,8 +290,6 @@ def _save_round(out: Path, round_: int, mask: SparseMask, student: nn.Module, st
     """The round's mask adapter, then the student's weights with the state in their metadata (one atomic
     file: a kill leaves either the previous round's weights and state or this round's), then the
     readable ``state.json``."""
-    from safetensors.torch import save_file
-
     mask.save_pretrained(out / f"round_{round_:02d}")
     weights = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     metadata = {STATE_KEY: json.dumps(state)}
@@ -304,8 +300,6 @@ def _save_round(out: Path, round_: int, mask: SparseMask, student: nn.Module, st
 def read_imp_state(output_dir: str | Path) -> dict:
     """The IMP state saved in ``output_dir`` (round, history, config, fingerprint), read from the student
     weights it belongs to."""
-    from safetensors import safe_open
-
     out = Path(output_dir)
     path = out / "student.safetensors"
     metadata = None

@@ -31,6 +31,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from opentrans_hf.methods.sparse_mask.export import SparseLinear
@@ -144,8 +145,6 @@ def save_sparse_pretrained(model: nn.Module, save_directory: str | os.PathLike, 
         "sparse_tensors": entries,
         "crc32": {k: _crc(t) for k, t in tensors.items()},
     }
-    from safetensors.torch import save_file
-
     text = json.dumps(manifest, indent=2) + "\n"
     config = getattr(model, "config", None)
     with atomic_directory(out) as tmp:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from transformers import Mask2FormerConfig
+
 from opentrans_hf.models.backbone import PYRAMID_SCALES
 from opentrans_hf.models.configuration_ovs import OVSConfig, SolverConfig
 
@@ -57,8 +59,6 @@ class CLIPMask2FormerConfig(OVSConfig):
 
     def mask2former_config(self, num_labels: int):
         """The ``Mask2FormerConfig`` for transformers' building blocks (sizes from this config)."""
-        from transformers import Mask2FormerConfig
-
         if self.fpn_channels % 32 or self.hidden_dim % 32:
             raise ValueError(f"fpn_channels ({self.fpn_channels}) and hidden_dim ({self.hidden_dim}) must be multiples "
                              "of 32 (Mask2Former's GroupNorm(32, ...))")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerHungarianMatcher,
@@ -71,8 +72,6 @@ class OVSHungarianMatcher(Mask2FormerHungarianMatcher):
     def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
         if self.valid is None:
             return super().forward(masks_queries_logits, class_queries_logits, mask_labels, class_labels)
-        from scipy.optimize import linear_sum_assignment
-
         indices = []
         for i in range(masks_queries_logits.shape[0]):
             cost_class = -class_queries_logits[i].softmax(-1)[:, class_labels[i]]
