@@ -402,8 +402,8 @@ def test_killed_sparse_save_leaves_no_half_directory(tiny_clip_dir, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        import safetensors.torch
         from transformers import CLIPVisionModel
+        import opentrans_hf.methods.sparse_mask.storage as storage
         from opentrans_hf import magnitude_prune, save_sparse_pretrained
 
         model = CLIPVisionModel.from_pretrained({str(tiny_clip_dir)!r})
@@ -411,7 +411,7 @@ def test_killed_sparse_save_leaves_no_half_directory(tiny_clip_dir, tmp_path):
         def write_half_and_die(tensors, filename, metadata=None):
             Path(filename).write_bytes(b"partial")
             os.kill(os.getpid(), signal.SIGKILL)
-        safetensors.torch.save_file = write_half_and_die
+        storage.save_file = write_half_and_die  # the writer the save calls
         save_sparse_pretrained(model, {str(tmp_path / "m")!r})
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
