@@ -3,8 +3,6 @@ path: loading a dataset and finding its columns moved to :mod:`opentrans_hf.data
 (:func:`resolve_class_names`, :func:`find_id2label`) to :mod:`opentrans_hf.data.vocabulary`. The names here
 are those modules' own objects."""
 
-import warnings
-
 from opentrans_hf.data.sources import (
     IMAGE_COLUMNS,
     IMAGE_SUFFIXES,
@@ -15,11 +13,9 @@ from opentrans_hf.data.sources import (
     load_segmentation_dataset,
 )
 from opentrans_hf.data.vocabulary import find_id2label, resolve_class_names
-from opentrans_hf.utils.deprecation import REMOVED_IN
+from opentrans_hf.utils.deprecation import warn_moved
 
 __all__ = ["IMAGE_COLUMNS", "IMAGE_SUFFIXES", "LABEL_COLUMNS", "SPLIT_HINT", "find_columns", "find_id2label",
            "find_prepared_record", "load_segmentation_dataset", "resolve_class_names"]
 
-warnings.warn(f"`{__name__}` moved to `opentrans_hf.data.sources` (datasets, columns) and "
-              f"`opentrans_hf.data.vocabulary` (class names) in opentrans-hf 0.2; the old path goes in {REMOVED_IN}: "
-              "import from the new modules", FutureWarning, stacklevel=2)
+warn_moved(__name__, "opentrans_hf.data.sources", "opentrans_hf.data.vocabulary", stacklevel=3)

@@ -1,9 +1,9 @@
 """Deprecated: the configurations moved to :mod:`opentrans_hf.models` (``configuration_ovs`` and one
 ``configuration_<name>`` per framework) in 0.2; this module goes in 0.3."""
 
-from opentrans_hf.utils.deprecation import _warn
+from opentrans_hf.utils.deprecation import warn_moved
 
-_warn(__name__, "opentrans_hf.models")
+warn_moved(__name__, "opentrans_hf.models")
 
 from opentrans_hf.models.configuration_ovs import *  # noqa: E402,F403
 from opentrans_hf.models.configuration_ovs import _saved_default  # noqa: E402,F401

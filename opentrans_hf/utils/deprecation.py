@@ -17,14 +17,16 @@ from types import ModuleType
 REMOVED_IN = "0.3"
 
 
-def _warn(old: str, new: str) -> None:
-    warnings.warn(f"`{old}` moved to `{new}` in opentrans-hf 0.2; the old path goes in {REMOVED_IN}: "
-                  f"import from `{new}`", FutureWarning, stacklevel=4)
+def warn_moved(old: str, *new: str, stacklevel: int = 4) -> None:
+    """Warn (``FutureWarning``) that the module ``old`` moved to the module(s) ``new``."""
+    where = " and ".join(f"`{n}`" for n in new)
+    warnings.warn(f"`{old}` moved to {where} in opentrans-hf 0.2; the old path goes in {REMOVED_IN}: "
+                  f"import from {where}", FutureWarning, stacklevel=stacklevel)
 
 
 def alias_module(old: str, new: str) -> ModuleType:
     """Make the module ``old`` (the caller, still importing) the module ``new``."""
-    _warn(old, new)
+    warn_moved(old, new)
     module = importlib.import_module(new)
     sys.modules[old] = module
     return module
@@ -33,7 +35,7 @@ def alias_module(old: str, new: str) -> ModuleType:
 def forward_package(old: str, new: str) -> Callable[[str], object]:
     """A module ``__getattr__`` for the old package ``old``: every name is looked up in ``new``. The old
     package stays a package of its own (its submodules are aliases too), so nothing is imported twice."""
-    _warn(old, new)
+    warn_moved(old, new)
     target = importlib.import_module(new)
 
     def __getattr__(name: str):
