@@ -28,14 +28,20 @@ from opentrans_hf.models import (
     CLIPMask2FormerConfig,
     CLIPMask2FormerForOVS,
     OVSConfig,
+    OVSImageProcessor,
     OVSPreTrainedModel,
+    OVSProcessor,
     register_auto_classes,
 )
+from opentrans_hf.pipelines.segmentation import OpenVocabularySegmentationPipeline, register_pipeline
 from opentrans_hf.spectral import LayerSpectrum, SpectralReport, analyze_spectra
 from opentrans_hf.training.pretraining import pretrain_clip, pretrained_clip
 from opentrans_hf.utils.version import __version__
 
-register_auto_classes()  # AutoConfig / AutoModel know the frameworks: the one thing importing opentrans_hf does
+# What importing opentrans_hf does, and nothing else: AutoConfig / AutoModel / AutoImageProcessor / AutoProcessor
+# know the frameworks, and pipeline("open-vocabulary-segmentation", ...) works.
+register_auto_classes()
+register_pipeline()
 
 __all__ = [
     "CLIPDeepLabV3Config",
@@ -47,7 +53,10 @@ __all__ = [
     "CLIPMask2FormerForOVS",
     "FRAMEWORKS",
     "OVSConfig",
+    "OVSImageProcessor",
     "OVSPreTrainedModel",
+    "OVSProcessor",
+    "OpenVocabularySegmentationPipeline",
     "CLIP_SIZES",
     "IMPConfig",
     "LayerSpectrum",

@@ -3,31 +3,121 @@ normalisation, label reduction and label validation."""
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EVAL_RESIZE_MODES = ("square", "shortest_side")
 
 
+def to_rgb(im) -> "Image.Image":
+    """A PIL image of any mode -> RGB as it is meant to be seen: transparent parts composited over white,
+    16/32-bit grey (``I;16``, ``I``, ``F``) scaled to 8 bits (by 65535 when a value exceeds 255), palette
+    and grey images converted."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def array_to_rgb(image) -> "Image.Image":
+    """An in-memory image that is not PIL -> an RGB PIL image: ``(H, W)``, ``(H, W, 1|3|4)`` or channels-first
+    ``(1|3|4, H, W)`` arrays (or tensors); uint8 as is, 16-bit grey scaled to 8 bits, floats in [0, 1] times
+    255; four channels are RGBA (composited over white)."""
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # (C, H, W) -> (H, W, C)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ValueError(f"an image must be (H, W), (H, W, 3) or (H, W, 4) (or channels first), got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"the image is empty (shape {arr.shape})")
+    if arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.max(initial=0) > 255):
+        if arr.ndim != 2:
+            raise ValueError(f"a 16-bit image must be grey (H, W), got shape {arr.shape}")
+        return to_rgb(Image.fromarray(arr.astype(np.int32), mode="I"))
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype != np.uint8:
+        scale = 255.0 if arr.dtype.kind == "f" and arr.max(initial=0) <= 1.0 else 1.0
+        arr = np.clip(arr * scale, 0, 255).round().astype(np.uint8)
+    return to_rgb(Image.fromarray(arr))
+
+
+def load_image(image) -> "Image.Image":
+    """An image file (path) or an in-memory image -> an RGB PIL image as it is meant to be seen: EXIF
+    orientation applied, transparency composited over white, 16-bit grey scaled to 8 bits. A file that
+    cannot be read fully (missing, not an image, truncated) is a ``ValueError`` naming it."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        try:
+            with Image.open(path) as im:
+                im.load()  # decode everything now: a truncated file fails here, not halfway through the job
+                rgb = to_rgb(ImageOps.exif_transpose(im))
+                return rgb.copy() if rgb is im else rgb  # independent of the file, which closes here
+        except FileNotFoundError:
+            raise ValueError(f"image {path}: no such file") from None
+        except IsADirectoryError:
+            raise ValueError(f"image {path}: is a directory, not an image file") from None
+        except Exception as err:  # noqa: BLE001 - PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
+            reason = "not an image PIL can read" if type(err).__name__ == "UnidentifiedImageError" else str(err).strip()
+            raise ValueError(f"image {path} cannot be read: {reason or type(err).__name__}") from None
+    if isinstance(image, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(image))
+    return array_to_rgb(image)
+
+
 def to_image_tensor(image) -> torch.Tensor:
-    """PIL image, ``(H, W, 3)`` uint8 array or ``(3, H, W)`` float tensor in [0, 1] -> ``(3, H, W)`` float."""
-    if isinstance(image, torch.Tensor):
-        t = image.float()
-        if t.ndim != 3 or t.shape[0] != 3:
-            raise ValueError(f"image tensor must have shape (3, H, W), got {tuple(t.shape)}")
-        return t
-    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ValueError(f"image must be (H, W, 3) RGB, got an array of shape {arr.shape}")
-    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 255.0
+    """Any image -> ``(3, H, W)`` float in [0, 1]: a ``(3, H, W)`` float tensor is taken as it is (already in
+    [0, 1]); a PIL image of any mode (L, RGBA, P, I;16, ...) or an array / integer tensor goes through
+    :func:`to_rgb` / :func:`array_to_rgb` (transparency over white, 16-bit grey scaled), then ``/ 255``."""
+    if isinstance(image, torch.Tensor) and image.is_floating_point() and image.ndim == 3 and image.shape[0] == 3:
+        return image.float()
+    if isinstance(image, torch.Tensor) and image.is_floating_point() and image.ndim == 3 and image.shape[0] != 3:
+        raise ValueError(f"image tensor must have shape (3, H, W), got {tuple(image.shape)}")
+    rgb = to_rgb(image) if isinstance(image, Image.Image) else array_to_rgb(image)
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 255.0
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int], resample: str = "bilinear") -> torch.Tensor:
+    """``(C, H, W)`` or ``(B, C, H, W)`` float image(s) -> ``size`` (h, w): bilinear/bicubic with antialiasing
+    (as PIL resizes), or nearest."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    x = image[None] if image.dim() == 3 else image
+    if resample == "nearest":
+        out = F.interpolate(x, size=size, mode="nearest")
+    else:
+        out = F.interpolate(x, size=size, mode=resample, align_corners=False, antialias=True)
+    return out[0] if image.dim() == 3 else out
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An ``(H, W)`` label map -> ``size`` (h, w), nearest neighbour, int64."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
+
+
+def normalize(image: torch.Tensor, mean, std) -> torch.Tensor:
+    """``(image - mean) / std`` per channel (channels first)."""
+    shape = (-1, 1, 1)
+    return (image - torch.tensor(mean, dtype=image.dtype).view(shape)) / torch.tensor(std, dtype=image.dtype).view(shape)
 
 
 def to_label_tensor(label) -> torch.Tensor:
@@ -109,13 +199,11 @@ class SegmentationTransform:
         if self.train:
             img, lab = self._random_scale_crop_flip(img, lab, rng)
         elif self.resize == "shortest_side":  # the label keeps its original size
-            img = _resize(img, shortest_side_size(tuple(img.shape[1:]), self.size, self.max_size), "bilinear")
+            img = resize_image(img, shortest_side_size(tuple(img.shape[1:]), self.size, self.max_size))
         else:
-            img = _resize(img, (self.size, self.size), "bilinear")
-            lab = _resize(lab, (self.size, self.size), "nearest") if lab is not None else None
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (img - mean) / std, lab
+            img = resize_image(img, (self.size, self.size))
+            lab = resize_labels(lab, (self.size, self.size)) if lab is not None else None
+        return normalize(img, self.mean, self.std), lab
 
     def convert_labels(self, lab: torch.Tensor) -> torch.Tensor:
         """The dataset's label values -> training labels: its void value and (``reduce_labels``) 0 become
@@ -143,8 +231,8 @@ class SegmentationTransform:
         h, w = img.shape[1:]
         scale = rng.uniform(*self.scale_range) * self.size / min(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        img = _resize(img, (nh, nw), "bilinear")
-        lab = _resize(lab, (nh, nw), "nearest") if lab is not None else None
+        img = resize_image(img, (nh, nw))
+        lab = resize_labels(lab, (nh, nw)) if lab is not None else None
         ph, pw = max(0, self.size - nh), max(0, self.size - nw)
         if ph or pw:
             img = F.pad(img, (0, pw, 0, ph), value=0.0)
@@ -171,14 +259,6 @@ def shortest_side_size(hw: tuple[int, int], shortest_side: int, max_size: int | 
         scale = max_size / max(newh, neww)
         newh, neww = newh * scale, neww * scale
     return max(1, int(newh + 0.5)), max(1, int(neww + 0.5))
-
-
-def _resize(t: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    if tuple(t.shape[-2:]) == tuple(size):
-        return t
-    if mode == "nearest":
-        return F.interpolate(t[None, None].float(), size=size, mode="nearest")[0, 0].long()
-    return F.interpolate(t[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def collate_segmentation(batch):

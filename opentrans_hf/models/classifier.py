@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -117,36 +118,69 @@ class OpenVocabClassifier(nn.Module):
             hit = self._cache.get(key)
             if hit is not None:
                 return hit
-        groups = [class_synonyms(n) for n in names]
-        if self.name_aggregation == "first":
-            groups = [g[:1] for g in groups]
-        flat = [name for g in groups for name in g]
+        tok = tokenize_class_prompts(tokenizer, names, self.templates, clip.config.text_config.max_position_embeddings,
+                                     self.name_aggregation)
+        emb = self.embed_prompts(clip, tok["input_ids"], tok["attention_mask"], tok["class_ids"], trainable=trainable,
+                                 cache=False)
+        if not trainable:
+            self._remember(key, emb)
+        return emb
+
+    def embed_prompts(self, clip, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      class_ids: torch.Tensor, *, trainable: bool = False, cache: bool = True) -> torch.Tensor:
+        """Class embeddings from tokenized prompts (what :func:`tokenize_class_prompts` and ``OVSProcessor``
+        give): ``input_ids`` ``(T * N, L)``, template-major (every name with the first template, then with the
+        second, ...), ``class_ids`` ``(N,)`` the class of each name (non-decreasing, 0..K-1). Each name's
+        embedding is the normalised mean of its T normalised prompt features; names of one class are combined
+        by ``name_aggregation``. Cached by content when not ``trainable``."""
+        device = clip.text_projection.weight.device
+        class_ids = torch.as_tensor(class_ids).reshape(-1).long().cpu()
+        n = class_ids.numel()
+        if input_ids.dim() != 2 or n == 0 or input_ids.shape[0] % n:
+            raise ValueError(f"input_ids must be (templates x names, length) for {n} names (class_ids), got shape "
+                             f"{tuple(input_ids.shape)}")
+        if bool((class_ids[1:] < class_ids[:-1]).any()) or int(class_ids[0]) != 0 or \
+                bool((class_ids[1:] - class_ids[:-1] > 1).any()):
+            raise ValueError(f"class_ids must number the classes 0, 1, ... in order (each class's names together), "
+                             f"got {class_ids.tolist()}")
+        if not trainable and cache:
+            key = (_tensor_key(input_ids), _tensor_key(attention_mask), tuple(class_ids.tolist()), self.name_aggregation,
+                   str(device), self._cache_key(clip, (), device)[-2:])
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
+        t = input_ids.shape[0] // n
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            prompts = [t.format(n) for t in self.templates for n in flat]
-            max_len = clip.config.text_config.max_position_embeddings
-            tok = tokenizer(prompts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            tok = {k: v.to(device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+            tok = {"input_ids": input_ids.to(device)}
+            if attention_mask is not None:
+                tok["attention_mask"] = attention_mask.to(device)
             feats = clip.get_text_features(**tok)
             feats = getattr(feats, "pooler_output", feats)
-            feats = F.normalize(feats.float(), dim=-1).view(len(self.templates), len(flat), -1)
+            feats = F.normalize(feats.float(), dim=-1).view(t, n, -1)
             per_name = F.normalize(feats.mean(0), dim=-1)  # (N, D): one embedding per name
+            counts = torch.bincount(class_ids).tolist()
             starts = [0]
-            for g in groups:
-                starts.append(starts[-1] + len(g))
-            if max(len(g) for g in groups) == 1:
+            for c in counts:
+                starts.append(starts[-1] + c)
+            if max(counts) == 1:
                 emb = per_name
             elif self.name_aggregation == "mean":
                 emb = F.normalize(torch.stack([per_name[a:b].mean(0) for a, b in zip(starts, starts[1:])]), dim=-1)
+            elif self.name_aggregation == "first":
+                emb = per_name[torch.tensor(starts[:-1], device=per_name.device)]
             else:  # max: (K, M, D), short classes padded with their first name (the max is unchanged)
-                m = max(len(g) for g in groups)
+                m = max(counts)
                 index = torch.tensor([[a + min(j, b - a - 1) for j in range(m)] for a, b in zip(starts, starts[1:])],
                                      device=per_name.device)
                 emb = per_name[index]
-        if not trainable:
-            if len(self._cache) > 16:
-                self._cache.clear()
-            self._cache[key] = emb
+        if not trainable and cache:
+            self._remember(key, emb)
         return emb
+
+    def _remember(self, key, emb) -> None:
+        if len(self._cache) > 16:
+            self._cache.clear()
+        self._cache[key] = emb
 
     def forward(self, embeddings: torch.Tensor, text_embeddings: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Cosine logits of ``embeddings`` (any shape with D along ``dim``) against the class text
@@ -159,3 +193,29 @@ class OpenVocabClassifier(nn.Module):
             t = torch.cat([t, void], 0)
         scale = self.logit_scale.exp().clamp(max=100.0)
         return (scale * class_scores(x, t)).movedim(-1, dim)
+
+
+def tokenize_class_prompts(tokenizer, class_names, templates, max_length: int | None = None,
+                           name_aggregation: str = "max", return_tensors: str = "pt") -> dict:
+    """Tokenize every prompt template with every name of ``class_names`` (names or tuples of synonyms):
+    ``{"input_ids", "attention_mask"}`` of shape ``(T * N, L)``, template-major, and ``"class_ids"`` ``(N,)``,
+    the class of each name (with ``name_aggregation="first"`` only the first name of each class is used).
+    This is what :meth:`OpenVocabClassifier.embed_prompts` and the models' ``forward(input_ids=...)`` take."""
+    names = check_class_names(class_names)
+    groups = [class_synonyms(n) for n in names]
+    if name_aggregation == "first":
+        groups = [g[:1] for g in groups]
+    flat = [name for g in groups for name in g]
+    prompts = [t.format(n) for t in templates for n in flat]
+    kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
+    tok = tokenizer(prompts, padding=True, return_tensors=return_tensors, **kwargs)
+    class_ids = [k for k, g in enumerate(groups) for _ in g]
+    return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
+            "class_ids": torch.tensor(class_ids, dtype=torch.long)}
+
+
+def _tensor_key(t: torch.Tensor | None):
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    return (tuple(t.shape), str(t.dtype), hashlib.sha1(t.contiguous().numpy().tobytes()).hexdigest())

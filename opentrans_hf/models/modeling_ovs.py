@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel, PreTrainedModel
+from transformers.image_processing_base import ImageProcessingMixin
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from opentrans_hf.data.transforms import SegmentationTransform
 from opentrans_hf.methods.sparse_mask.compact import shrink_to_structure
 from opentrans_hf.methods.sparse_mask.storage import (
     is_sparse_checkpoint,
@@ -22,8 +22,10 @@ from opentrans_hf.methods.sparse_mask.storage import (
     save_sparse_pretrained,
 )
 from opentrans_hf.models.backbone import check_pixel_values
-from opentrans_hf.models.classifier import OpenVocabClassifier, check_class_names
+from opentrans_hf.models.classifier import OpenVocabClassifier, check_class_names, class_synonyms
 from opentrans_hf.models.configuration_ovs import OVSConfig, resolve_prompt_templates
+from opentrans_hf.models.image_processing_ovs import OVSImageProcessor
+from opentrans_hf.models.processing_ovs import OVSProcessor
 from opentrans_hf.utils.hub import load_or_explain
 from opentrans_hf.utils.naming import CLIP_VISION_ENCODER_TARGETS, vision_encoder_targets
 
@@ -70,7 +72,7 @@ class OVSPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = False
 
-    def __init__(self, config: OVSConfig, tokenizer=None):
+    def __init__(self, config: OVSConfig, tokenizer=None, image_processor: OVSImageProcessor | None = None):
         super().__init__(config)
         self.clip = CLIPModel(config.clip)
         if getattr(config, "compact_structure", None):  # compacted (SparseMask.compact): build with its shapes
@@ -80,6 +82,20 @@ class OVSPreTrainedModel(PreTrainedModel):
             name_aggregation=config.class_name_aggregation,
         )
         self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    @property
+    def processor(self) -> OVSProcessor:
+        """The model's :class:`OVSProcessor` (its image processor, tokenizer, prompt templates, name aggregation
+        and seen classes), as ``save_pretrained`` writes it and ``AutoProcessor.from_pretrained`` reads it."""
+        return OVSProcessor.from_model_config(self.config, self.tokenizer, self.get_image_processor())
+
+    def get_image_processor(self) -> OVSImageProcessor:
+        """The model's :class:`OVSImageProcessor`: the one it was loaded or built with, else the default for
+        its config (square ``image_size`` input, CLIP's mean and std)."""
+        if self.image_processor is None:
+            self.image_processor = OVSImageProcessor.from_model_config(self.config)
+        return self.image_processor
 
     # ----- construction ---------------------------------------------------------------------------
     def post_init(self):
@@ -143,7 +159,8 @@ class OVSPreTrainedModel(PreTrainedModel):
             tokenizer = load_or_explain(
                 name, lambda: AutoTokenizer.from_pretrained(name, revision=revision, token=token), "CLIP tokenizer")
         config = cls.config_class(clip_config=clip.config.to_dict(), clip_name_or_path=name, **config_overrides)
-        model = cls(config, tokenizer=tokenizer)
+        model = cls(config, tokenizer=tokenizer,
+                    image_processor=OVSImageProcessor.from_model_config(config, **_clip_normalisation(name, revision, token)))
         missing, unexpected = model.clip.load_state_dict(clip.state_dict(), strict=False)
         if unexpected or [k for k in missing if "position_ids" not in k]:
             raise ValueError(f"CLIP checkpoint {name} does not fit: missing {missing}, unexpected {unexpected}")
@@ -166,6 +183,11 @@ class OVSPreTrainedModel(PreTrainedModel):
             except (OSError, ValueError):
                 tokenizer = None  # class_embeddings() explains what to do when names must be encoded
         model.tokenizer = tokenizer
+        model.image_processor = _saved_image_processor(name, tok_kwargs)
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+        if isinstance(dtype, torch.dtype):  # the CLIP's towers too (their sub-configs record their own dtype)
+            model.to(dtype)
         model.freeze_unused_clip_parameters()  # loading makes fresh Parameters (requires_grad=True)
         return model
 
@@ -181,14 +203,52 @@ class OVSPreTrainedModel(PreTrainedModel):
         if sparse_mask is not None:
             raise ValueError("sparse_mask= is for sparse_storage=True (a dense save stores the weights as they are)")
         out = super().save_pretrained(save_directory, *args, **kwargs)
-        if self.tokenizer is not None and kwargs.get("is_main_process", True):
-            self.tokenizer.save_pretrained(save_directory)
+        if kwargs.get("is_main_process", True):
+            self.save_processor(save_directory)
         return out
+
+    def save_processor(self, save_directory) -> None:
+        """Write the processor beside the weights: ``preprocessor_config.json`` (the image processor), and with a
+        tokenizer its files and ``processor_config.json`` (the :class:`OVSProcessor`)."""
+        if self.tokenizer is not None:
+            self.processor.save_pretrained(save_directory)
+        self.get_image_processor().save_pretrained(save_directory)
 
     # ----- running --------------------------------------------------------------------------------
     def text_embeddings(self, class_names: list[str]) -> torch.Tensor:
         trainable = not self.config.freeze_text_encoder and self.training
         return self.classifier.class_embeddings(self.clip, self.tokenizer, class_names, trainable=trainable)
+
+    def seen_classes(self, class_names) -> torch.Tensor:
+        """``(K,)`` bool: which classes are training classes (one of their names is in ``config.seen_class_names``)."""
+        seen = set(self.config.seen_class_names or [])
+        return torch.tensor([not seen.isdisjoint(class_synonyms(n)) for n in check_class_names(class_names)],
+                            dtype=torch.bool)
+
+    def encode_classes(self, class_names=None, input_ids=None, attention_mask=None, class_ids=None,
+                       class_embeddings=None, seen_classes=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The classes of a forward, given one of three ways, -> ``(text embeddings (K, D) or (K, M, D), seen
+        (K,) bool or None)``: ``class_names`` (strings, tokenized here), ``input_ids`` / ``attention_mask`` /
+        ``class_ids`` (what :class:`OVSProcessor` returns for ``text=``), or ``class_embeddings`` computed before."""
+        given = [n for n, v in (("class_names", class_names), ("input_ids", input_ids),
+                                ("class_embeddings", class_embeddings)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"{type(self).__name__} needs the classes as exactly one of class_names=[...], input_ids= "
+                             f"(+ class_ids=, from OVSProcessor(text=...)) or class_embeddings=; got "
+                             f"{given or 'none'} (the label values index the classes)")
+        if class_names is not None:
+            names = check_class_names(class_names)
+            return self.text_embeddings(names), (self.seen_classes(names) if seen_classes is None else seen_classes)
+        if input_ids is not None:
+            if class_ids is None:
+                raise ValueError("input_ids need class_ids= (the class of each tokenized name), as OVSProcessor returns")
+            trainable = not self.config.freeze_text_encoder and self.training
+            text = self.classifier.embed_prompts(self.clip, input_ids, attention_mask, class_ids, trainable=trainable)
+            return text, seen_classes
+        if class_embeddings.dim() not in (2, 3) or class_embeddings.shape[-1] != self.config.clip.projection_dim:
+            raise ValueError(f"class_embeddings must be (K, {self.config.clip.projection_dim}) or (K, M, "
+                             f"{self.config.clip.projection_dim}), got {tuple(class_embeddings.shape)}")
+        return class_embeddings, seen_classes
 
     def set_prompt_templates(self, templates) -> None:
         """Score class names with other prompt templates from now on (a set name such as ``"fcclip"``, or a
@@ -211,26 +271,46 @@ class OVSPreTrainedModel(PreTrainedModel):
         return labels
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
-                class_names: list[str] | None = None, return_dict: bool = True, **kwargs) -> OVSSegmentationOutput:
-        """Scores for ``class_names`` (any names: open vocabulary) and, with ``labels`` (B, H, W; values
-        index ``class_names``, ``ignore_index`` ignored), the training loss."""
+                class_names: list[str] | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, class_ids: torch.Tensor | None = None,
+                class_embeddings: torch.Tensor | None = None, seen_classes: torch.Tensor | None = None,
+                return_dict: bool = True, **kwargs) -> OVSSegmentationOutput:
+        """Scores for the classes (any names: open vocabulary) and, with ``labels`` (B, H, W; values index the
+        classes, ``ignore_index`` ignored), the training loss.
+
+        The classes come as exactly one of: ``class_names`` (a list of names or tuples of synonyms);
+        ``input_ids`` + ``attention_mask`` + ``class_ids`` (+ ``seen_classes``), the tensors
+        ``OVSProcessor(text=...)`` returns, so ``model(**processor(images=..., text=..., return_tensors="pt"))``
+        runs on tensors only; or ``class_embeddings`` ``(K, D)`` / ``(K, M, D)`` computed before
+        (``model.encode_classes``). ``seen_classes`` (``(K,)`` bool) tells FC-CLIP's ensemble which classes
+        were trained on (from ``config.seen_class_names`` when the names are given)."""
         check_pixel_values(pixel_values, self.config.clip.vision_config.num_channels)
-        if class_names is None:
-            raise ValueError(f"{type(self).__name__} needs class_names=[...] (the label values index them)")
-        names = check_class_names(class_names)
+        text, seen = self.encode_classes(class_names, input_ids, attention_mask, class_ids, class_embeddings,
+                                         seen_classes)
+        if seen is not None:
+            seen = torch.as_tensor(seen, dtype=torch.bool, device=pixel_values.device).reshape(-1)
+            if seen.numel() != text.shape[0]:
+                raise ValueError(f"seen_classes has {seen.numel()} entries for {text.shape[0]} classes")
         if labels is not None:
-            labels = self.check_labels(labels, pixel_values, len(names))
-        text = self.text_embeddings(names)
-        out = self.forward_with_text(pixel_values, text, names, labels)
+            labels = self.check_labels(labels, pixel_values, text.shape[0])
+        out = self.forward_with_text(pixel_values, text, labels, seen)
         out.text_embeddings = text
         return out if return_dict else out.to_tuple()
 
-    def forward_with_text(self, pixel_values, text, class_names, labels) -> OVSSegmentationOutput:
+    def forward_with_text(self, pixel_values, text, labels, seen_classes) -> OVSSegmentationOutput:
+        """The framework's forward given the class embeddings ``text`` (K classes) and ``seen_classes``
+        ((K,) bool or None)."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward_with_text")
 
     def semantic_scores(self, output: OVSSegmentationOutput, num_classes: int) -> torch.Tensor:
         """(B, K', H, W) scores to take the argmax of; K' = K, or K + 1 with a void channel last."""
         return output.logits
+
+    def _class_kwargs(self, class_names) -> dict:
+        """Class embeddings computed once for many forwards (eval mode: the cache serves them)."""
+        names = check_class_names(class_names)
+        text, seen = self.encode_classes(names)
+        return {"class_embeddings": text, "seen_classes": seen}
 
     @torch.no_grad()
     def predict(self, images, class_names: list[str], *, batch_size: int = 8, allow_void: bool = True) -> list[torch.Tensor]:
@@ -239,49 +319,43 @@ class OVSPreTrainedModel(PreTrainedModel):
         (with ``allow_void=False`` every pixel gets one of the classes, as benchmark evaluation expects).
 
         ``images``: a (B, 3, H, W) or (3, H, W) tensor of normalised pixel values (as the training
-        transform makes), or a list of raw images (PIL, (H, W, 3) uint8 arrays, (3, H, W) tensors in
-        [0, 1]) which are resized to ``config.image_size``, normalised, and predicted back at their size.
+        transform makes; maps at that size), or a list of raw images (PIL of any mode, arrays, (3, H, W)
+        tensors in [0, 1]) which go through the model's image processor and come back at their own size
+        (``post_process_semantic_segmentation``: the scores upsampled to the image, then the best class):
+        the same path as the ``open-vocabulary-segmentation`` pipeline.
         """
         names = check_class_names(class_names)
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        dtype = next(self.clip.vision_model.parameters()).dtype
         if isinstance(images, torch.Tensor):
             x = images[None] if images.dim() == 3 else images
             check_pixel_values(x, self.config.clip.vision_config.num_channels)
-            sizes, batch = None, x
+            batches, sizes = [x[s : s + batch_size] for s in range(0, x.shape[0], batch_size)], None
         else:
             if not isinstance(images, (list, tuple)) or not images:
                 raise ValueError("images must be a (B, 3, H, W) tensor or a non-empty list of images")
-            tf = SegmentationTransform(self.config.image_size, train=False)
-            sizes, xs = [], []
-            for i, im in enumerate(images):
-                try:
-                    x, _ = tf(im)
-                except ValueError as err:
-                    raise ValueError(f"images[{i}]: {err}") from err
-                sizes.append(_image_hw(im))
-                xs.append(x)
-            batch = torch.stack(xs)
+            processor = self.get_image_processor()
+            batches, sizes = [], []
+            for s in range(0, len(images), batch_size):
+                chunk = list(images[s : s + batch_size])
+                batches.append(processor(chunk, return_tensors="pt")["pixel_values"])
+                sizes.extend(_image_hw(im) for im in chunk)
         preds = []
-        try:
-            for s in range(0, batch.shape[0], batch_size):
-                x = batch[s : s + batch_size].to(device=device, dtype=dtype)
-                out = self(pixel_values=x, class_names=names)
-                scores = self.semantic_scores(out, len(names))
-                if not allow_void:
-                    scores = scores[:, : len(names)]
-                pred = scores.argmax(1)
-                if scores.shape[1] > len(names):
-                    pred[pred >= len(names)] = self.config.ignore_index
-                preds.extend(pred.cpu())
-        finally:
-            self.train(was_training)
-        if sizes is not None:
-            preds = [F.interpolate(p[None, None].float(), size=hw, mode="nearest")[0, 0].long()
-                     for p, hw in zip(preds, sizes)]
+        with self._eval_mode():
+            device, dtype = self.device_and_dtype()
+            kw = self._class_kwargs(names)
+            for x in batches:
+                out = self(pixel_values=x.to(device=device, dtype=dtype), **kw)
+                targets = sizes[len(preds) : len(preds) + x.shape[0]] if sizes is not None else None
+                maps = self.get_image_processor().post_process_semantic_segmentation(
+                    {"logits": self.semantic_scores(out, len(names))}, targets, allow_void=allow_void,
+                    num_classes=len(names), void_label=self.config.ignore_index)
+                preds.extend(m.cpu() for m in maps)
         return preds
+
+    def device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
+        return next(self.parameters()).device, next(self.clip.vision_model.parameters()).dtype
+
+    def _eval_mode(self):
+        return _EvalMode(self)
 
     @torch.no_grad()
     def predict_sliding(self, pixel_values: torch.Tensor, class_names: list, *, window: int | None = None,
@@ -296,14 +370,31 @@ class OVSPreTrainedModel(PreTrainedModel):
         (:func:`sliding_window_starts`); an image smaller than the window is zero-padded (bottom/right)
         to it. Windows run ``batch_size`` at a time; their scores (``semantic_scores``, void channel
         dropped unless ``allow_void``) are summed into one ``(K, H, W)`` float buffer and divided by the
-        number of windows covering each pixel, then argmax. Memory: that buffer plus one batch of windows.
-        Values index ``class_names`` (each a name or a tuple of synonyms); with ``allow_void`` pixels the
-        void embedding wins get ``ignore_index``. Default ``allow_void=False``: every pixel gets a class,
-        as benchmark evaluation expects."""
+        number of windows covering each pixel (:meth:`sliding_scores`), then argmax. Memory: that buffer plus
+        one batch of windows. Values index ``class_names`` (each a name or a tuple of synonyms); with
+        ``allow_void`` pixels the void embedding wins get ``ignore_index``. Default ``allow_void=False``: every
+        pixel gets a class, as benchmark evaluation expects."""
         names = check_class_names(class_names)
+        k = len(names)
+        total = self.sliding_scores(pixel_values, window=window, stride=stride, batch_size=batch_size,
+                                    **self._class_kwargs(names))
+        if not allow_void:
+            total = total[:k]
+        pred = total.argmax(0)
+        if total.shape[0] > k:
+            pred[pred >= k] = self.config.ignore_index
+        return pred.cpu()
+
+    @torch.no_grad()
+    def sliding_scores(self, pixel_values: torch.Tensor, *, window: int | None = None, stride: int | None = None,
+                       batch_size: int = 8, **classes) -> torch.Tensor:
+        """The ``(K[+1], H, W)`` class scores of one image of any size, averaged over the sliding windows that
+        cover each pixel (see :meth:`predict_sliding`); ``classes``: the forward's class arguments
+        (``class_names=``, the processor's tensors, or ``class_embeddings=``)."""
         x = pixel_values[0] if pixel_values.dim() == 4 and pixel_values.shape[0] == 1 else pixel_values
         if x.dim() != 3:
-            raise ValueError(f"predict_sliding takes one image, (3, H, W) or (1, 3, H, W); got shape {tuple(pixel_values.shape)}")
+            raise ValueError(f"sliding-window inference takes one image, (3, H, W) or (1, 3, H, W); got shape "
+                             f"{tuple(pixel_values.shape)}")
         check_pixel_values(x[None], self.config.clip.vision_config.num_channels)
         window = int(window or self.config.image_size)
         stride = int(stride or default_sliding_stride(window))
@@ -312,38 +403,44 @@ class OVSPreTrainedModel(PreTrainedModel):
                              f"window); got {stride}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        dtype = next(self.clip.vision_model.parameters()).dtype
-        k = len(names)
         h, w = x.shape[-2:]
         ph, pw = max(h, window), max(w, window)
-        x = x.to(device=device, dtype=dtype)
-        if (ph, pw) != (h, w):
-            x = F.pad(x, (0, pw - w, 0, ph - h), value=0.0)
-        boxes = sliding_windows(ph, pw, window, stride)
-        total, count = None, torch.zeros(ph, pw, device=device)
-        try:
+        with self._eval_mode():
+            device, dtype = self.device_and_dtype()
+            if "class_names" in classes:
+                classes = self._class_kwargs(classes.pop("class_names")) | classes
+            x = x.to(device=device, dtype=dtype)
+            if (ph, pw) != (h, w):
+                x = F.pad(x, (0, pw - w, 0, ph - h), value=0.0)
+            boxes = sliding_windows(ph, pw, window, stride)
+            total, count = None, torch.zeros(ph, pw, device=device)
             for s in range(0, len(boxes), batch_size):
                 chunk = boxes[s : s + batch_size]
                 crops = torch.stack([x[:, t : t + window, left : left + window] for t, left in chunk])
-                scores = self.semantic_scores(self(pixel_values=crops, class_names=names), k)
-                if not allow_void:
-                    scores = scores[:, :k]
-                scores = upsample(scores.float(), (window, window))
+                out = self(pixel_values=crops, **classes)
+                scores = upsample(self.semantic_scores(out, out.text_embeddings.shape[0]).float(), (window, window))
                 if total is None:
                     total = torch.zeros(scores.shape[1], ph, pw, device=device)
                 for (t, left), sc in zip(chunk, scores):
                     total[:, t : t + window, left : left + window] += sc
                     count[t : t + window, left : left + window] += 1
-        finally:
-            self.train(was_training)
-        total = total[:, :h, :w].div_(count[:h, :w])
-        pred = total.argmax(0)
-        if total.shape[0] > k:
-            pred[pred >= k] = self.config.ignore_index
-        return pred.cpu()
+        return total[:, :h, :w].div_(count[:h, :w])
+
+
+class _EvalMode:
+    """``with model._eval_mode():`` eval mode inside, the previous mode restored after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+        return False
 
 
 def default_sliding_stride(window: int) -> int:
@@ -378,3 +475,22 @@ def _image_hw(image) -> tuple[int, int]:
 
 def upsample(x: torch.Tensor, size) -> torch.Tensor:
     return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _clip_normalisation(name: str, revision: str | None, token) -> dict:
+    """``image_mean`` / ``image_std`` of a CLIP checkpoint's own image processor config, when it has one
+    (CLIP's defaults otherwise)."""
+    try:
+        config, _ = ImageProcessingMixin.get_image_processor_dict(name, revision=revision, token=token)
+    except (OSError, ValueError):
+        return {}
+    return {k: config[k] for k in ("image_mean", "image_std") if config.get(k) is not None}
+
+
+def _saved_image_processor(name: str, kwargs: dict) -> OVSImageProcessor | None:
+    """The image processor saved beside a model (``preprocessor_config.json``), or None for a directory saved
+    before there was one (the config's default is used then)."""
+    try:
+        return OVSImageProcessor.from_pretrained(name, **kwargs)
+    except OSError:
+        return None

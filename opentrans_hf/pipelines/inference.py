@@ -1,6 +1,6 @@
 """Segment your own images with a trained OVS model and write the results as files.
 
-:func:`predict_images` runs ``model.predict`` on image files (or in-memory images) with any vocabulary
+:func:`predict_images` runs the ``open-vocabulary-segmentation`` pipeline on image files (or in-memory images) with any vocabulary
 and writes, per image, into one output directory:
 
 * ``<stem>.labels.png``: the label map at the image's own size, pixel = class index; mode ``L`` for up
@@ -25,7 +25,6 @@ import colorsys
 import json
 import os
 from collections.abc import Sequence
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +32,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from opentrans_hf.data.transforms import load_image, to_rgb  # noqa: F401 - load_image/to_rgb: public here since 0.1
 from opentrans_hf.models.classifier import check_class_names, display_name
+from opentrans_hf.pipelines.segmentation import VOID, segmentation_pipeline
 from opentrans_hf.utils.io import atomic_write_text, atomic_write_with
 
 if TYPE_CHECKING:
@@ -118,52 +119,6 @@ def class_areas(labels, names: Sequence[str], ignore: int | None = None) -> dict
 
 
 # --------------------------------------------------------------------------------------------------- images
-def load_image(image) -> "Image.Image":
-    """An image file (path) or an in-memory image -> an RGB PIL image as it is meant to be seen: EXIF
-    orientation applied, transparency composited over white, 16-bit grey scaled to 8 bits. A file that
-    cannot be read fully (missing, not an image, truncated) is a ``ValueError`` naming it."""
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        try:
-            with Image.open(path) as im:
-                im.load()  # decode everything now: a truncated file fails here, not halfway through the job
-                rgb = to_rgb(ImageOps.exif_transpose(im))
-                return rgb.copy() if rgb is im else rgb  # independent of the file, which closes here
-        except FileNotFoundError:
-            raise ValueError(f"image {path}: no such file") from None
-        except IsADirectoryError:
-            raise ValueError(f"image {path}: is a directory, not an image file") from None
-        except Exception as err:  # noqa: BLE001 - PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
-            reason = "not an image PIL can read" if type(err).__name__ == "UnidentifiedImageError" else str(err).strip()
-            raise ValueError(f"image {path} cannot be read: {reason or type(err).__name__}") from None
-    if isinstance(image, Image.Image):
-        return to_rgb(ImageOps.exif_transpose(image))
-    arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = np.moveaxis(arr, 0, -1)  # (C, H, W) -> (H, W, C)
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr * (255.0 if arr.dtype.kind == "f" and arr.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-        raise ValueError(f"an image must be (H, W), (H, W, 3) or (H, W, 4), got an array of shape {arr.shape}")
-    return to_rgb(Image.fromarray(arr))
-
-
-def to_rgb(im) -> "Image.Image":
-    """A PIL image of any mode -> RGB (transparent parts over white; 16/32-bit grey scaled to 8 bits)."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(im).astype(np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)).convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return im.convert("RGB")
-
-
 def check_images(paths: Sequence) -> None:
     """Read every image file of ``paths`` fully (and let it go); a ``ValueError`` naming each one that
     cannot be read (one line), before any work is done."""
@@ -315,27 +270,12 @@ def save_png(image, path: str | Path) -> Path:
     return atomic_write_with(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-@contextmanager
-def _void_value(model, num_classes: int, allow_void: bool):
-    """The value ``model.predict`` gives void pixels, made distinct from every class index for the call
-    (a model whose ``ignore_index`` is, say, 255 would otherwise mark void like class 255 of 847)."""
-    config = model.config
-    original = config.ignore_index
-    clash = allow_void and 0 <= original < num_classes
-    if clash:
-        config.ignore_index = -1
-    try:
-        yield config.ignore_index
-    finally:
-        if clash:
-            config.ignore_index = original
-
-
 def predict_images(model, images: Sequence, classes: Sequence, output_dir: str | Path, *, batch_size: int = 4,
                    names: Sequence[str] | None = None, allow_void: bool = False, alpha: float = 0.5,
                    model_name: str | None = None, check_first: bool = True, progress=None) -> dict:
     """Segment ``images`` (file paths and/or in-memory PIL images / arrays) into ``classes`` (names or
-    tuples of synonyms) with ``model.predict`` and write, into ``output_dir``, a label PNG and an overlay
+    tuples of synonyms) with the ``open-vocabulary-segmentation`` pipeline (the model's processor: the same
+    pre- and post-processing as ``model.predict``) and write, into ``output_dir``, a label PNG and an overlay
     per image (``<stem>.labels.png``, ``<stem>.overlay.png``; colliding stems disambiguated by
     :func:`output_stems`) and ``areas.json`` for all. Returns the ``areas.json`` record.
 
@@ -357,14 +297,14 @@ def predict_images(model, images: Sequence, classes: Sequence, output_dir: str |
     record = {"model": model_name, "classes": names,
               "prompts": {n: list(c) for n, c in zip(names, classes) if not isinstance(c, str) or c != n},
               "allow_void": bool(allow_void), "void_value": void_out, "images": {}}
+    pipe = segmentation_pipeline(model, batch_size=batch_size)
     for start in range(0, len(images), batch_size):
         chunk = [load_image(im) for im in images[start: start + batch_size]]
-        with _void_value(model, k, allow_void) as void_in:
-            preds = model.predict(chunk, list(classes), batch_size=batch_size, allow_void=allow_void)
+        preds = pipe(chunk, candidate_labels=list(classes), allow_void=allow_void, return_label_map=True)
         for j, (rgb, pred) in enumerate(zip(chunk, preds)):
             i = start + j
             record["images"][keys[i]] = _write_prediction(rgb, pred, out, stems[i], names, palette, alpha,
-                                                          void_in if allow_void else None)
+                                                          VOID if allow_void else None)
             if progress is not None:
                 progress(i + 1, len(images))
     atomic_write_text(out / AREAS_FILE, json.dumps(record, indent=2, ensure_ascii=False) + "\n")

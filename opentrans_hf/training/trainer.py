@@ -215,9 +215,19 @@ def _data_and_model(accelerator, args, spectral_state):
     seen = list(dict.fromkeys([*train_split.class_names,
                                *(n for p in train_split.class_prompts for n in class_synonyms(p))]))
     model, mask, spectral, pending = build_model(args, clip_path, image_size, seen, spectral_state)
+    normalise_like(model, [train_split, *eval_splits.values()])
     if accelerator.is_main_process and spectral is not None:
         spectral.print_trainable_parameters()
     return train_split, eval_splits, holdout, model, mask, spectral, pending
+
+
+def normalise_like(model, splits) -> None:
+    """The splits' transforms normalise with the model's image processor's mean and std (the CLIP's own)."""
+    processor = model.get_image_processor()
+    for split in splits:
+        transform = getattr(split, "transform", None)
+        if transform is not None:
+            transform.mean, transform.std = tuple(processor.image_mean), tuple(processor.image_std)
 
 
 def _prepare(accelerator, args, train_split, model, spectral, pending) -> _Run:

@@ -132,7 +132,7 @@ def test_fcclip_empty_masks_keep_their_in_vocabulary_scores(tiny_clip_dir):
         empty[:, 1] = 10.0  # query 1: the whole image
         p_out, valid = model.out_of_vocabulary_probabilities(empty, vision_out, text, grid)
         assert not valid[:, 0].any() and valid[:, 1].all()
-        probs = model.class_probabilities(classes[-1], empty, vision_out, text, NAMES, grid)
+        probs = model.class_probabilities(classes[-1], empty, vision_out, text, model.seen_classes(NAMES), grid)
     p_all = classes[-1].softmax(-1)
     in_vocab = classes[-1][..., :3].softmax(-1) * (1 - p_all[..., -1:])
     torch.testing.assert_close(probs[:, 0], in_vocab[:, 0], atol=1e-5, rtol=1e-5)

@@ -221,7 +221,7 @@ def test_bad_input_errors(tiny_clip_dir):
     x, y = batch()
     with pytest.raises(ValueError, match="class_names is empty"):
         model.predict(x, [])
-    with pytest.raises(ValueError, match="needs class_names"):
+    with pytest.raises(ValueError, match="needs the classes as exactly one of class_names"):
         model(pixel_values=x)
     with pytest.raises(ValueError, match="duplicates"):
         model(pixel_values=x, class_names=["sky", "sky"])
@@ -236,7 +236,7 @@ def test_bad_input_errors(tiny_clip_dir):
     with pytest.raises(ValueError, match="batch example 1 contain the value 7"):
         model(pixel_values=x, labels=bad, class_names=NAMES)
     with pytest.raises(ValueError, match="images\\[0\\]"):
-        model.predict([np.zeros((5, 5, 4), dtype=np.uint8)], NAMES)
+        model.predict([np.zeros((5, 5, 2), dtype=np.uint8)], NAMES)
     with pytest.raises(ValueError, match="multiples of 32"):
         build("mask2former", tiny_clip_dir, fpn_channels=48)
     with pytest.raises(ValueError, match="feature_layers entry 9"):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import HELPERS, launch_two_processes
 from safetensors.torch import load_file
-from transformers import AutoModel, CLIPModel
+from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
 
-from opentrans_hf import SparseMask, SpectralTuningConfig, magnitude_prune
+from opentrans_hf import OVSImageProcessor, OVSProcessor, SparseMask, SpectralTuningConfig, magnitude_prune
 from opentrans_hf.commands import parse_args
 from opentrans_hf.commands.train import run as run_training
 from opentrans_hf.models import CLIPDeepLabV3ForOVS, CLIPFCCLIPForOVS, CLIPMask2FormerForOVS
@@ -64,6 +64,11 @@ def test_train_writes_model_adapters_metrics_card_plots(tiny_clip_dir, tiny_mask
     # the model card carries model-index metrics; plots are PNGs
     card = (out / "model" / "README.md").read_text()
     assert "model-index" in card and "mean_iou" in card and f"| {100 * res['mean_iou']:.2f} |" in card  # percent
+    assert 'pipeline("open-vocabulary-segmentation", model="run")' in card  # the Hub id, else the run's name
+    # the processor the transformers way: preprocessor_config.json + processor_config.json beside the weights
+    assert isinstance(AutoImageProcessor.from_pretrained(out / "model"), OVSImageProcessor)
+    processor = AutoProcessor.from_pretrained(out / "model")
+    assert isinstance(processor, OVSProcessor) and processor.seen_class_names == metrics["train_classes"]
     for png in ("curves.png", "alpha.png", "predictions.png"):
         assert (out / "plots" / png).read_bytes()[:8] == PNG
     outputs = json.loads((out / "outputs.json").read_text())

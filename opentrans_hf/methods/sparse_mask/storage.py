@@ -154,9 +154,10 @@ def save_sparse_pretrained(model: nn.Module, save_directory: str | os.PathLike, 
                 config.dtype = str(params[0].dtype).split(".")[1]  # what PreTrainedModel.save_pretrained records
             config.architectures = [type(model).__name__]
             config.save_pretrained(tmp)
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(tmp)
+        if hasattr(model, "save_processor"):  # an OVS framework: image processor, tokenizer, processor config
+            model.save_processor(tmp)
+        elif hasattr(getattr(model, "tokenizer", None), "save_pretrained"):
+            model.tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / SPARSE_WEIGHTS), metadata={"format": "pt", "sparse_storage": FORMAT})
         atomic_write_text(tmp / STORAGE_CONFIG, text)  # last: its presence marks a complete save
     return out

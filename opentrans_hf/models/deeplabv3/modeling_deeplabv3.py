@@ -42,8 +42,8 @@ class CLIPDeepLabV3ForOVS(OVSPreTrainedModel):
 
     config_class = CLIPDeepLabV3Config
 
-    def __init__(self, config: CLIPDeepLabV3Config, tokenizer=None):
-        super().__init__(config, tokenizer=tokenizer)
+    def __init__(self, config: CLIPDeepLabV3Config, tokenizer=None, image_processor=None):
+        super().__init__(config, tokenizer=tokenizer, image_processor=image_processor)
         hidden = config.clip.vision_config.hidden_size
         self.aspp = ASPP(hidden, config.aspp_channels, config.atrous_rates)
         self.pixel_embed = nn.Conv2d(config.aspp_channels, config.clip.projection_dim, 1)
@@ -67,7 +67,7 @@ class CLIPDeepLabV3ForOVS(OVSPreTrainedModel):
     def vision_layers_used(self) -> list[int]:
         return [self.hidden_state_indices()[-1] - 1]
 
-    def forward_with_text(self, pixel_values, text, class_names, labels) -> OVSSegmentationOutput:
+    def forward_with_text(self, pixel_values, text, labels, seen_classes=None) -> OVSSegmentationOutput:
         (fmap,), _ = vit_feature_maps(self.clip, pixel_values, [self.hidden_state_indices()[-1]])
         emb = self.pixel_embed(self.aspp(fmap))
         if self.config.clip_residual:

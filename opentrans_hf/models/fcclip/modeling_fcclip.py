@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opentrans_hf.models.backbone import clip_dense_embeddings
-from opentrans_hf.models.classifier import class_scores, class_synonyms
+from opentrans_hf.models.classifier import class_scores
 from opentrans_hf.models.fcclip.configuration_fcclip import CLIPFCCLIPConfig
 from opentrans_hf.models.mask2former.modeling_mask2former import CLIPMask2FormerForOVS
 
@@ -57,8 +57,8 @@ class CLIPFCCLIPForOVS(CLIPMask2FormerForOVS):
 
     config_class = CLIPFCCLIPConfig
 
-    def __init__(self, config: CLIPFCCLIPConfig, tokenizer=None):
-        super().__init__(config, tokenizer=tokenizer)
+    def __init__(self, config: CLIPFCCLIPConfig, tokenizer=None, image_processor=None):
+        super().__init__(config, tokenizer=tokenizer, image_processor=image_processor)
         if config.class_head == "mlp":  # FC-CLIP's: MLP(query + projected mask-pooled pixel features)
             hidden, mask_dim = config.hidden_dim, config.mask_feature_size
             self.mask_pool_proj = nn.Sequential(nn.LayerNorm(mask_dim), nn.Linear(mask_dim, hidden))
@@ -101,17 +101,21 @@ class CLIPFCCLIPForOVS(CLIPMask2FormerForOVS):
             logits = clip.logit_scale.exp() * class_scores(F.normalize(pooled, dim=-1), text)
             return logits.softmax(-1), valid
 
-    def class_probabilities(self, class_logits, mask_logits, vision_out, text, class_names, grid) -> torch.Tensor:
-        k = len(class_names)
+    def class_probabilities(self, class_logits, mask_logits, vision_out, text, seen_classes, grid) -> torch.Tensor:
+        k = text.shape[0]
         if self.training:
             return class_logits.softmax(-1)[..., :k]
         p_all = class_logits.softmax(-1)
         p_in = class_logits[..., :k].softmax(-1)
         p_out, valid = self.out_of_vocabulary_probabilities(mask_logits, vision_out, text, grid)
-        # a class counts as seen when any of its names is a training class (FC-CLIP's category overlap)
-        seen_names = set(self.config.seen_class_names)
-        seen = torch.tensor([not seen_names.isdisjoint(class_synonyms(n)) for n in class_names],
-                            device=class_logits.device)
+        # a class counts as seen when any of its names is a training class (FC-CLIP's category overlap):
+        # forward computes it from the names, or takes it from OVSProcessor's seen_classes
+        if seen_classes is None:
+            if self.config.seen_class_names:
+                raise ValueError("FC-CLIP's ensemble needs seen_classes= ((K,) bool: which classes are training "
+                                 "classes) with input_ids/class_embeddings; OVSProcessor(text=...) returns it")
+            seen_classes = torch.zeros(k, dtype=torch.bool)
+        seen = seen_classes.to(class_logits.device)
         probs = geometric_ensemble(p_in, p_out.to(p_in.dtype), seen, self.config.ensemble_alpha,
                                    self.config.ensemble_beta, p_all[..., -1:], valid)
         return probs[..., :k]

@@ -157,8 +157,8 @@ class CLIPMask2FormerForOVS(OVSPreTrainedModel):
 
     config_class = CLIPMask2FormerConfig
 
-    def __init__(self, config: CLIPMask2FormerConfig, tokenizer=None):
-        super().__init__(config, tokenizer=tokenizer)
+    def __init__(self, config: CLIPMask2FormerConfig, tokenizer=None, image_processor=None):
+        super().__init__(config, tokenizer=tokenizer, image_processor=image_processor)
         hidden = config.clip.vision_config.hidden_size
         self.pyramid = SimpleFeaturePyramid(hidden, config.fpn_channels)
         self.head = Mask2FormerHead(config.mask2former_config(num_labels=1), config.fpn_channels)
@@ -202,19 +202,19 @@ class CLIPMask2FormerForOVS(OVSPreTrainedModel):
             total = total + weight * loss
         return total
 
-    def class_probabilities(self, class_logits, mask_logits, vision_out, text, class_names, grid) -> torch.Tensor:
+    def class_probabilities(self, class_logits, mask_logits, vision_out, text, seen_classes, grid) -> torch.Tensor:
         """(B, Q, K) probability of each class per query (void excluded) for semantic inference;
-        ``grid``: the ViT's patch grid (h, w) of this forward."""
-        return class_logits.softmax(-1)[..., : len(class_names)]
+        ``grid``: the ViT's patch grid (h, w) of this forward; ``seen_classes``: (K,) bool or None."""
+        return class_logits.softmax(-1)[..., : text.shape[0]]
 
-    def forward_with_text(self, pixel_values, text, class_names, labels) -> OVSSegmentationOutput:
+    def forward_with_text(self, pixel_values, text, labels, seen_classes=None) -> OVSSegmentationOutput:
         classes, masks, vision_out = self.query_outputs(pixel_values, text)
         loss = None
         if labels is not None:
-            loss = self.mask2former_loss(classes, masks, labels, len(class_names))
+            loss = self.mask2former_loss(classes, masks, labels, text.shape[0])
         patch = self.config.clip.vision_config.patch_size
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-        probs = self.class_probabilities(classes[-1], masks[-1], vision_out, text, class_names, grid)
+        probs = self.class_probabilities(classes[-1], masks[-1], vision_out, text, seen_classes, grid)
         mask_probs = upsample(masks[-1], pixel_values.shape[-2:]).sigmoid()
         logits = torch.einsum("bqk,bqhw->bkhw", probs.to(mask_probs.dtype), mask_probs)
         return OVSSegmentationOutput(loss=loss, logits=logits, class_queries_logits=classes[-1],
