@@ -50,7 +50,9 @@ class OpenVocabularySegmentationPipeline(Pipeline):
     ``timeout`` (for URLs). ``batch_size`` / ``device`` / ``dtype`` as for every pipeline.
     """
 
-    _load_processor = True
+    # the model brings its processor (the tokenizer and image processor its from_pretrained loaded, the prompt
+    # templates of its config), so a directory saved before processors were saved works too
+    _load_processor = False
     _load_image_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False

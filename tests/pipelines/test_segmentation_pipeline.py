@@ -1,6 +1,8 @@
 """pipeline("open-vocabulary-segmentation", model=...): the shape transformers' image-segmentation pipeline
 returns for semantic segmentation, equal to model.predict, with synonyms, batching, URLs and sliding windows."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -101,3 +103,14 @@ def test_device_and_dtype(model_dir):
     assert pipe.model.dtype == torch.bfloat16
     out = pipe(_image(), candidate_labels=CLASSES, return_label_map=True)
     assert out.shape == (37, 53) and out.dtype == torch.long
+
+
+def test_a_directory_saved_before_processors_were_saved_still_works(model_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    (old / "preprocessor_config.json").unlink()
+    (old / "processor_config.json").unlink()
+    pipe = pipeline("open-vocabulary-segmentation", model=str(old))
+    got = pipe(_image(), candidate_labels=CLASSES, return_label_map=True)
+    expected = AutoModel.from_pretrained(model_dir).predict([_image()], NAMES, allow_void=False)[0]
+    assert torch.equal(got, expected)
