@@ -221,9 +221,13 @@ def load_hub_copy(copy: HubCopy, split: str, hint: str = ""):
 
     splits = hub_copy_splits(copy)
     if split not in splits:
-        raise ValueError(f"Hub dataset copy {copy.where} has splits {splits}; split {split!r} is not one of them "
-                         f"(expected shards in {copy.folder / split} or named {split}-*){' ' + hint if hint else ''}")
+        expected = ("" if "name" in copy.load_kwargs else
+                    f" (expected shards in {copy.folder / split} or named {split}-*)")
+        raise ValueError(f"Hub dataset copy {copy.where} has splits {splits}; split {split!r} is not one of them"
+                         f"{expected}{' ' + hint if hint else ''}")
     try:
         return datasets.load_dataset(str(copy.path), split=split, **copy.load_kwargs)
     except (OSError, ValueError) as err:
+        if "corresponds to no data" in str(err):  # datasets' word for a split whose shards hold no rows
+            raise ValueError(f"Hub dataset copy {copy.where} split {split!r} has no examples") from None
         raise ValueError(f"could not load split {split!r} of the Hub dataset copy {copy.where}: {err}") from err
