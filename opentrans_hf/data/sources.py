@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from opentrans_hf.data.benchmarks import get_benchmark, is_benchmark
+from opentrans_hf.data.benchmarks import get_benchmark, is_benchmark, list_benchmarks
 from opentrans_hf.data.benchmarks.hub_copy import hub_copy_benchmark, is_hub_copy, load_hub_copy, open_hub_copy
 from opentrans_hf.data.benchmarks.registry import PREPARED_RECORD
 from opentrans_hf.embedded.dataset import HELD_OUT_CLASSES, embedded_dataset
@@ -50,11 +50,14 @@ class SourceIdentity:
 
 
 def benchmark_name(dataset: str) -> str | None:
-    """The registered name of a dataset given as a benchmark name (``ADE20K-150`` -> ``ade150``); None for
-    anything else (an existing path is always a path)."""
-    if Path(dataset).exists() or not is_benchmark(dataset):
+    """The registered name of a dataset given as a benchmark name (``ADE20K-150`` -> ``ade150``) or as the
+    Hub id of a benchmark's Hub copy (``scene_parse_150`` -> ``ade150``); None for anything else (an
+    existing path is always a path)."""
+    if Path(dataset).exists():
         return None
-    return get_benchmark(dataset).name
+    if is_benchmark(dataset):
+        return get_benchmark(dataset).name
+    return next((b.name for b in list_benchmarks() if b.hub is not None and b.hub.repo_id == str(dataset)), None)
 
 
 def identify_source(name: str, split: str, benchmark: str | None = None) -> SourceIdentity:
@@ -187,11 +190,13 @@ def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", re
 
 
 def _hub_location(name, split: str, revision: str | None):
-    """``(repo id, revision, data_dir, split)`` on the Hub: a benchmark name's copy as its registry entry
-    records it (an error saying how to prepare a benchmark that has none), else the name as given."""
-    if not is_benchmark(name):
+    """``(repo id, revision, data_dir, split)`` on the Hub: the copy of a benchmark (given by name or by its
+    Hub copy's id) as its registry entry records it (an error saying how to prepare a benchmark that has
+    none), else the name as given."""
+    registered = benchmark_name(name)
+    if registered is None:
         return name, revision, None, split
-    bench = get_benchmark(name)
+    bench = get_benchmark(registered)
     if bench.hub is None:
         raise ValueError(
             f"benchmark {bench.name} ({bench.title}) has no copy on the Hugging Face Hub: prepare it from its "

@@ -241,3 +241,18 @@ def test_prepare_from_a_copy_without_the_configuration_or_split_names_the_folder
     with pytest.raises(RawLayoutError, match=r"ADEChallengeData2016.*or a local copy of its Hub dataset scene_parse_150: "
                                              r"scene_parsing/\{train,validation\}/\*.parquet"):
         prepare(tmp_path / "nothing", tmp_path / "out")
+
+
+def test_a_hub_cache_snapshot_with_its_files_linked_to_blobs(tmp_path):
+    """``hf download``'s cache: ``datasets--scene_parse_150/snapshots/<commit>/`` whose files link to blobs."""
+    repo = tmp_path / "hub" / "datasets--scene_parse_150"
+    images, labels = ade_rows("validation", 2)
+    write_parquet(repo / "blobs" / "5e1f0c", images, labels)
+    snapshot = repo / "snapshots" / "0123abcd"
+    (snapshot / "data").mkdir(parents=True)
+    (snapshot / "data" / "validation-00000-of-00001.parquet").symlink_to(Path("../../../blobs/5e1f0c"))
+    found = identify_source(str(snapshot), "validation")
+    assert (found.benchmark, found.hub_copy, found.how) == ("ade150", True, "a Hub-cache snapshot of scene_parse_150")
+    source = load_source(str(snapshot), "validation", SIZE)
+    assert source["reduce_labels"] and source["label_column"] == "annotation"
+    np.testing.assert_array_equal(np.asarray(source["ds"][1]["annotation"]), labels[1])
