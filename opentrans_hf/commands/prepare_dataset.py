@@ -4,7 +4,14 @@
     opentrans-hf evaluate --model runs/demo/train/model --datasets prepared/ade150:validation
 
 NAME is one of the benchmarks `opentrans-hf benchmarks` lists; --raw_dir is the folder that holds the
-release's top folder (e.g. the parent of ADEChallengeData2016) or that folder itself. The output is a
+release's top folder (e.g. the parent of ADEChallengeData2016) or that folder itself; for a benchmark with
+a Hub copy (ade150), it may also be a local copy of that Hub dataset repo (the root of a download of
+scene_parse_150's refs/convert/parquet, holding scene_parsing/{train,validation}/*.parquet, or the
+scene_parsing folder itself):
+
+    opentrans-hf prepare-dataset ade150 --raw_dir scene_parse_150 --output_dir prepared/ade150
+
+The output is a
 save_to_disk DatasetDict (columns image, label; label i = class i, everything else 255, or 65535 for
 the 16-bit ade847 / pc459) with id2label.json and benchmark.json beside it, so evaluation needs no
 label flags. It is written atomically: a failed or killed run leaves no half-written --output_dir.
@@ -29,7 +36,9 @@ class PrepareDatasetArguments(ProgressArguments):
                                              "pc459, voc20, voc21, cityscapes19 (may also be given as the first "
                                              "positional argument)"})
     raw_dir: str = field(kw_only=True, metadata={"help": "folder holding the official release's top folder (e.g. the parent of "
-                                           "ADEChallengeData2016), or that folder itself"})
+                                           "ADEChallengeData2016), or that folder itself; for ade150 also a local copy "
+                                           "of its Hub dataset scene_parse_150 (the repo's root holding "
+                                           "scene_parsing/{train,validation}/*.parquet, or that scene_parsing folder)"})
     output_dir: str = field(kw_only=True, metadata={"help": "where to write the prepared DatasetDict (save_to_disk), "
                                               "id2label.json and benchmark.json"})
     splits: list[str] = field(default_factory=lambda: ["validation"], metadata={"help": "splits to prepare: validation and/or train (ADE training/validation, VOC and Pascal Context train/val lists, COCO train2017/val2017, Cityscapes train/val)"})

@@ -1,7 +1,8 @@
 """Stage 1 of the data path, the source: the raw dataset a name and a split stand for (``'embedded'``, a
-benchmark name or Hub id, a ``save_to_disk`` directory, an image/label folder), what it is (a benchmark,
-raw or prepared by ``opentrans-hf prepare-dataset``), its label conventions, its default held-out classes
-and its image and label columns.
+benchmark name or Hub id, a local copy of a Hub dataset repo, a ``save_to_disk`` directory, an image/label
+folder), what it is (a benchmark, raw (its Hub copy, or a local copy of it) or prepared by
+``opentrans-hf prepare-dataset``), its label conventions, its default held-out classes and its image and
+label columns.
 
 The data path runs one way: sources -> :mod:`~opentrans_hf.data.vocabulary` (class names) ->
 :mod:`~opentrans_hf.data.splits` (held-out classes, validation part) -> :mod:`~opentrans_hf.data.transforms`,
@@ -13,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from opentrans_hf.data.benchmarks import get_benchmark, is_benchmark
+from opentrans_hf.data.benchmarks import get_benchmark, is_benchmark, list_benchmarks
+from opentrans_hf.data.benchmarks.hub_copy import hub_copy_benchmark, is_hub_copy, load_hub_copy, open_hub_copy
 from opentrans_hf.data.benchmarks.registry import PREPARED_RECORD
 from opentrans_hf.embedded.dataset import HELD_OUT_CLASSES, embedded_dataset
 from opentrans_hf.utils.hub import load_or_explain
@@ -31,13 +33,16 @@ SPLIT_HINT = ("(train / demo: --validation_split_percentage P holds out a fixed 
 
 @dataclass(frozen=True)
 class SourceIdentity:
-    """What a dataset name stands for: the benchmark its data is (None for other data) and, for a directory
-    written by ``prepare-dataset``, the record (``benchmark.json``) it carries and that file."""
+    """What a dataset name stands for: the benchmark its data is (None for other data), for a directory
+    written by ``prepare-dataset``, the record (``benchmark.json``) it carries and that file, and whether
+    it is the benchmark's Hub copy (``hub_copy``: its name, or a local copy of its repo, ``how`` says why)."""
 
     name: str
     benchmark: str | None = None
     record: dict | None = None
     record_file: Path | None = None
+    hub_copy: bool = False
+    how: str = ""
 
     @property
     def embedded(self) -> bool:
@@ -45,28 +50,40 @@ class SourceIdentity:
 
 
 def benchmark_name(dataset: str) -> str | None:
-    """The registered name of a dataset given as a benchmark name (``ADE20K-150`` -> ``ade150``); None for
-    anything else (an existing path is always a path)."""
-    if Path(dataset).exists() or not is_benchmark(dataset):
+    """The registered name of a dataset given as a benchmark name (``ADE20K-150`` -> ``ade150``) or as the
+    Hub id of a benchmark's Hub copy (``scene_parse_150`` -> ``ade150``); None for anything else (an
+    existing path is always a path)."""
+    if Path(dataset).exists():
         return None
-    return get_benchmark(dataset).name
+    if is_benchmark(dataset):
+        return get_benchmark(dataset).name
+    return next((b.name for b in list_benchmarks() if b.hub is not None and b.hub.repo_id == str(dataset)), None)
 
 
 def identify_source(name: str, split: str, benchmark: str | None = None) -> SourceIdentity:
     """What ``name`` is: ``benchmark`` (the data is this benchmark in its raw form) if given, else the
     benchmark a benchmark name stands for; a directory written by ``prepare-dataset`` carries its benchmark
-    in its ``benchmark.json`` (another ``benchmark`` for it is an error naming the file)."""
-    if benchmark is not None:
-        benchmark = get_benchmark(benchmark).name
-    else:
-        benchmark = benchmark_name(name) if name != EMBEDDED else None
+    in its ``benchmark.json``, and a local copy of a benchmark's Hub repo is that benchmark's Hub copy
+    (:func:`~opentrans_hf.data.benchmarks.hub_copy.hub_copy_benchmark`); another ``benchmark`` for either
+    is an error naming the file or folder."""
+    given = get_benchmark(benchmark).name if benchmark is not None else None
+    benchmark = given or (benchmark_name(name) if name != EMBEDDED else None)
+    hub_copy = benchmark is not None and not Path(name).exists()
     record, record_file = find_prepared_record(name) if name != EMBEDDED else (None, None)
+    how = ""
     if record is not None:
         if benchmark is not None and benchmark != record["benchmark"]:
             raise ValueError(f"dataset {name!r} split {split!r}: it was prepared as benchmark {record['benchmark']!r} "
                              f"({record_file}), not {benchmark!r}")
         benchmark = record["benchmark"]
-    return SourceIdentity(name, benchmark, record, record_file)
+    elif name != EMBEDDED and Path(name).is_dir():
+        copy_of, how = hub_copy_benchmark(name)
+        if copy_of is not None:
+            if benchmark is not None and benchmark != copy_of:
+                raise ValueError(f"dataset {name!r} split {split!r}: it is {how}, benchmark {copy_of!r}, not "
+                                 f"{benchmark!r}")
+            benchmark, hub_copy = copy_of, True
+    return SourceIdentity(name, benchmark, record, record_file, hub_copy, how)
 
 
 def load_raw_dataset(name: str, split: str, *, image_size: int, seed: int = 0, embedded_size: int = 192):
@@ -96,12 +113,12 @@ def default_held_out(source: SourceIdentity) -> list[str]:
 
 
 def default_columns(source: SourceIdentity, image_column: str | None, label_column: str | None):
-    """``(image column, label column)``: the given ones, else, for a raw benchmark's Hub copy, the columns
-    its registry entry names (None: detected by :func:`find_columns`)."""
+    """``(image column, label column)``: the given ones, else, for a raw benchmark's Hub copy (by name or a
+    local copy of its repo), the columns its registry entry names (None: detected by :func:`find_columns`)."""
     if source.embedded or source.record is not None or source.benchmark is None:
         return image_column, label_column
     bench = get_benchmark(source.benchmark)
-    if bench.hub is not None and not Path(source.name).exists():
+    if bench.hub is not None and source.hub_copy:
         return image_column or bench.hub.image_column, label_column or bench.hub.label_column
     return image_column, label_column
 
@@ -150,6 +167,12 @@ def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", re
     * an image/label folder: ``<dir>/<split>/images`` + ``<dir>/<split>/labels``, paired by file stem;
       a folder without split folders (``<dir>/images`` + ``<dir>/labels``) is the ``train`` split, as in
       ``datasets``' imagefolder;
+    * a local copy of a Hub dataset repo, laid out as ``datasets``' packaged builders read it
+      (``data/<split>-*.parquet``, ``<split>/*.parquet``, ``<config>/<split>/*.parquet`` as a parquet
+      conversion holds it, arrow shards, an image folder with a ``metadata.jsonl``): the directory may be
+      the repo's root or one configuration's folder; a root with several configurations loads the one
+      the benchmark whose copy it is loads (``scene_parsing`` of scene_parse_150), else is an error
+      listing them (see :mod:`~opentrans_hf.data.benchmarks.hub_copy`);
     * a benchmark name of :mod:`opentrans_hf.data.benchmarks` (``ade150``): its Hub copy, in the form the
       registry records (repo, revision such as ``refs/convert/parquet``, sub-folder, split names); a
       benchmark without one is an error saying how to prepare it;
@@ -167,11 +190,13 @@ def load_segmentation_dataset(name_or_path: str | Path, split: str = "train", re
 
 
 def _hub_location(name, split: str, revision: str | None):
-    """``(repo id, revision, data_dir, split)`` on the Hub: a benchmark name's copy as its registry entry
-    records it (an error saying how to prepare a benchmark that has none), else the name as given."""
-    if not is_benchmark(name):
+    """``(repo id, revision, data_dir, split)`` on the Hub: the copy of a benchmark (given by name or by its
+    Hub copy's id) as its registry entry records it (an error saying how to prepare a benchmark that has
+    none), else the name as given."""
+    registered = benchmark_name(name)
+    if registered is None:
         return name, revision, None, split
-    bench = get_benchmark(name)
+    bench = get_benchmark(registered)
     if bench.hub is None:
         raise ValueError(
             f"benchmark {bench.name} ({bench.title}) has no copy on the Hugging Face Hub: prepare it from its "
@@ -202,7 +227,7 @@ def _load_hub(name, split: str, revision: str | None, data_dir: str | None):
 
 def _load_directory(p: Path, split: str):
     """One split of a local directory: a ``DatasetDict`` or ``Dataset`` saved with ``save_to_disk``, else an
-    image/label folder."""
+    image/label folder, else a local copy of a Hub dataset repo."""
     if (p / "dataset_dict.json").is_file():
         splits = _dataset_dict_splits(p)
         if split not in splits:
@@ -245,10 +270,23 @@ def _load_image_label_split(p: Path, split: str):
             f"image/label folder {p}: split {split!r} is not there (no {p / split}/images and labels); "
             f"its splits are {layout}" + (" (a folder without split folders is the 'train' split)" if flat else "")
             + f" {SPLIT_HINT}")
+    if is_hub_copy(p):
+        return _load_hub_copy(p, split)
     raise ValueError(
         f"{p} is neither a save_to_disk dataset (no state.json / dataset_dict.json) nor an image/label folder "
-        f"(expected {p}/images and {p}/labels, or {p}/{split}/images and {p}/{split}/labels)"
+        f"(expected {p}/images and {p}/labels, or {p}/{split}/images and {p}/{split}/labels) nor a copy of a Hub "
+        f"dataset repo (parquet or arrow shards: {p}/data/{split}-*.parquet, {p}/{split}/*.parquet or "
+        f"{p}/CONFIG/{split}/*.parquet; or a metadata.jsonl beside images)"
     )
+
+
+def _load_hub_copy(p: Path, split: str):
+    """One split of a local copy of a Hub dataset repo: the configuration the benchmark whose copy it is
+    loads, under the split name its registry entry records."""
+    copy = open_hub_copy(p)
+    if copy.benchmark is not None:
+        split = get_benchmark(copy.benchmark).hub.splits.get(split, split)
+    return _nonempty(load_hub_copy(copy, split, SPLIT_HINT), copy.where, split)
 
 
 def _dataset_dict_splits(path: Path) -> list[str]:

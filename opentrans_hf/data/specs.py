@@ -10,7 +10,8 @@ A spec on the command line (``evaluate --datasets``, ``train`` / ``demo --eval_d
   label column with a ``ClassLabel`` feature); SPLIT defaults to ``validation``; or
 * the path of a ``.json`` file with one object::
 
-      {"dataset": "ade20k_dir",             # Hub name, save_to_disk dir, image/label folder, "embedded"
+      {"dataset": "ade20k_dir",             # Hub name or a local copy of its repo, save_to_disk dir,
+                                            # image/label folder, "embedded"
        "benchmark": "ade150",               # the data is this benchmark in its raw form: its names (with
                                             # synonyms), reduce_labels, ignore value; alone: its Hub copy
        "split": "validation",               # default "validation"

@@ -223,6 +223,19 @@ def test_a_benchmark_name_loads_its_hub_copy_with_its_names_synonyms_and_convent
         load_source("pc59", "validation", SIZE)
 
 
+def test_the_hub_id_of_a_benchmarks_copy_is_that_benchmark(fake_hub):
+    """``scene_parse_150`` given as a Hub id loads as ``ade150`` does: its parquet revision and configuration,
+    its names and conventions (its loading script does not run with today's datasets)."""
+    from opentrans_hf.data.assembly import load_source
+    from opentrans_hf.data.specs import parse_dataset_spec
+
+    source = load_source("scene_parse_150", "validation", SIZE)
+    assert fake_hub == [{"path": "scene_parse_150", "split": "validation", "revision": "refs/convert/parquet",
+                         "data_dir": "scene_parsing"}]
+    assert source["benchmark"] == "ade150" and source["reduce_labels"] and source["label_column"] == "annotation"
+    assert parse_dataset_spec("scene_parse_150:validation").benchmark == "ade150"
+
+
 def _prepared(tmp_path, name, ignore, values, bits=8):
     """A directory as prepare-dataset writes it: DatasetDict + id2label.json + benchmark.json."""
     from opentrans_hf.data.benchmarks import get_benchmark

@@ -1,5 +1,5 @@
-"""Converters from the official releases of the standard benchmarks to prepared datasets
-(``opentrans-hf prepare-dataset``).
+"""Converters from the official releases of the standard benchmarks (or a local copy of a benchmark's Hub
+dataset repo) to prepared datasets (``opentrans-hf prepare-dataset``).
 
 A prepared benchmark is a ``DatasetDict`` saved with ``save_to_disk``: one split per requested split
 (``train`` / ``validation``), columns ``image`` (an RGB image) and ``label`` (a PNG: mode ``L`` for the
@@ -20,6 +20,11 @@ Every converter reads, per pixel, the value the class has in the official releas
 * ``coco_stuff171``: ``value + 1`` of the stuffthingmaps PNGs (value = category id - 1, 255 unlabelled);
 * ``coco_panoptic133``: the category of each panoptic segment (segment id ``R + 256 G + 256^2 B``);
 * ``cityscapes19``: the ``*_gtFine_labelIds.png`` labelIds.
+
+A benchmark with a Hub copy (``ade150``: scene_parse_150) is also read from a local copy of that repo
+(:mod:`~opentrans_hf.data.benchmarks.hub_copy`: the repo's root holding the configuration folder, e.g.
+``scene_parsing/{train,validation}/*.parquet`` as ``refs/convert/parquet`` holds it, or that folder
+itself): its image column as stored, its label column read as the official label PNG.
 
 Images are stored as their original file bytes when they can be (an RGB JPEG or PNG, not resized);
 a JPEG's EXIF orientation tag is dropped losslessly (labels are on the stored pixel grid, and
@@ -47,6 +52,15 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from opentrans_hf.data.benchmarks.hub_copy import (
+    HubCopy,
+    config_folders,
+    declared_configs,
+    hub_copy_splits,
+    is_hub_copy,
+    load_hub_copy,
+    open_hub_copy,
+)
 from opentrans_hf.data.benchmarks.registry import PREPARED_RECORD, Benchmark, get_benchmark
 from opentrans_hf.utils.io import atomic_directory
 
@@ -85,9 +99,9 @@ def layout_text(benchmark: Benchmark) -> str:
 
 
 # -- reading the official files ------------------------------------------------------------------------
-def _open_image(path: Path, data: bytes | None = None):
-    """A fully decoded PIL image (of ``data``, the bytes of ``path``, when given); an unreadable file is a
-    :class:`RawDataError` naming it."""
+def _open_image(path: Path | str, data: bytes | None = None):
+    """A fully decoded PIL image (of ``data``, the bytes of ``path``, when given: ``path`` then only names
+    it); an unreadable file is a :class:`RawDataError` naming it."""
     try:
         im = Image.open(path if data is None else io.BytesIO(data))
         im.load()
@@ -98,10 +112,10 @@ def _open_image(path: Path, data: bytes | None = None):
     return im
 
 
-def read_index_png(path: Path) -> np.ndarray:
+def read_index_png(path: Path | str, data: bytes | None = None) -> np.ndarray:
     """The class indices of a single-channel label PNG (mode L, P (the palette indices, not the colours),
-    I;16 or I) as int64."""
-    im = _open_image(path)
+    I;16 or I) as int64 (of ``data``, the PNG's bytes, when given: ``path`` then only names it)."""
+    im = _open_image(path, data)
     if im.mode not in ("L", "P", "I;16", "I;16B", "I"):
         raise RawDataError(f"label map {path} has PIL mode {im.mode}: expected one class index per pixel "
                            "(a single-channel or palette PNG as the official release ships it), not colours")
@@ -466,10 +480,12 @@ def strip_jpeg_app1(data: bytes) -> bytes | None:
     return None
 
 
-def image_entry(path: Path, label_path: Path, label_shape: tuple[int, int], shorter_side: int | None = None):
+def image_entry(path: Path | str, label_path: Path | str, label_shape: tuple[int, int], shorter_side: int | None = None,
+                data: bytes | None = None):
     """``({"bytes": ..., "path": None}, resized_to)``: the RGB image on its label's pixel grid (resized
-    so its shorter side is ``shorter_side`` when over it; ``resized_to`` is then ``(width, height)``)."""
-    data = path.read_bytes()
+    so its shorter side is ``shorter_side`` when over it; ``resized_to`` is then ``(width, height)``).
+    ``data``: the image file's bytes (``path`` then only names it), else read from ``path``."""
+    data = Path(path).read_bytes() if data is None else data
     im = _open_image(path, data)
     h, w = label_shape
     orient = _orientation(im)
@@ -501,10 +517,16 @@ def image_entry(path: Path, label_path: Path, label_shape: tuple[int, int], shor
 
 def convert_example(conv: Converter, example: RawExample, lut: np.ndarray | None = None) -> dict:
     """One prepared row: ``{"image": {"bytes", "path"}, "label": {"bytes", "path"}}``."""
-    raw = conv.raw_values(example)
+    return _prepared_row(conv, conv.raw_values(example), example.image, example.label, lut)
+
+
+def _prepared_row(conv: Converter, raw: np.ndarray, image_path, label_path, lut: np.ndarray | None = None,
+                  image_data: bytes | None = None) -> dict:
+    """The prepared row of an image (read from ``image_path``, or ``image_data``) and the raw values of
+    its label map (read from ``label_path``, which names it)."""
     if raw.ndim != 2:
-        raise RawDataError(f"label map {example.label} decodes to shape {raw.shape}, expected (H, W)")
-    image, resized_to = image_entry(example.image, example.label, raw.shape, conv.shorter_side)
+        raise RawDataError(f"label map {label_path} decodes to shape {raw.shape}, expected (H, W)")
+    image, resized_to = image_entry(image_path, label_path, raw.shape, conv.shorter_side, data=image_data)
     label = map_raw_values(raw, conv.benchmark, lut)
     if resized_to is not None:
         label = resize_nearest(label, resized_to)
@@ -531,6 +553,99 @@ def _generate(name: str, examples: list[RawExample], desc: str, progress: bool) 
         yield convert_example(conv, ex, lut)
 
 
+# -- a local copy of the benchmark's Hub dataset repo -----------------------------------------------------
+def hub_copy_to_prepare(conv: Converter, raw_dir: Path) -> HubCopy | None:
+    """The local copy of the benchmark's Hub repo that ``raw_dir`` is (its root, holding the configuration
+    the benchmark is, or that configuration's folder), or None when ``raw_dir`` is no such copy or holds
+    the official release (which is then what is converted). A copy without the benchmark's configuration
+    is a :class:`RawLayoutError` naming the missing folder."""
+    b = conv.benchmark
+    if b.hub is None or not is_hub_copy(raw_dir):
+        return None
+    try:
+        conv.locate(raw_dir)
+        return None
+    except RawLayoutError:
+        pass
+    wanted = b.hub.data_dir
+    if wanted and raw_dir.name != wanted:
+        folders, declared = config_folders(raw_dir), declared_configs(raw_dir)
+        if (folders or len(declared) > 1) and wanted not in folders and wanted not in declared:
+            raise RawLayoutError(
+                f"folder {raw_dir / wanted} does not exist: {raw_dir} is a copy of a Hub dataset repo with the "
+                f"configurations {folders or declared}, and {b.name} is configuration {wanted!r} of "
+                f"{b.hub.repo_id} ({hub_copy_layout(b)}); {b.name} also reads its official release: {layout_text(b)}")
+    try:
+        return open_hub_copy(raw_dir, b.name)
+    except ValueError as err:
+        raise RawLayoutError(str(err)) from None
+
+
+def hub_copy_layout(benchmark: Benchmark) -> str:
+    """How a local copy of the benchmark's Hub repo is laid out, for messages."""
+    hub = benchmark.hub
+    folder = f"{hub.data_dir}/" if hub.data_dir else ""
+    return (f"{folder}{{train,validation}}/*.parquet with columns {hub.image_column!r} and {hub.label_column!r}, as "
+            f"{hub.repo_id}{'@' + hub.revision if hub.revision else ''} holds it")
+
+
+def hub_copy_rows(conv: Converter, copy: HubCopy, split: str, max_examples: int | None = None):
+    """The rows of ``split`` of the copy (the first ``max_examples``), images and labels as stored (not
+    decoded); a missing split or column is a :class:`RawLayoutError` naming the folder."""
+    import datasets
+
+    hub = conv.benchmark.hub
+    name = hub.splits.get(split, split)
+    available = hub_copy_splits(copy)
+    if name not in available:
+        raise RawLayoutError(f"split folder {copy.folder / name} does not exist: the Hub dataset copy {copy.where} has "
+                             f"the splits {available}; {conv.benchmark.name} expects {hub_copy_layout(conv.benchmark)}")
+    ds = load_hub_copy(copy, name)
+    missing = [c for c in (hub.image_column, hub.label_column) if c not in ds.column_names]
+    if missing:
+        raise RawLayoutError(f"the Hub dataset copy {copy.where} split {name!r} has no column {missing[0]!r} (its columns: "
+                             f"{ds.column_names}); {conv.benchmark.name} expects {hub_copy_layout(conv.benchmark)}")
+    if len(ds) == 0:
+        raise RawLayoutError(f"the Hub dataset copy {copy.where} split {name!r} has no examples")
+    if max_examples is not None:
+        ds = ds.select(range(min(max_examples, len(ds))))
+    ds = ds.select_columns([hub.image_column, hub.label_column])
+    for column in (hub.image_column, hub.label_column):
+        ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
+def _stored_bytes(entry, what: str) -> bytes:
+    """The file bytes of an undecoded ``datasets.Image`` value (embedded, or the file it points at)."""
+    if isinstance(entry, dict) and entry.get("bytes"):
+        return entry["bytes"]
+    path = entry.get("path") if isinstance(entry, dict) else None
+    if path and Path(path).is_file():
+        return Path(path).read_bytes()
+    raise RawDataError(f"{what} holds no image (neither bytes nor a file that exists: {str(entry)[:200]})")
+
+
+def convert_hub_row(conv: Converter, row: dict, where: str, lut: np.ndarray | None = None) -> dict:
+    """One prepared row of a row of the benchmark's Hub copy (``where`` names it in messages)."""
+    hub = conv.benchmark.hub
+
+    def name(column):
+        path = row[column].get("path") if isinstance(row[column], dict) else None
+        return f"{where} column {column!r}" + (f" ({path})" if path else "")
+
+    image_name, label_name = name(hub.image_column), name(hub.label_column)
+    raw = read_index_png(label_name, _stored_bytes(row[hub.label_column], label_name))
+    return _prepared_row(conv, raw, image_name, label_name, lut,
+                         image_data=_stored_bytes(row[hub.image_column], image_name))
+
+
+def _generate_hub(name: str, rows, where: str, desc: str, progress: bool) -> Iterator[dict]:
+    conv = converter(name)
+    lut = class_lookup(conv.benchmark)
+    for i, row in enumerate(tqdm(rows, desc=desc, unit="img", disable=not progress)):
+        yield convert_hub_row(conv, row, f"{where} row {i}", lut)
+
+
 @contextmanager
 def _datasets_bars_off():
     import datasets
@@ -542,6 +657,16 @@ def _datasets_bars_off():
     finally:
         if not was_off:
             datasets.enable_progress_bars()
+
+
+def _locate_or_say_hub(conv: Converter, raw_dir: Path) -> Path:
+    """:meth:`Converter.locate`, whose error also says that a local copy of the benchmark's Hub repo is read."""
+    try:
+        return conv.locate(raw_dir)
+    except RawLayoutError as err:
+        hub = conv.benchmark.hub
+        raise RawLayoutError(f"{err}; or a local copy of its Hub dataset {hub.repo_id}: "
+                             f"{hub_copy_layout(conv.benchmark)}") from None
 
 
 def prepared_features():
@@ -567,18 +692,30 @@ def prepare_benchmark(name: str, raw_dir: str | Path, output_dir: str | Path, sp
         if s not in SPLITS:
             raise ValueError(f"unknown split {s!r}; choose from {SPLITS}")
     raw_dir = Path(raw_dir)
-    base = conv.locate(raw_dir)
-    listed = {s: split_examples(conv, base, s, max_examples) for s in splits}  # every layout error before any work
+    try:
+        copy = hub_copy_to_prepare(conv, raw_dir)
+    except ValueError as err:  # its configurations or dataset card cannot be read
+        raise RawDataError(str(err)) from None
+    if copy is None:
+        base = conv.locate(raw_dir) if b.hub is None else _locate_or_say_hub(conv, raw_dir)
+        listed = {s: split_examples(conv, base, s, max_examples) for s in splits}  # every layout error before any work
+        generator = {s: (_generate, {"examples": listed[s]}) for s in splits}
+        raw_form = "official release"
+    else:
+        with _datasets_bars_off():
+            listed = {s: hub_copy_rows(conv, copy, s, max_examples) for s in splits}
+        generator = {s: (_generate_hub, {"rows": listed[s], "where": f"{copy.where} split {s!r}"}) for s in splits}
+        raw_form = f"local copy of {b.hub.repo_id}" + (f", configuration {copy.config!r}" if copy.config else "")
     with atomic_directory(output_dir) as tmp:
         cache = tmp / ".build-cache"
         parts = {}
         with _datasets_bars_off():
             for s in splits:
+                generate, source = generator[s]
                 try:
                     parts[s] = datasets.Dataset.from_generator(
-                        _generate, features=prepared_features(), cache_dir=str(cache),
-                        gen_kwargs={"name": b.name, "examples": listed[s], "desc": f"{b.name} {s}",
-                                    "progress": progress},
+                        generate, features=prepared_features(), cache_dir=str(cache),
+                        gen_kwargs={"name": b.name, **source, "desc": f"{b.name} {s}", "progress": progress},
                         split=datasets.NamedSplit(s), fingerprint=uuid.uuid4().hex)
                 except DatasetGenerationError as err:  # the converter's own error, not datasets' wrapper
                     cause = err.__cause__ or err.__context__
@@ -591,7 +728,7 @@ def prepare_benchmark(name: str, raw_dir: str | Path, output_dir: str | Path, sp
         record = {
             "benchmark": b.name, "title": b.title, "num_classes": b.num_classes,
             "ignore_index": b.prepared_ignore_index, "label_bits": b.label_bits, "splits": splits,
-            "raw_dir": str(raw_dir.resolve()), "format_version": FORMAT_VERSION,
+            "raw_dir": str(raw_dir.resolve()), "raw_form": raw_form, "format_version": FORMAT_VERSION,
             "num_examples": {s: len(listed[s]) for s in splits}, "max_examples": max_examples,
         }
         (tmp / PREPARED_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
