@@ -44,7 +44,7 @@ class FrameworkArguments:
 class DatasetArguments:
     """The training dataset, how to read it, what is held out and what else is evaluated (train, demo)."""
 
-    dataset: str = field(default=EMBEDDED, metadata={"help": "training data: Hub dataset name, save_to_disk dir, image/label folder, or 'embedded' (procedural)"})
+    dataset: str = field(default=EMBEDDED, metadata={"help": "training data: Hub dataset name, a local copy of a Hub dataset repo (parquet shards), save_to_disk dir, image/label folder, or 'embedded' (procedural)"})
     eval_datasets: list[str] = field(default_factory=list, metadata={"help": "extra zero-shot evaluation datasets, each a spec: NAME[:SPLIT] (a dataset with class names of its own) or a .json file with its class names and label conventions (see `opentrans-hf evaluate --help`)"})
     image_column: str | None = field(default=None, metadata={"help": "image column of --dataset (default: detected)"})
     label_column: str | None = field(default=None, metadata={"help": "label-map column of --dataset (default: detected)"})

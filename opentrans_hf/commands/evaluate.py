@@ -52,7 +52,7 @@ from opentrans_hf.utils.io import atomic_write_text, json_safe
 @dataclass
 class EvaluateArguments(RunArguments):
     model: str = field(kw_only=True, metadata={"help": "trained framework: output_dir/model of a training run, or a Hub id"})
-    datasets: list[str] | None = field(default=None, metadata={"help": "dataset specs, each NAME[:SPLIT] (a dataset with class names of its own: 'embedded', a benchmark name, a prepared benchmark directory, a Hub dataset, a save_to_disk dir or an image/label folder) or a .json spec file with its class names and label conventions (see above). Default: embedded:validation, unless --benchmark is given"})
+    datasets: list[str] | None = field(default=None, metadata={"help": "dataset specs, each NAME[:SPLIT] (a dataset with class names of its own: 'embedded', a benchmark name, a prepared benchmark directory, a Hub dataset or a local copy of its repo, a save_to_disk dir or an image/label folder) or a .json spec file with its class names and label conventions (see above). Default: embedded:validation, unless --benchmark is given"})
     benchmark: list[str] | None = field(default=None, metadata={"help": "standard benchmarks to evaluate on, by name (opentrans-hf benchmarks lists them): each its Hub copy with its class names, synonyms, label conventions and the field's evaluation protocol (a benchmark without a Hub copy: prepare it with opentrans-hf prepare-dataset and give the directory in --datasets)"})
     class_names: list[str] | None = field(default=None, metadata={"help": "class names, index = label value (one NAME[:SPLIT] dataset only)"})
     id2label: str | None = field(default=None, metadata={"help": "JSON file {id: name} with the class names (one NAME[:SPLIT] dataset only)"})

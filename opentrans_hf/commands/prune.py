@@ -39,7 +39,7 @@ from opentrans_hf.utils.locking import output_dir_lock
 
 @dataclass
 class PruneArguments(RunArguments, ClipArguments):
-    dataset: str = field(default="embedded", metadata={"help": "Hub dataset, save_to_disk dir, image/label folder, or 'embedded'"})
+    dataset: str = field(default="embedded", metadata={"help": "Hub dataset, a local copy of a Hub dataset repo, save_to_disk dir, image/label folder, or 'embedded'"})
     split: str = field(default="train", metadata={"help": "split of --dataset to distil on"})
     image_column: str | None = field(default=None, metadata={"help": "image column (default: detected)"})
     label_column: str | None = field(default=None, metadata={"help": "label-map column for the region-level loss (default: detected; none: image-level only)"})

@@ -162,7 +162,8 @@ class OpenVocabularySegmentationPipeline(Pipeline):
 
 def segmentation_pipeline(model, *, device=None, batch_size: int = 1) -> OpenVocabularySegmentationPipeline:
     """The pipeline around a loaded OVS model (its processor as it is now: templates set with
-    ``set_prompt_templates`` included)."""
+    ``set_prompt_templates`` included), on the model's device unless ``device`` says otherwise."""
+    device = next(model.parameters()).device if device is None else device
     return OpenVocabularySegmentationPipeline(model=model, processor=model.processor, task=TASK, device=device,
                                               batch_size=batch_size)
 
