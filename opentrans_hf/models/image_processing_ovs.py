@@ -80,7 +80,7 @@ class OVSImageProcessor(BaseImageProcessor):
         self.ignore_index = int(ignore_index)
 
     @classmethod
-    def from_model_config(cls, config, **kwargs) -> "OVSImageProcessor":
+    def from_model_config(cls, config, **kwargs) -> OVSImageProcessor:
         """The processor of a framework's config: its square input size and ignore index (CLIP's mean/std
         unless given)."""
         kwargs.setdefault("size", {"height": config.image_size, "width": config.image_size})

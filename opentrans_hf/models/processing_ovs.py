@@ -53,7 +53,7 @@ class OVSProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
-    def from_model_config(cls, config, tokenizer, image_processor: OVSImageProcessor | None = None) -> "OVSProcessor":
+    def from_model_config(cls, config, tokenizer, image_processor: OVSImageProcessor | None = None) -> OVSProcessor:
         """The processor that matches a framework's config (input size, templates, name aggregation, seen
         classes, the text tower's context length)."""
         return cls(image_processor or OVSImageProcessor.from_model_config(config), tokenizer,

@@ -168,7 +168,7 @@ def test_image_processor_takes_every_mode_and_shortest_edge():
     grey = rgb.convert("L")
     rgba = rgb.convert("RGBA")
     rgba.putalpha(0)  # fully transparent: composited over white
-    sixteen = Image.fromarray((np.asarray(grey).astype(np.uint16) * 257))  # I;16: 8-bit grey scaled up
+    sixteen = Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)  # I;16: 8-bit grey scaled up
     palette = rgb.convert("P")
     arrays = [np.asarray(grey), np.asarray(rgb), torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1)]
     out = ip([rgb, grey, rgba, sixteen, palette, *arrays], return_tensors="pt")["pixel_values"]
