@@ -5,9 +5,9 @@ A DeepLabV3-style model around a random-initialised CLIP ViT-B/16 (``make_random
 content does not change the cost), CPU, default threads. Variants, each segmenting every image into a
 label map at its own size:
 
-* ``hand_loop``: what one writes without the library's helpers: resize each image to 224 x 224 and
-  normalise (the processor's own functions), one forward of a batch of 8 with ``class_names=``, argmax,
-  nearest-neighbour upsampling of the label map;
+* ``hand_loop`` / ``hand_loop_b1``: what one writes without the library's helpers: resize each image to
+  224 x 224 and normalise (the processor's own functions), one forward of a batch of 8 (of 1) with
+  ``class_names=``, argmax, nearest-neighbour upsampling of the label map;
 * ``predict``: ``model.predict(images, classes)`` (batch 8): the processor, the forward,
   ``post_process_semantic_segmentation`` (class scores upsampled bilinearly to the image, then argmax);
 * ``pipeline_b1`` / ``pipeline_b8``: ``pipe(images, candidate_labels=..., return_label_map=True,
@@ -15,7 +15,8 @@ label map at its own size:
 * ``pipeline_masks``: ``pipe(images, candidate_labels=..., batch_size=8)``: PIL masks per class present.
 
 Timing: one warm-up pass of every variant, then ``--rounds`` interleaved rounds (the order rotating), per
-variant the median; ratios are variant / ``hand_loop`` (above 1: slower). The last line printed is a JSON
+variant the median; ratios are variant / ``hand_loop`` (above 1: slower), and ``pipeline_b1`` /
+``hand_loop_b1`` (the pipeline's own cost at batch 1). The last line printed is a JSON
 object with the ratios and the images per second of each variant.
 
 Usage: ``python scripts/bench_pipeline.py [--rounds 3] [--images 16] [--quick]`` (``--quick``: the tiny CLIP
@@ -79,6 +80,7 @@ def main(argv=None) -> dict:
         model = pipe.model.eval()
         variants = {
             "hand_loop": lambda: hand_loop(model, images),
+            "hand_loop_b1": lambda: hand_loop(model, images, batch_size=1),
             "predict": lambda: model.predict(images, NAMES, allow_void=False),
             "pipeline_b1": lambda: pipe(images, candidate_labels=CLASSES, return_label_map=True, batch_size=1),
             "pipeline_b8": lambda: pipe(images, candidate_labels=CLASSES, return_label_map=True, batch_size=8),
@@ -99,6 +101,7 @@ def main(argv=None) -> dict:
     for k, v in med.items():
         print(f"{k:<16} {v:8.2f} {n / v:9.2f} {v / med['hand_loop']:12.2f}x")
     result = {"pipeline_label_map_equals_predict": same,
+              "pipeline_b1_vs_hand_loop_b1": round(med["pipeline_b1"] / med["hand_loop_b1"], 3),
               **{f"{k}_vs_hand_loop": round(v / med["hand_loop"], 3) for k, v in med.items() if k != "hand_loop"},
               **{f"{k}_images_per_second": round(n / v, 3) for k, v in med.items()}}
     print(json.dumps(result))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("predict", "pipeline_b1", "pipeline_b8", "pipeline_masks")
+VARIANTS = ("hand_loop_b1", "predict", "pipeline_b1", "pipeline_b8", "pipeline_masks")
 
 
 @pytest.mark.slow
@@ -24,5 +24,6 @@ def test_bench_pipeline_quick_ends_with_json():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result.pop("pipeline_label_map_equals_predict") is True
     assert sorted(result) == sorted([f"{v}_vs_hand_loop" for v in VARIANTS]
-                                    + [f"{v}_images_per_second" for v in ("hand_loop", *VARIANTS)])
+                                    + [f"{v}_images_per_second" for v in ("hand_loop", *VARIANTS)]
+                                    + ["pipeline_b1_vs_hand_loop_b1"])
     assert all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in result.values()), result
