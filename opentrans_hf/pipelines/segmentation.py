@@ -73,6 +73,8 @@ class OpenVocabularySegmentationPipeline(Pipeline):
             raise ValueError(f"the {TASK} pipeline needs images")
         if candidate_labels is None:
             raise ValueError(f"the {TASK} pipeline needs candidate_labels=[...] (the class names to segment into)")
+        if kwargs.get("sliding_window"):
+            kwargs["batch_size"] = 1  # images of different shapes; the windows of one image are batched inside
         return super().__call__(inputs, candidate_labels=candidate_labels, **kwargs)
 
     def _sanitize_parameters(self, candidate_labels=None, allow_void=None, sliding_window=None, shortest_edge=None,
@@ -110,28 +112,25 @@ class OpenVocabularySegmentationPipeline(Pipeline):
         return inputs
 
     def _class_inputs(self, classes) -> dict:
-        """The classes encoded once per call (tokenized by the processor; the model caches the embeddings)."""
-        key = tuple(classes)
-        if getattr(self, "_classes_key", None) != key:
-            device, _ = self.model.device_and_dtype()
-            enc = self.processor.encode_classes(classes)
-            with torch.no_grad(), self.model._eval_mode():
-                text, seen = self.model.encode_classes(
-                    input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], class_ids=enc["class_ids"],
-                    seen_classes=enc.get("seen_classes"))
-            self._classes_key = key
-            self._classes = {"class_embeddings": text.to(device),
-                             "seen_classes": None if seen is None else seen.to(device)}
-        return self._classes
+        """The classes' tensors: tokenized once per class list; their embeddings come from the model, whose
+        cache serves them while its text tower is unchanged."""
+        key = (tuple(classes), tuple(self.processor.prompt_templates), self.processor.name_aggregation)
+        if getattr(self, "_tokens_key", None) != key:
+            self._tokens, self._tokens_key = self.processor.encode_classes(classes), key
+        enc = self._tokens
+        device, _ = self.model.device_and_dtype()
+        text, seen = self.model.encode_classes(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                               class_ids=enc["class_ids"], seen_classes=enc.get("seen_classes"))
+        return {"class_embeddings": text.to(device), "seen_classes": None if seen is None else seen.to(device)}
 
     def _forward(self, model_inputs, classes=None, sliding_window: bool = False, stride: int | None = None):
         if classes is None:
             raise ValueError(f"the {TASK} pipeline needs candidate_labels=[...]")
         target = model_inputs.pop("target_size")
-        class_inputs = self._class_inputs(classes)
         _, dtype = self.model.device_and_dtype()
         pixels = model_inputs["pixel_values"].to(dtype)
         with self.model._eval_mode():
+            class_inputs = self._class_inputs(classes)
             if sliding_window:
                 window = self.model.config.image_size
                 logits = torch.stack([self.model.sliding_scores(x, window=window,

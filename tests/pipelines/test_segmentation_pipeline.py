@@ -87,6 +87,20 @@ def test_sliding_window_averages_windows_and_upsamples(pipe, model_dir):
     scores = model.sliding_scores(x, class_names=NAMES)  # windows of 30 every 20 pixels
     ref = F.interpolate(scores[None, :3], size=(40, 90), mode="bilinear", align_corners=False)[0].argmax(0)
     assert torch.equal(got, ref)
+    # a list of images of other shapes, with a batch size: one image at a time, each at its own size
+    many = pipe([img, _image(50, 40)], candidate_labels=CLASSES, sliding_window=True, shortest_edge=45,
+                return_label_map=True, batch_size=4)
+    assert torch.equal(many[0], got) and many[1].shape == (50, 40)
+
+
+def test_text_weights_changed_in_place_give_new_class_embeddings(model_dir):
+    pipe = pipeline("open-vocabulary-segmentation", model=str(model_dir))
+    before = pipe(_image(), candidate_labels=CLASSES, return_label_map=True)
+    with torch.no_grad():
+        pipe.model.clip.text_projection.weight.mul_(-1)  # every class embedding flips: the scores change
+    after = pipe(_image(), candidate_labels=CLASSES, return_label_map=True)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, pipe.model.predict([_image()], NAMES, allow_void=False)[0])
 
 
 def test_bad_calls_say_what_is_missing(pipe):
