@@ -147,3 +147,21 @@ def test_an_adapter_that_trained_the_text_tower_still_loads(tiny_clip_dir, tmp_p
     err = capsys.readouterr().err
     assert f"warning: {path} holds {len(extra)} tensor(s) (logit_scale, text_model." in err
     assert "stay frozen" in err and "modules_to_save" in err
+
+
+def test_clipseg_default_trains_its_image_encoder_and_decoder_only():
+    """Any two-tower CLIP inside a model counts: CLIPSeg's ``clip`` keeps its text side frozen, its decoder trains."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+    tower = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = CLIPSegConfig(
+        text_config={**tower, "vocab_size": 100, "max_position_embeddings": 16, "eos_token_id": 2},
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=8, extract_layers=[1, 2], reduce_dim=8, decoder_num_attention_heads=2, decoder_intermediate_size=16)
+    model = CLIPSegForImageSegmentation(config)
+    spectral = get_spectral_model(model, SpectralTuningConfig())
+    assert spectral.analysed_layers and all(n.startswith("clip.vision_model.") for n in spectral.analysed_layers)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("clip.vision_model.", "decoder.")) for n in trainable)
+    assert any(n.startswith("decoder.") for n in trainable)
+    assert not model.clip.logit_scale.requires_grad and not model.clip.visual_projection.weight.requires_grad
