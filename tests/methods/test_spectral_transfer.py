@@ -1,6 +1,6 @@
 """A spectral tuning config transfers like a sparse mask: layer names relative to the CLIP vision tower,
-the vision encoder as the default target (never the text tower), and layers without a valid alpha
-decided by ``invalid_alpha`` and listed."""
+the vision encoder as the default target (the text tower neither analysed nor trained), and layers
+without a valid alpha decided by ``invalid_alpha`` and listed."""
 
 import json
 
@@ -110,12 +110,14 @@ def test_adapter_saved_by_the_previous_version_loads(tiny_clip_dir, tmp_path):
 def test_default_targets_never_the_text_tower(tiny_clip_dir):
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
     text = [p for n, p in clip.named_parameters() if n.startswith("text_model.")]
-    for i, p in enumerate(text):  # the user's choice, kept as it is
+    for i, p in enumerate(text):  # whatever requires_grad the text tower had, the default freezes it
         p.requires_grad_(i % 2 == 0)
-    before = [p.requires_grad for p in text]
     spectral = get_spectral_model(clip, SpectralTuningConfig())
-    assert [p.requires_grad for p in text] == before
+    assert not any(p.requires_grad for p in text)
+    assert not any(p.requires_grad for p in (clip.logit_scale, clip.text_projection.weight, clip.visual_projection.weight))
     assert spectral.analysed_layers and all(n.startswith("vision_model.") for n in spectral.analysed_layers)
+    spectral.unload()  # gives the user's choice back
+    assert [p.requires_grad for p in text] == [i % 2 == 0 for i in range(len(text))]
     # a user who targets the text tower gets it
     targeted = get_spectral_model(CLIPModel.from_pretrained(tiny_clip_dir),
                                   SpectralTuningConfig(target_modules=r"text_model\.encoder\.layers\.\d+\..*"))
@@ -217,22 +219,25 @@ def test_a_transferred_config_keeps_encoder_layers_no_head_reads_frozen(tiny_cli
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # DDP-safe
 
 
-def test_an_adapter_saved_on_clipvisionmodel_loads_into_clipmodel_and_frameworks(tiny_clip_dir, tmp_path):
-    vision = CLIPVisionModel.from_pretrained(tiny_clip_dir)
-    spectral = get_spectral_model(vision, SpectralTuningConfig())
+@pytest.mark.parametrize("source", ["CLIPVisionModel", "CLIPModel"])
+def test_a_default_adapter_saved_on_a_clip_loads_into_every_host(source, tiny_clip_dir, tmp_path):
+    base = make_host(source, tiny_clip_dir)
+    spectral = get_spectral_model(base, SpectralTuningConfig())  # the default config, as a user calls it
     with torch.no_grad():  # "trained" weights, to see them arrive
-        for n, p in vision.named_parameters():
+        for n, p in base.named_parameters():
             if p.requires_grad:
                 p.add_(0.5)
     d = spectral.save_pretrained(tmp_path / "adapter")
-    trained = {n: p.detach().clone() for n, p in vision.named_parameters() if p.requires_grad}
+    trained = {canonical_name(n): p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
+    assert trained and not [n for n in trained if n.startswith(("text_model.", "text_projection", "visual_projection",
+                                                                "logit_scale"))]
     frozen = {canonical_name(m) for m in spectral.frozen_layers}
-    for target in HOSTS[1:]:
+    for target in HOSTS:
         model = make_host(target, tiny_clip_dir)
         loaded = SpectralModel.from_pretrained(model, d, is_trainable=True)
         assert frozen_and_trained(model, loaded)[0] == frozen, target
         params = dict(model.named_parameters())
-        prefix = "vision_model." if target == "CLIPModel" else "clip.vision_model."
+        prefix = {"CLIPVisionModel": "", "CLIPModel": "vision_model."}.get(target, "clip.vision_model.")
         for n, t in trained.items():
             assert torch.equal(params[prefix + n], t), (target, n)
     with pytest.raises(ValueError, match=r"holds tensors CLIPVisionModel does not have: .*aspp"):

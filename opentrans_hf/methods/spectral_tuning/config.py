@@ -34,7 +34,9 @@ class SpectralTuningConfig:
     Well-trained layers (small alpha, heavy-tailed spectrum) are frozen, the others are fine-tuned.
     The default is the OpenTrans paper's rule: alpha from the ``opentrans`` estimator, computed once on
     the loaded backbone; every analysed layer with alpha below the median is frozen; normalisation
-    layers and everything that is not analysed stay as they are (trainable).
+    layers and everything that is not analysed stay as they are (trainable), except on a model holding
+    both CLIP towers (``CLIPModel``): only its image encoder is analysed and trained by default; the text
+    tower, ``text_projection``, ``visual_projection`` and ``logit_scale`` are frozen unless targeted.
     """
 
     peft_type: str = field(default=PEFT_TYPE, metadata={"help": "always 'SPECTRAL_TUNING'"})
@@ -47,11 +49,13 @@ class SpectralTuningConfig:
                           "suffixes (PEFT's rules), on the model's own names. None: the CLIP image encoder (patch "
                           "embedding and encoder blocks) when the model has a CLIP vision tower (an OVS framework: "
                           "the encoder layers its heads train through, encoder_target_modules()); the text tower "
-                          "is only analysed when targeted. Other models: every Linear/Conv layer"},
+                          "is never a default target, and on a CLIPModel it, both projections and logit_scale are "
+                          "frozen unless targeted here or in modules_to_save. Other models: every Linear/Conv layer"},
     )
     exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "layers never analysed (same rules)"})
     modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "modules always trainable and saved in the adapter, e.g. a segmentation head"}
+        default=None, metadata={"help": "modules (or parameters, e.g. logit_scale) always trainable and saved in the "
+                                        "adapter, e.g. a segmentation head"}
     )
     estimator: str = field(default="opentrans", metadata={"help": f"alpha estimator: one of {ESTIMATORS}"})
     freeze_rule: str = field(

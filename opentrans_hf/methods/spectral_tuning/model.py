@@ -15,9 +15,12 @@ from opentrans_hf.methods.base import AdapterHubMixin
 from opentrans_hf.methods.spectral_tuning.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, SpectralTuningConfig
 from opentrans_hf.methods.spectral_tuning.selection import frozen_units, module_of, units_and_alphas
 from opentrans_hf.spectral import LayerSpectrum, SpectralReport, analyze_spectra
+from opentrans_hf.utils.logging import get_logger
 from opentrans_hf.utils.matching import name_matches
 from opentrans_hf.utils.naming import CLIP_VISION_ENCODER_TARGETS, canonical_name, resolve_name
 from opentrans_hf.utils.version import __version__
+
+logger = get_logger(__name__)
 
 ADAPTER_NAME = "default"  # PEFT's name of the one adapter
 NORM_CLASSES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -33,14 +36,18 @@ def get_spectral_model(model: nn.Module, config: SpectralTuningConfig, *, device
 
     Only ``requires_grad`` changes; no weight is copied or modified. Parameters that are not in an
     analysed layer keep their ``requires_grad`` (normalisation layers are frozen only with
-    ``train_norms=False``); ``modules_to_save`` are made trainable. ``config`` is filled in place with
+    ``train_norms=False``), except on a model holding both CLIP towers (``CLIPModel``, CLIPSeg): there
+    the text tower, ``text_projection``, ``visual_projection`` and ``logit_scale`` are frozen unless
+    targeted (an analysed layer lies in them, or ``modules_to_save`` names them), see
+    :func:`untargeted_clip_parameters`; ``modules_to_save`` (modules or parameters) are made trainable.
+    ``config`` is filled in place with
     ``layer_alphas``, ``invalid_layers`` and ``trainable_layers`` so that it states exactly what was
     measured and trained.
     Call this before ``accelerator.prepare`` (DDP needs the final ``requires_grad`` at wrap time).
 
     The analysis covers ``config.target_modules``; None means the CLIP image encoder when the model
-    has a CLIP vision tower (a framework: the encoder layers its heads train through), so the text
-    tower keeps the ``requires_grad`` it has unless targeted, else every Linear/Conv layer. Layers are
+    has a CLIP vision tower (a framework: the encoder layers its heads train through; never the text
+    tower, which stays frozen unless targeted), else every Linear/Conv layer. Layers are
     named in the config relative to the CLIP vision tower (``encoder.layers.0.mlp.fc1``), as sparse
     masks are: one config made on ``CLIPVisionModel``, ``CLIPModel``, CLIPSeg or a framework applies
     to each of them and freezes the same encoder layers; names outside the vision tower (a head, the
@@ -100,8 +107,10 @@ def check_config_layers(config: SpectralTuningConfig, model: nn.Module, module_n
                if not _resolvable(n, module_names)]
     if missing:
         raise ValueError(f"{where}config.trainable_layers names modules {type(model).__name__} does not have: {missing[:3]}")
-    if config.modules_to_save and not any(name_matches(n, config.modules_to_save) for n in module_names):
-        raise ValueError(f"{where}modules_to_save={config.modules_to_save!r} matches no module of {type(model).__name__}")
+    if config.modules_to_save and not any(name_matches(n, config.modules_to_save)
+                                          for n in module_names | {n for n, _ in model.named_parameters()}):
+        raise ValueError(f"{where}modules_to_save={config.modules_to_save!r} matches no module or parameter of "
+                         f"{type(model).__name__}")
 
 
 def adapter_tensor_names(model: nn.Module, config: SpectralTuningConfig) -> tuple[set[str], set[str]]:
@@ -110,7 +119,8 @@ def adapter_tensor_names(model: nn.Module, config: SpectralTuningConfig) -> tupl
     Required: every parameter of ``trainable_layers`` and ``modules_to_save`` (and the frozen layers'
     biases with ``train_biases``). Forbidden: the frozen analysed layers' parameters, and normalisation
     layers with ``train_norms=False``. Other parameters keep the ``requires_grad`` they had, so the
-    adapter may hold them or not."""
+    adapter may hold them or not (the untargeted CLIP text tower too: adapters of earlier versions,
+    which left it trainable, hold it)."""
     modules = dict(model.named_modules())
     params = {n for n, _ in model.named_parameters()}
 
@@ -131,6 +141,8 @@ def adapter_tensor_names(model: nn.Module, config: SpectralTuningConfig) -> tupl
             required |= own(name, recurse=True)
         elif not config.train_norms and _is_norm(modules[name]):
             forbidden |= own(name)
+    if config.modules_to_save:
+        required |= {n for n in params if name_matches(n, config.modules_to_save)}
     return required & params, (forbidden - required) & params
 
 
@@ -222,6 +234,33 @@ def default_target_modules(model: nn.Module) -> str | None:
     if any(n == "vision_model" or n.endswith(".vision_model") for n, _ in model.named_modules()):
         return CLIP_VISION_ENCODER_TARGETS
     return None
+
+
+def untargeted_clip_parameters(model: nn.Module, analysed_layers: list[str]) -> list[str]:
+    """The parameters of ``model`` that spectral tuning freezes because the config does not target them:
+    in every two-tower CLIP inside ``model`` (a module with both a ``vision_model`` and a ``text_model``:
+    ``CLIPModel``, CLIPSeg's), everything outside the vision tower (``text_model``, ``text_projection``,
+    ``visual_projection``, ``logit_scale``) except the parts an analysed layer lies in (``analysed_layers``:
+    the host's module names). ``modules_to_save`` unfreezes what it names afterwards.
+
+    Empty on a model that decides which CLIP parts train itself (``freeze_unused_clip_parameters``: the
+    OVS frameworks, whose ``freeze_text_encoder`` keeps or frees the text tower and which always freeze
+    ``logit_scale`` and ``visual_projection``)."""
+    if callable(getattr(model, "freeze_unused_clip_parameters", None)):
+        return []
+    out: list[str] = []
+    for prefix, module in model.named_modules():
+        children = dict(module.named_children())
+        if "vision_model" not in children or "text_model" not in children:
+            continue
+        dot = f"{prefix}." if prefix else ""
+        out += [dot + n for n, _ in module.named_parameters(recurse=False)]  # logit_scale (and logit_bias)
+        for child_name, child in children.items():
+            part = dot + child_name
+            if child_name == "vision_model" or any(a == part or a.startswith(part + ".") for a in analysed_layers):
+                continue
+            out += [f"{part}.{n}" for n, _ in child.named_parameters()]
+    return out
 
 
 def _invalid_reasons(report: SpectralReport) -> dict[str, str]:
@@ -395,6 +434,9 @@ class SpectralModel(AdapterHubMixin, PeftModel):
             for p in self.base_model.parameters():
                 p.requires_grad_(False)
             return
+        params = dict(self.base_model.named_parameters())
+        for name in untargeted_clip_parameters(self.base_model, self.analysed_layers):
+            params[name].requires_grad_(False)
         trainable = set(self.trainable_layers)
         for name in self.analysed_layers:
             mod = modules[name]
@@ -410,6 +452,9 @@ class SpectralModel(AdapterHubMixin, PeftModel):
             for name, mod in modules.items():
                 if name_matches(name, cfg.modules_to_save):
                     mod.requires_grad_(True)
+            for name, p in params.items():  # a parameter named directly, e.g. logit_scale
+                if name_matches(name, cfg.modules_to_save):
+                    p.requires_grad_(True)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), as PEFT."""
@@ -536,6 +581,8 @@ class SpectralModel(AdapterHubMixin, PeftModel):
         with torch.no_grad():
             for n, t in tensors.items():
                 params[n].copy_(t)
+        if is_trainable:
+            _warn_frozen_clip_tensors(model, tensors, d / WEIGHTS_NAME)
         return model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str = ADAPTER_NAME, is_trainable: bool = False,
@@ -557,6 +604,19 @@ class SpectralModel(AdapterHubMixin, PeftModel):
         with torch.no_grad():
             for n, t in tensors.items():
                 params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def _warn_frozen_clip_tensors(model: SpectralModel, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Say so when an adapter holds CLIP text-tower tensors (or projections, ``logit_scale``) that the
+    config leaves untargeted: loaded, but frozen (adapters of earlier versions, which trained them)."""
+    untargeted = set(untargeted_clip_parameters(model.base_model, model.analysed_layers))
+    params = dict(model.base_model.named_parameters())
+    frozen = [n for n in tensors if n in untargeted and not params[n].requires_grad]
+    if frozen:
+        logger.warning(
+            "%s holds %s outside the CLIP vision tower, which this config does not target: their values are "
+            "loaded, but they stay frozen (the default trains only the image encoder; earlier versions left the "
+            "text tower trainable). Name them in modules_to_save to train them", where, _some(frozen))
 
 
 def _check_adapter_name(adapter_name: str) -> None:
