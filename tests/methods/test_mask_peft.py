@@ -203,3 +203,28 @@ def test_remove_deepcopy_and_from_model_on_a_peft_model(vision_and_mask, tmp_pat
         for name, m in mask.masks.items():
             params[name].mul_(m).add_(deltas.get(name, 0))
     torch.testing.assert_close(_out(twin, x), _out(plain, x), atol=1e-5, rtol=0)
+
+
+def test_a_saved_lora_adapter_loaded_onto_a_masked_base_and_injected_in_place(vision_and_mask, tmp_path):
+    dense, mask = vision_and_mask
+    trained = peft.get_peft_model(copy.deepcopy(dense), _lora()).eval()
+    trained.save_pretrained(tmp_path / "lora")
+    ref = _reference(dense, mask, _lora_deltas(trained))
+    x = _pixels(dense, seed=3)
+
+    base = copy.deepcopy(dense)
+    mask.apply(base)  # a pruned model, then a LoRA adapter trained elsewhere loaded onto it
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "lora").eval()
+    torch.testing.assert_close(_out(loaded, x), _out(ref, x), atol=1e-5, rtol=0)
+    _check_merged(loaded.merge_and_unload(), mask, ref, x)
+
+    # tuner layers injected in place (as transformers' add_adapter does): no base_model.model. prefix
+    model = copy.deepcopy(dense)
+    mask.apply(model)
+    model = peft.inject_adapter_in_model(_lora(), model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(dict(trained.named_parameters())["base_model.model." + name])
+    torch.testing.assert_close(_out(model.eval(), x), _out(ref, x), atol=1e-5, rtol=0)
+    assert SparseMask.from_model(model) == mask
