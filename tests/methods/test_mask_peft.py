@@ -173,7 +173,8 @@ def test_unsupported_tuners_are_refused_naming_the_layer(vision_and_mask):
     model = copy.deepcopy(dense)
     mask.apply(model)
     peft_model = peft.get_peft_model(model, _lora(use_dora=True))
-    with pytest.raises(ValueError, match="use_dora=False"):
+    with pytest.raises(ValueError, match=r"^encoder\.layers\.0\.(self_attn\.q_proj|self_attn\.v_proj|mlp\.fc1): LoRA variants"
+                                         r".*use_dora=False"):
         peft_model(pixel_values=_pixels(dense))
     # a tuner whose delta is not additive (OFT rotates W)
     peft_model = peft.get_peft_model(copy.deepcopy(dense), peft.OFTConfig(r=0, oft_block_size=4, target_modules=["fc1"]))

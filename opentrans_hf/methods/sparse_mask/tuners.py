@@ -19,7 +19,6 @@ LoHa and LoKr on any layer, IA3 on any layer. Others are refused with an error n
 from __future__ import annotations
 
 import sys
-import types
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from torch import nn
 
 from opentrans_hf.methods.sparse_mask.layer import _HOOK_ATTR, current_mask
 
-_SLOTS_ATTR = "_sparse_mask_slots"  # on a masked layer's parent: {"hook": forward pre-hook id, "attrs": [names]}
+_SLOTS_ATTR = "_sparse_mask_slots"  # on a masked layer's parent: {"hook": forward pre-hook id, "attrs": {attr: name}}
 _TUNER_ATTR = "_sparse_mask_tuner"  # on a patched tuner layer: the instance attributes the patch set
 _PEFT_PREFIX = "base_model.model."
 _BASE_LAYER = ".base_layer"
@@ -58,15 +57,14 @@ def install_slot_hook(model: nn.Module, layer_name: str) -> None:
     state = parent.__dict__.get(_SLOTS_ATTR)
     if state is None:
         # keep the hook's id, not its handle: a deepcopy copies the dict with the same ids (see layer.py)
-        state = parent.__dict__[_SLOTS_ATTR] = {"hook": parent.register_forward_pre_hook(_slot_pre_hook).id, "attrs": []}
-    if attr not in state["attrs"]:
-        state["attrs"].append(attr)
+        state = parent.__dict__[_SLOTS_ATTR] = {"hook": parent.register_forward_pre_hook(_slot_pre_hook).id, "attrs": {}}
+    state["attrs"][attr] = slot
     sync_slot(parent, attr, name=slot)
 
 
 def _slot_pre_hook(parent: nn.Module, args) -> None:
-    for attr in parent.__dict__[_SLOTS_ATTR]["attrs"]:
-        sync_slot(parent, attr)
+    for attr, name in parent.__dict__[_SLOTS_ATTR]["attrs"].items():
+        sync_slot(parent, attr, name=name)
 
 
 def sync_slot(parent: nn.Module, attr: str, name: str = "") -> None:
@@ -106,9 +104,19 @@ def patch_tuner_layer(layer: nn.Module, name: str) -> None:
         raise TypeError(f"{name}: a sparse mask cannot keep the weight of a {type(layer).__module__}."
                         f"{type(layer).__name__} sparse; supported tuner layers: {SUPPORTED}")
     for attr in patched:
-        # a bound method of a module-level function: deepcopy and pickle rebind it to the copy
-        layer.__dict__[attr] = types.MethodType(_PATCHES[attr], layer)
+        layer.__dict__[attr] = _Patched(layer, attr)
     layer.__dict__[_TUNER_ATTR] = {"attrs": patched, "name": name}
+
+
+class _Patched:
+    """``layer.<attr>`` replaced by the masked version: a plain object holding the layer (not a closure), so a
+    ``deepcopy`` of the model carries it, bound to the copy."""
+
+    def __init__(self, layer: nn.Module, attr: str):
+        self.layer, self.attr = layer, attr
+
+    def __call__(self, *args, **kwargs):
+        return _PATCHES[self.attr](self.layer, *args, **kwargs)
 
 
 def unpatch(model: nn.Module) -> int:
@@ -143,7 +151,8 @@ def _masked_delta_weight(self, adapter_name, *args, **kwargs) -> torch.Tensor:
 
 def _masked_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``lora.Linear.forward`` with each adapter's delta masked: ``base(x) + dropout(x) @ (ΔW ⊙ M)^T``
-    (+ the LoRA bias when ``lora_bias``); the base layer's own hooks mask ``W``."""
+    (+ the LoRA bias when ``lora_bias``); the base layer's own hooks mask ``W``. Without dropout (LoRA's
+    default, and whenever ``lora_dropout=0``) one matmul with ``(W + ΣΔW) ⊙ M``."""
     if kwargs.get("adapter_names") is not None:
         raise ValueError(f"{self.__dict__[_TUNER_ATTR]['name']}: mixed-adapter batches (adapter_names=...) are not "
                          "supported on a masked LoRA layer")
@@ -152,12 +161,25 @@ def _masked_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     _check_lora_variants(self, self.__dict__[_TUNER_ATTR]["name"])
     self._check_forward_args(x, *args, **kwargs)
     kwargs.pop("adapter_names", None)
-    result = self.base_layer(x, *args, **kwargs)
-    dtype = result.dtype
+    active = [a for a in self.active_adapters if a in self.lora_A]
     lora_bias = getattr(self, "lora_bias", {})
-    for adapter in self.active_adapters:
-        if adapter not in self.lora_A:
-            continue
+    base = self.base_layer
+    mask = current_mask(base)
+    if (type(base) is nn.Linear and mask is not None and not args and not kwargs and not base._forward_hooks
+            and all(isinstance(self.lora_dropout[a], nn.Identity) and not lora_bias.get(a) for a in active)):
+        # no dropout: one matmul with (W + Σ ΔW) ⊙ M instead of the base layer's and the deltas'
+        weight = base.weight
+        for adapter in active:
+            a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+            if self.fan_in_fan_out or a.dtype != weight.dtype:
+                weight = weight + self.get_delta_weight(adapter).to(weight.dtype)
+            else:  # W + scaling * B @ A in one pass
+                weight = torch.addmm(weight, b, a, alpha=self.scaling[adapter])
+        weight = weight * mask if weight is base.weight else weight.mul_(mask)
+        return F.linear(x, weight, base.bias)
+    result = base(x, *args, **kwargs)
+    dtype = result.dtype
+    for adapter in active:
         xa = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)
         delta = self.get_delta_weight(adapter)
         result = result + F.linear(self.lora_dropout[adapter](xa), delta.to(xa.dtype))
