@@ -229,3 +229,26 @@ def test_a_saved_lora_adapter_loaded_onto_a_masked_base_and_injected_in_place(vi
                 p.copy_(dict(trained.named_parameters())["base_model.model." + name])
     torch.testing.assert_close(_out(model.eval(), x), _out(ref, x), atol=1e-5, rtol=0)
     assert SparseMask.from_model(model) == mask
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_weights_written_at_masked_positions_are_zeroed_by_the_next_forward(vision_and_mask, dropout):
+    """As without PEFT, the mask is re-applied to the stored W before every forward (with LoRA dropout and
+    without, whose forward skips the base layer's call), so the merge writes zeros there too."""
+    dense, mask = vision_and_mask
+    model = copy.deepcopy(dense)
+    mask.apply(model)
+    peft_model = peft.get_peft_model(model, _lora(lora_dropout=dropout)).eval()
+    ref = _reference(dense, mask, _lora_deltas(peft_model))
+    with torch.no_grad():  # e.g. an optimizer with momentum from before the mask, or a hand edit
+        for name, p in peft_model.named_parameters():
+            if "base_layer.weight" in name:
+                p.add_(1.0)
+    x = _pixels(dense)
+    dense_ref = copy.deepcopy(ref)
+    with torch.no_grad():
+        for name, p in dense_ref.named_parameters():
+            if name in mask.masks and any(t in name for t in TARGETS):  # the LoRA-wrapped layers
+                p.add_(mask.masks[name].float())  # the kept positions moved by 1
+    torch.testing.assert_close(_out(peft_model, x), _out(dense_ref, x), atol=1e-5, rtol=0)
+    _check_merged(peft_model.merge_and_unload(), mask, dense_ref, x)

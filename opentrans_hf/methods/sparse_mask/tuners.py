@@ -165,9 +165,13 @@ def _masked_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     lora_bias = getattr(self, "lora_bias", {})
     base = self.base_layer
     mask = current_mask(base)
-    if (type(base) is nn.Linear and mask is not None and not args and not kwargs and not base._forward_hooks
+    plain_base = (type(base) is nn.Linear and not base._forward_hooks and len(base._forward_pre_hooks) == 1
+                  and "forward" not in base.__dict__)  # only the mask's own hook (no offloading hooks ...)
+    if (plain_base and mask is not None and not args and not kwargs
             and all(isinstance(self.lora_dropout[a], nn.Identity) and not lora_bias.get(a) for a in active)):
         # no dropout: one matmul with (W + Σ ΔW) ⊙ M instead of the base layer's and the deltas'
+        with torch.no_grad():
+            base.weight.mul_(mask)  # what the mask's pre-hook does: the stored W stays zero where masked
         weight = base.weight
         for adapter in active:
             a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
