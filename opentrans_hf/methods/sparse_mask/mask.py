@@ -24,6 +24,7 @@ from opentrans_hf.methods.sparse_mask.layer import (  # noqa: F401  (pack_bits, 
     unpack_bits,
 )
 from opentrans_hf.methods.sparse_mask.structured import check_structure
+from opentrans_hf.methods.sparse_mask.tuners import install_slot_hook, peft_free_name, unpatch
 from opentrans_hf.utils.io import atomic_write_with, is_integer, is_number
 from opentrans_hf.utils.naming import VISION_PREFIXES, canonical_name
 from opentrans_hf.utils.plotting import figure
@@ -174,9 +175,14 @@ class SparseMask(AdapterHubMixin):
         """(canonical name -> model parameter name, skipped entries). strict: a missing layer or a shape
         mismatch is an error naming the layer (and both shapes)."""
         params = dict(model.named_parameters())
+        # a PEFT model: names as before PEFT wrapped it (no base_model.model., no .base_layer)
+        unwrapped = {peft_free_name(n): n for n in params}
+        if len(unwrapped) != len(params):
+            unwrapped = {n: n for n in params}
         found, skipped = {}, []
         for name, m in self.masks.items():
-            target = resolve_parameter(model, name, params)
+            target = resolve_parameter(model, name, unwrapped)
+            target = unwrapped[target] if target is not None else None
             if target is None:
                 if strict:
                     raise KeyError(f"mask entry {name!r} matches no parameter of {type(model).__name__} (tried the "
@@ -196,7 +202,11 @@ class SparseMask(AdapterHubMixin):
     def apply(self, model: nn.Module, strict: bool = True, keep_pruned: bool = False) -> list[str]:
         """Zero the masked weights of ``model`` and keep them zero; returns the skipped entries
         (always empty with ``strict=True``). Masks already applied to a weight are combined (AND).
-        ``keep_pruned=True`` remembers the pruned values so ``remove(bake=False)`` can restore them."""
+        ``keep_pruned=True`` remembers the pruned values so ``remove(bake=False)`` can restore them.
+
+        On a PEFT model (LoRA, LoHa, LoKr, IA3), or a model PEFT wraps later, a masked layer's effective
+        weight is ``(W + ΔW) ⊙ M`` in the forward and after ``merge_and_unload()``
+        (:mod:`opentrans_hf.methods.sparse_mask.tuners`)."""
         found, skipped = self.resolve(model, strict)
         modules = dict(model.named_modules())
         for name, target in found.items():
@@ -214,6 +224,8 @@ class SparseMask(AdapterHubMixin):
                 param.mul_(mask)
             module.register_buffer(key, mask, persistent=False)
             install_hooks(module, pname)
+            if pname == "weight":  # a PEFT tuner layer around it (now or later) adds a delta masked too
+                install_slot_hook(model, mod_name)
         return skipped
 
     @staticmethod
@@ -221,6 +233,7 @@ class SparseMask(AdapterHubMixin):
         """Take every applied mask off ``model``; returns how many weights were unmasked. ``bake=True``
         keeps the pruned weights at zero (a plain sparse model); ``bake=False`` restores the values they
         had when the mask was applied (needs ``apply(..., keep_pruned=True)``)."""
+        unpatch(model)
         return sum(remove_hooks(module, bake=bake, name=mod_name) for mod_name, module in model.named_modules())
 
     @classmethod
@@ -230,7 +243,7 @@ class SparseMask(AdapterHubMixin):
         for mod_name, module in model.named_modules():
             for pname in getattr(module, _HOOK_ATTR, {}) or {}:
                 full = f"{mod_name}.{pname}" if mod_name else pname
-                masks[canonical_name(full)] = getattr(module, _BUFFER.format(pname)).cpu()
+                masks[canonical_name(peft_free_name(full))] = getattr(module, _BUFFER.format(pname)).cpu()
         return cls(masks, **kwargs)
 
     def export(self, model: nn.Module, format: str = "csr", **kwargs) -> dict[str, str]:
