@@ -20,10 +20,32 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
+
 from opentrans_hf.training.optim import SOLVER_FLAGS
 
 TRACKER_PROJECT = "opentrans-hf"
 EVAL_METRICS = ("mean_iou", "overall_accuracy", "mean_accuracy", "mean_iou_seen", "mean_iou_unseen")
+
+
+def trackers(report_to: str | None) -> list[str] | None:
+    """``--report_to`` (one tracker, or several separated by commas; ``all``: every installed one) as
+    accelerate's ``log_with``. A name accelerate does not know, or a tracker whose package is not installed, is a
+    ValueError at once (accelerate would only warn and log nothing); no tracker package is needed otherwise."""
+    if not report_to:
+        return None
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    known = [t.value for t in LoggerType]
+    installed = {str(t.value) for t in get_available_trackers()}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"--report_to {report_to}: {unknown[0]!r} is not a tracker; choose from {known}")
+    for name in names:
+        if name != "all" and name not in installed:
+            raise ValueError(f"--report_to {report_to}: the {name!r} tracker's package is not installed "
+                             f"(pip install {name}); installed trackers: {sorted(installed) or 'none'}")
+    return names
 
 
 def tracker_value(value):

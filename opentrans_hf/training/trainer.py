@@ -38,7 +38,14 @@ from opentrans_hf.training.optim import make_scheduler as build_scheduler
 from opentrans_hf.training.optim import resolve_solver
 from opentrans_hf.training.outputs import IncompleteOutputs, write_model, write_outputs
 from opentrans_hf.training.pretraining import default_clip
-from opentrans_hf.training.tracking import TRACKER_PROJECT, Throughput, eval_scalars, hyperparameters, switch_scalars
+from opentrans_hf.training.tracking import (
+    TRACKER_PROJECT,
+    Throughput,
+    eval_scalars,
+    hyperparameters,
+    switch_scalars,
+    trackers,
+)
 from opentrans_hf.training.warmup import (
     check_switch_supported,
     check_warmup_config,
@@ -120,10 +127,11 @@ def run_training(args) -> dict:
     :class:`~opentrans_hf.training.outputs.IncompleteOutputs` saying where the model is and what failed.
     """
     out = Path(args.output_dir)
+    log_with = trackers(args.report_to)
     accelerator = make_accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
+        log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out), automatic_checkpoint_naming=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )

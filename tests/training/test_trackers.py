@@ -12,6 +12,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from opentrans_hf.commands import parse_args
 from opentrans_hf.commands.train import run as run_training
 from opentrans_hf.models.configuration_ovs import SolverConfig
+from opentrans_hf.training import tracking
 from opentrans_hf.training.tracking import eval_scalars, hyperparameters, tracker_name
 
 SPLIT = "embedded:validation"
@@ -117,3 +118,15 @@ def test_eval_scalars_per_dataset_with_tracker_safe_names():
         "eval/embedded_validation/mean_accuracy": 0.375, "eval/embedded_validation/mean_iou_seen": 0.3,
         "eval/ade20k-150/mean_iou": 0.125, "eval/ade20k-150/overall_accuracy": 0.75,
     }
+
+
+def test_a_tracker_not_installed_or_unknown_is_refused_before_the_run(tiny_clip_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "get_available_trackers", list)  # as where no tracker package is installed
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--report_to wandb: the 'wandb' tracker's package is not installed "
+                                         r"\(pip install wandb\)"):
+        train(tiny_clip_dir, out, "--max_steps", "1", "--report_to", "wandb")
+    with pytest.raises(ValueError, match="'tensorbord' is not a tracker; choose from"):
+        train(tiny_clip_dir, out, "--max_steps", "1", "--report_to", "tensorboard,tensorbord")
+    assert not out.exists()
+    assert tracking.trackers(None) is None and tracking.trackers("all") == ["all"]
