@@ -48,6 +48,14 @@ def trackers(report_to: str | None) -> list[str] | None:
     return names
 
 
+def finish_trackers(accelerator) -> None:
+    """Close the trackers (flush their files, end their runs), without ``accelerator.end_training``: that also
+    destroys the process group, which hung a 2-process run after its last write (the CLI closes the group
+    itself when the job is done)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def tracker_value(value):
     """``value`` as every tracker takes it: a bool, int, float or str as it is, None / lists / dicts (JSON)
     and other objects as a string."""

@@ -42,6 +42,7 @@ from opentrans_hf.training.tracking import (
     TRACKER_PROJECT,
     Throughput,
     eval_scalars,
+    finish_trackers,
     hyperparameters,
     switch_scalars,
     trackers,
@@ -419,8 +420,7 @@ def _finish(accelerator, args, out: Path, run: _Run, mask, train_split, eval_spl
             logger.info(f"pushed to {url}")
     except Exception as err:  # noqa: BLE001 - reported with where the model is
         raise IncompleteOutputs(model_dir, stage, err) from err
-    if args.report_to:
-        accelerator.end_training()
+    finish_trackers(accelerator)
     return metrics
 
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, launch_two_processes
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -92,6 +93,29 @@ def test_tensorboard_gets_eval_metrics_switch_throughput_and_typed_hparams(tiny_
     assert hp["eval_datasets"].string_value == "[]"
     assert metrics["steps"] == 4
     assert "wandb" not in sys.modules  # only the tracker asked for is imported
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_log_once_and_finish(tiny_clip_dir, tmp_path):
+    """Only the main process writes event files; images/s counts both processes' batches; the run ends (closing
+    the trackers with ``end_training`` destroyed the process group and hung the launch after the last write)."""
+    out = tmp_path / "run"
+    res = launch_two_processes(ROOT / "scripts" / "train.py", "--model_name_or_path", tiny_clip_dir,
+                               "--output_dir", out, "--max_steps", "3", "--eval_steps", "2", "--batch_size", "4",
+                               "--embedded_size", "16", "--max_eval_examples", "4", "--report_to", "tensorboard",
+                               port=29663, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert len(list((out / "opentrans-hf").rglob("events.out.tfevents.*"))) == 2  # scalars + hparams, main only
+    got = scalars(out / "opentrans-hf")
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["num_processes"] == 2
+    name = tracker_name(SPLIT)
+    assert got[f"eval/{name}/mean_iou"][3] == pytest.approx(saved["eval"][SPLIT]["mean_iou"], rel=1e-6, abs=1e-7)
+    assert set(got[f"eval/{name}/mean_iou"]) == {2, 3}
+    for step, ips in got["train/images_per_second"].items():  # 4 images per process per step
+        assert ips == pytest.approx(8 * got["train/steps_per_second"][step], rel=1e-5)
+    assert logged_hparams(out / "opentrans-hf")["num_processes"].number_value == 2
 
 
 def test_hyperparameters_keep_types_and_stringify_the_rest():
