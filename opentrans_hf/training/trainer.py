@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,15 @@ from opentrans_hf.training.optim import make_scheduler as build_scheduler
 from opentrans_hf.training.optim import resolve_solver
 from opentrans_hf.training.outputs import IncompleteOutputs, write_model, write_outputs
 from opentrans_hf.training.pretraining import default_clip
+from opentrans_hf.training.tracking import (
+    TRACKER_PROJECT,
+    Throughput,
+    eval_scalars,
+    finish_trackers,
+    hyperparameters,
+    switch_scalars,
+    trackers,
+)
 from opentrans_hf.training.warmup import (
     check_switch_supported,
     check_warmup_config,
@@ -119,10 +128,11 @@ def run_training(args) -> dict:
     :class:`~opentrans_hf.training.outputs.IncompleteOutputs` saying where the model is and what failed.
     """
     out = Path(args.output_dir)
+    log_with = trackers(args.report_to)
     accelerator = make_accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
+        log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out), automatic_checkpoint_naming=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
@@ -148,6 +158,7 @@ class _Run:
     step: int = 0
     history: dict = field(default_factory=lambda: {"step": [], "loss": [], "lr": [], "eval": []})
     last_checkpoint: Path | None = None
+    throughput: Throughput = field(default_factory=Throughput)
 
     def make_optimizer(self, m):
         return build_optimizer(m, self.solver)
@@ -247,8 +258,10 @@ def _prepare(accelerator, args, train_split, model, spectral, pending) -> _Run:
     scheduler = _make_scheduler(accelerator, run, optimizer)
     run.model, run.optimizer, run.loader, run.scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     run.trainable = _trainable(accelerator, run.model)
+    run.throughput = Throughput(num_processes=accelerator.num_processes)
     if args.report_to:
-        accelerator.init_trackers("opentrans-hf", config={k: str(v) for k, v in asdict(args).items()})
+        accelerator.init_trackers(TRACKER_PROJECT, config=hyperparameters(
+            args, solver, total_steps=max_steps, num_processes=accelerator.num_processes))
     return run
 
 
@@ -273,6 +286,7 @@ def _loop(accelerator, args, out: Path, run: _Run, train_split, eval_splits, hol
     class_prompts = train_split.class_prompts  # what the model scores per class (synonyms for benchmarks)
     bar = tqdm(total=run.max_steps, initial=run.step, desc="train", disable=not accelerator.is_main_process)
     run.model.train()
+    run.throughput.restart()
     while run.step < run.max_steps:
         epoch = run.step // run.steps_per_epoch
         train_split.set_epoch(epoch)
@@ -292,6 +306,7 @@ def _loop(accelerator, args, out: Path, run: _Run, train_split, eval_splits, hol
             running = []
             _log_step(accelerator, args, run, bar, loss)
             _after_step(accelerator, args, out, run, eval_splits, holdout, fingerprint)
+            run.throughput.restart()  # the next step's time leaves out evaluation and checkpoints
             if run.step >= run.max_steps:
                 break
     bar.close()
@@ -304,6 +319,7 @@ def _micro_batch(accelerator, run: _Run, batch, class_prompts, running: list) ->
         outputs = run.model(pixel_values=batch["pixel_values"], labels=batch["labels"], class_names=class_prompts)
         accelerator.backward(outputs.loss)
         running.append(outputs.loss.detach())
+        run.throughput.count(batch["pixel_values"].shape[0])
         if accelerator.sync_gradients:  # the micro-batches' losses and the gradients, before the step
             problem = step_problem(accelerator, torch.stack(running), run.trainable,
                                    check_grads=accelerator.scaler is None)
@@ -317,15 +333,21 @@ def _micro_batch(accelerator, run: _Run, batch, class_prompts, running: list) ->
 
 
 def _log_step(accelerator, args, run: _Run, bar, loss: float) -> None:
-    """The step's loss and learning rate: history, progress bar, trackers."""
+    """The step's loss and learning rate: history, progress bar; with its throughput: trackers."""
     history = run.history
     history["step"].append(run.step)
     history["loss"].append(loss)
     history.setdefault("lr", []).append(run.scheduler.get_last_lr()[0])
     bar.update(1)
     bar.set_postfix(loss=f"{loss:.4f}")
+    _report(accelerator, args, {"train/loss": loss, "lr": run.scheduler.get_last_lr()[0],
+                                **run.throughput.scalars()}, run.step)
+
+
+def _report(accelerator, args, values: dict, step: int) -> None:
+    """``values`` to the trackers of ``--report_to`` at ``step`` (accelerate logs on the main process only)."""
     if args.report_to:
-        accelerator.log({"train/loss": loss, "lr": run.scheduler.get_last_lr()[0]}, step=run.step)
+        accelerator.log(values, step=step)
 
 
 def _after_step(accelerator, args, out: Path, run: _Run, eval_splits, holdout, fingerprint) -> None:
@@ -335,8 +357,10 @@ def _after_step(accelerator, args, out: Path, run: _Run, eval_splits, holdout, f
     if args.eval_steps and step % args.eval_steps == 0 and step < run.max_steps:
         res = _evaluate_all(accelerator, run.model, eval_splits, args, holdout)
         run.history["eval"].append(eval_record(step, res))
+        _report(accelerator, args, eval_scalars(res), step)
     if run.pending is not None and step == warmup:  # the paper's protocol: alpha after the warm-up
         _switch(accelerator, run)
+        _report(accelerator, args, switch_scalars(run.history["spectral_switch"]), step)
     if args.checkpointing_steps and step % args.checkpointing_steps == 0:
         state = run.spectral.spectral_config.to_dict() if warmup and run.spectral is not None else None
         run.last_checkpoint = save_checkpoint(accelerator, out, step, run.history, fingerprint,
@@ -372,6 +396,7 @@ def _finish(accelerator, args, out: Path, run: _Run, mask, train_split, eval_spl
     try:
         final = _evaluate_all(accelerator, run.model, eval_splits, args, holdout)
         history["eval"].append(eval_record(run.step, final))
+        _report(accelerator, args, eval_scalars(final), run.step)
         metrics = {
             "framework": args.framework,
             "steps": run.step,
@@ -395,8 +420,7 @@ def _finish(accelerator, args, out: Path, run: _Run, mask, train_split, eval_spl
             logger.info(f"pushed to {url}")
     except Exception as err:  # noqa: BLE001 - reported with where the model is
         raise IncompleteOutputs(model_dir, stage, err) from err
-    if args.report_to:
-        accelerator.end_training()
+    finish_trackers(accelerator)
     return metrics
 
 
