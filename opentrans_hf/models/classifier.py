@@ -51,6 +51,14 @@ def check_class_names(class_names) -> list:
     return names
 
 
+def seen_class_flags(class_names, seen_names) -> torch.Tensor:
+    """``(K,)`` bool: a class is seen when any of its names is one of ``seen_names`` (FC-CLIP's category overlap
+    between the training and the evaluation vocabulary)."""
+    seen = set(seen_names or [])
+    return torch.tensor([not seen.isdisjoint(class_synonyms(n)) for n in check_class_names(class_names)],
+                        dtype=torch.bool)
+
+
 def class_scores(embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
     """Cosine scores (..., K) of L2-normalised ``embeddings`` (..., D) against class text embeddings:
     ``(K, D)``, or ``(K, M, D)`` for classes with up to M names (padded with repeats of a class's first

@@ -22,11 +22,12 @@ from opentrans_hf.methods.sparse_mask.storage import (
     save_sparse_pretrained,
 )
 from opentrans_hf.models.backbone import check_pixel_values
-from opentrans_hf.models.classifier import OpenVocabClassifier, check_class_names, class_synonyms
+from opentrans_hf.models.classifier import OpenVocabClassifier, check_class_names, seen_class_flags
 from opentrans_hf.models.configuration_ovs import OVSConfig, resolve_prompt_templates
 from opentrans_hf.models.image_processing_ovs import OVSImageProcessor
 from opentrans_hf.models.processing_ovs import OVSProcessor
 from opentrans_hf.utils.hub import load_or_explain
+from opentrans_hf.utils.modules import eval_mode
 from opentrans_hf.utils.naming import CLIP_VISION_ENCODER_TARGETS, vision_encoder_targets
 
 ENCODER_TARGET_MODULES = CLIP_VISION_ENCODER_TARGETS
@@ -221,9 +222,7 @@ class OVSPreTrainedModel(PreTrainedModel):
 
     def seen_classes(self, class_names) -> torch.Tensor:
         """``(K,)`` bool: which classes are training classes (one of their names is in ``config.seen_class_names``)."""
-        seen = set(self.config.seen_class_names or [])
-        return torch.tensor([not seen.isdisjoint(class_synonyms(n)) for n in check_class_names(class_names)],
-                            dtype=torch.bool)
+        return seen_class_flags(class_names, self.config.seen_class_names)
 
     def encode_classes(self, class_names=None, input_ids=None, attention_mask=None, class_ids=None,
                        class_embeddings=None, seen_classes=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -339,7 +338,7 @@ class OVSPreTrainedModel(PreTrainedModel):
                 batches.append(processor(chunk, return_tensors="pt")["pixel_values"])
                 sizes.extend(_image_hw(im) for im in chunk)
         preds = []
-        with self._eval_mode():
+        with eval_mode(self):
             device, dtype = self.device_and_dtype()
             kw = self._class_kwargs(names)
             for x in batches:
@@ -353,9 +352,6 @@ class OVSPreTrainedModel(PreTrainedModel):
 
     def device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
         return next(self.parameters()).device, next(self.clip.vision_model.parameters()).dtype
-
-    def _eval_mode(self):
-        return _EvalMode(self)
 
     @torch.no_grad()
     def predict_sliding(self, pixel_values: torch.Tensor, class_names: list, *, window: int | None = None,
@@ -405,7 +401,7 @@ class OVSPreTrainedModel(PreTrainedModel):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         h, w = x.shape[-2:]
         ph, pw = max(h, window), max(w, window)
-        with self._eval_mode():
+        with eval_mode(self):
             device, dtype = self.device_and_dtype()
             if "class_names" in classes:
                 classes = self._class_kwargs(classes.pop("class_names")) | classes
@@ -425,22 +421,6 @@ class OVSPreTrainedModel(PreTrainedModel):
                     total[:, t : t + window, left : left + window] += sc
                     count[t : t + window, left : left + window] += 1
         return total[:, :h, :w].div_(count[:h, :w])
-
-
-class _EvalMode:
-    """``with model._eval_mode():`` eval mode inside, the previous mode restored after."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-        return False
 
 
 def default_sliding_stride(window: int) -> int:

@@ -5,11 +5,10 @@ gives everything a forward needs as tensors: ``pixel_values`` and the class prom
 
 from __future__ import annotations
 
-import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from opentrans_hf.models.classifier import check_class_names, class_synonyms, tokenize_class_prompts
+from opentrans_hf.models.classifier import check_class_names, seen_class_flags, tokenize_class_prompts
 from opentrans_hf.models.configuration_ovs import DEFAULT_TEMPLATES, resolve_prompt_templates
 from opentrans_hf.models.image_processing_ovs import OVSImageProcessor
 
@@ -83,8 +82,7 @@ class OVSProcessor(ProcessorMixin):
         out = tokenize_class_prompts(self.tokenizer, names, self.prompt_templates, self.max_length,
                                      self.name_aggregation)
         if self.seen_class_names:
-            seen = set(self.seen_class_names)
-            out["seen_classes"] = torch.tensor([not seen.isdisjoint(class_synonyms(n)) for n in names], dtype=torch.bool)
+            out["seen_classes"] = seen_class_flags(names, self.seen_class_names)
         return out
 
     def post_process_semantic_segmentation(self, *args, **kwargs):

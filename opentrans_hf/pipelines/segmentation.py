@@ -27,6 +27,7 @@ from opentrans_hf.data.transforms import load_image
 from opentrans_hf.models.classifier import check_class_names, display_name
 from opentrans_hf.models.modeling_ovs import OVSPreTrainedModel, default_sliding_stride
 from opentrans_hf.models.processing_ovs import OVSProcessor, parse_class_entry
+from opentrans_hf.utils.modules import eval_mode
 
 TASK = "open-vocabulary-segmentation"
 VOID = -1
@@ -129,7 +130,7 @@ class OpenVocabularySegmentationPipeline(Pipeline):
         target = model_inputs.pop("target_size")
         _, dtype = self.model.device_and_dtype()
         pixels = model_inputs["pixel_values"].to(dtype)
-        with self.model._eval_mode():
+        with eval_mode(self.model):
             class_inputs = self._class_inputs(classes)
             if sliding_window:
                 window = self.model.config.image_size

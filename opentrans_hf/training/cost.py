@@ -28,6 +28,7 @@ from opentrans_hf.methods.sparse_mask.counting import count_params_and_flops
 from opentrans_hf.training.evaluation import model_class_names, protocol_description, sliding_protocol
 from opentrans_hf.training.outputs import MASK_SUBFOLDER
 from opentrans_hf.utils.flops import flop_counter
+from opentrans_hf.utils.modules import eval_mode
 
 
 def load_model_mask(model_name_or_path):
@@ -53,14 +54,10 @@ def forward_flops(model, class_names: list, height: int, width: int) -> int:
     device = next(model.parameters()).device
     dtype = next(model.clip.vision_model.parameters()).dtype
     x = torch.zeros(1, 3, height, width, device=device, dtype=dtype)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         model(pixel_values=x, class_names=class_names)
         with flop_counter() as counter:
             model(pixel_values=x, class_names=class_names)
-    finally:
-        model.train(was_training)
     return int(counter.get_total_flops())
 
 

@@ -19,6 +19,7 @@ from opentrans_hf.data.transforms import collate_segmentation
 from opentrans_hf.models.classifier import class_synonyms
 from opentrans_hf.models.modeling_ovs import default_sliding_stride, sliding_windows
 from opentrans_hf.training.metrics import SegmentationMetric, metrics_from_confusion
+from opentrans_hf.utils.modules import eval_mode
 
 # recorded beside the numbers in metrics.json and `evaluate --out`
 METRIC_UNITS = "mean_iou, overall_accuracy, per_category_iou, ...: fractions of 1 (tables, logs and cards show percent)"
@@ -116,19 +117,17 @@ def evaluate_segmentation(model, split, class_names: list[str], *, batch_size: i
                              f"{type(model).__name__} has no predict_sliding for; evaluate it with the square resize")
         window = int(window or model.config.image_size)
         stride = int(stride or default_sliding_stride(window))
-    was_training = model.training
-    model.eval()
     show = accelerator is None or accelerator.is_main_process
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    with tqdm(total=len(idx), desc=desc, unit="img", disable=not show, leave=False) as bar:
-        windows = _score_examples(model, split, idx, names, metric, device, batch_size, bar,
-                                  (window, stride) if sliding else None)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
-    model.train(was_training)
+    with eval_mode(model):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        with tqdm(total=len(idx), desc=desc, unit="img", disable=not show, leave=False) as bar:
+            windows = _score_examples(model, split, idx, names, metric, device, batch_size, bar,
+                                      (window, stride) if sliding else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
     confusion = metric.reduced_confusion(accelerator)
     if int(confusion.sum()) == 0:
         raise ValueError(f"{getattr(split, 'name', desc)}: none of the {n} evaluated examples has a labelled pixel "

@@ -42,6 +42,7 @@ from opentrans_hf.models.zeroshot import CLIPDenseZeroShot, dense_class_logits
 from opentrans_hf.training.evaluation import evaluate_splits, shard_indices
 from opentrans_hf.utils import logging
 from opentrans_hf.utils.io import atomic_directory, json_safe
+from opentrans_hf.utils.modules import eval_mode
 
 logger = logging.get_logger(__name__)
 
@@ -113,29 +114,28 @@ def zero_shot_evaluation(clip, tokenizer, *, embedded_size: int = 384, seed: int
     over the pairs of held-out classes. With ``accelerator`` (a collective: every process calls it) each
     process scores its share of the examples and every process returns the same numbers.
     """
-    was_training = clip.training
-    model = CLIPDenseZeroShot(clip, tokenizer).eval()
-    split = load_split("embedded", "validation", clip.config.vision_config.image_size, seed=seed,
-                       embedded_size=embedded_size)
-    seen = [c for c in CLASS_NAMES if c not in HELD_OUT_CLASSES]
-    dense = evaluate_splits(model, {"embedded": split}, seen_classes=seen, batch_size=batch_size,
-                            accelerator=accelerator)["embedded"]
-    held = torch.tensor([c in HELD_OUT_CLASSES for c in CLASS_NAMES])
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    idx = shard_indices(len(split), rank, world)
-    correct, n = torch.zeros(len(CLASS_NAMES)), torch.zeros(())
-    for start in range(0, len(idx), batch_size):
-        batch = collate_segmentation([split[i] for i in idx[start:start + batch_size]])
-        logits = model.patch_logits(batch["pixel_values"].to(clip.logit_scale.device), CLASS_NAMES)
-        predicted = F.one_hot(logits.argmax(1).flatten(1), len(CLASS_NAMES)).amax(1).bool().cpu()  # (B, K)
-        labels = batch["labels"]
-        ignore = split.transform.ignore_index
-        truth = torch.stack([torch.bincount(y[y != ignore].flatten(), minlength=len(CLASS_NAMES)) > 0 for y in labels])
-        correct += (predicted == truth).float().sum(0)
-        n += len(labels)
-    if accelerator is not None:
-        correct, n = (accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu() for t in (correct, n))
-    clip.train(was_training)
+    with eval_mode(clip):  # the CLIP is the caller's: its mode comes back afterwards
+        model = CLIPDenseZeroShot(clip, tokenizer).eval()
+        split = load_split("embedded", "validation", clip.config.vision_config.image_size, seed=seed,
+                           embedded_size=embedded_size)
+        seen = [c for c in CLASS_NAMES if c not in HELD_OUT_CLASSES]
+        dense = evaluate_splits(model, {"embedded": split}, seen_classes=seen, batch_size=batch_size,
+                                accelerator=accelerator)["embedded"]
+        held = torch.tensor([c in HELD_OUT_CLASSES for c in CLASS_NAMES])
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+        idx = shard_indices(len(split), rank, world)
+        correct, n = torch.zeros(len(CLASS_NAMES)), torch.zeros(())
+        for start in range(0, len(idx), batch_size):
+            batch = collate_segmentation([split[i] for i in idx[start:start + batch_size]])
+            logits = model.patch_logits(batch["pixel_values"].to(clip.logit_scale.device), CLASS_NAMES)
+            predicted = F.one_hot(logits.argmax(1).flatten(1), len(CLASS_NAMES)).amax(1).bool().cpu()  # (B, K)
+            labels = batch["labels"]
+            ignore = split.transform.ignore_index
+            truth = torch.stack([torch.bincount(y[y != ignore].flatten(), minlength=len(CLASS_NAMES)) > 0 for y in labels])
+            correct += (predicted == truth).float().sum(0)
+            n += len(labels)
+        if accelerator is not None:
+            correct, n = (accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu() for t in (correct, n))
     acc = correct / n
     return {
         "dense_mean_iou": dense["mean_iou"],
