@@ -15,6 +15,7 @@ import traceback
 
 from opentrans_hf.commands import COMMANDS, ArgumentError, command_module, parse_args
 from opentrans_hf.utils import logging
+from opentrans_hf.utils.distributed import check_launch
 from opentrans_hf.utils.version import __version__
 
 DEBUG_ENV = "OPENTRANS_HF_DEBUG"
@@ -67,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args = parse_args(name, rest)
+        check_launch()  # a launch that started fewer processes than it asked for: before anything loads
     except SystemExit as exit_:  # argparse: --help (0) or a usage error it already printed (2)
         return int(exit_.code or 0)
-    except (ArgumentError, FileNotFoundError) as err:
+    except (ArgumentError, FileNotFoundError, ValueError) as err:
         if debug:
             traceback.print_exc()
         print(f"opentrans-hf {name}: error: {_one_line(err)}", file=sys.stderr)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import PartialState
 from transformers import CLIPConfig
 
 from opentrans_hf.commands import ArgumentError, analyze, check_at_least_one, check_local_paths, prune, train
@@ -47,7 +46,7 @@ from opentrans_hf.methods.sparse_mask.mask import SparseMask
 from opentrans_hf.models.zeroshot import CLIPDenseZeroShot
 from opentrans_hf.training.evaluation import evaluate_splits, percent, results_table
 from opentrans_hf.training.pretraining import default_clip
-from opentrans_hf.utils.distributed import cpu_only_multiprocess, make_accelerator
+from opentrans_hf.utils.distributed import make_accelerator, make_state, on_main_process
 from opentrans_hf.utils.io import atomic_write_text, json_safe, read_json
 from opentrans_hf.utils.locking import output_dir_lock
 
@@ -88,7 +87,7 @@ def run(args: DemoArguments) -> dict:
     """The four steps, each one job's ``run`` with typed arguments; returns the summary. Holds the locks
     of its output directory and of its sub-jobs' (``prune/``, ``train/``) for the whole pipeline: no other
     run can write there meanwhile, and its own sub-jobs re-enter them."""
-    state = PartialState(cpu=cpu_only_multiprocess())
+    state = make_state()
     out = Path(args.output_dir)
     with ExitStack() as locks:
         for directory in (out, out / "prune", out / "train", out / "dense"):
@@ -97,7 +96,7 @@ def run(args: DemoArguments) -> dict:
 
 
 def _run(args: DemoArguments) -> dict:
-    state = PartialState(cpu=cpu_only_multiprocess())
+    state = make_state()
     out = Path(args.output_dir)
     t0 = time.time()
     say = print if state.is_main_process else (lambda *a, **k: None)
@@ -122,9 +121,7 @@ def _run(args: DemoArguments) -> dict:
         "seconds": {"clip": round(t_clip, 1), "spectral": round(t_spectral, 1), "prune": round(t_prune, 1),
                     "train": round(t_train, 1), "total": round(time.time() - t0, 1)},
     }
-    if state.is_main_process:
-        _report(out, paths, pruned, metrics, comparison, summary, say)
-    state.wait_for_everyone()
+    on_main_process(state, lambda: _report(out, paths, pruned, metrics, comparison, summary, say))
     return summary
 
 
@@ -132,8 +129,9 @@ def _analysis(args: DemoArguments, state, out: Path, clip: str, say):
     """Step 1: spectral analysis of the image encoder (a look at the dense model; cheap, so the main process
     alone) -> ``(paths, spectral summary or None)``."""
     say(f"[1/4] spectral analysis ({args.estimator}) of the CLIP image encoder: {clip}")
-    paths, spectral = {}, None
-    if state.is_main_process:
+    paths = {}
+
+    def analyse():
         paths["spectral_report"] = out / "spectral" / "report.json"
         paths["dense_alpha_plot"] = out / "spectral" / "alpha.png"
         try:
@@ -146,9 +144,10 @@ def _analysis(args: DemoArguments, state, out: Path, clip: str, say):
             plot=str(paths["dense_alpha_plot"]) if "dense_alpha_plot" in paths else None,
             no_progress=True, print_layers=False))
         alphas = sorted(report.alphas.values())
-        spectral = {"estimator": args.estimator, "layers": len(alphas),
-                    "median_alpha": statistics.median(alphas) if alphas else None}
-    state.wait_for_everyone()
+        return {"estimator": args.estimator, "layers": len(alphas),
+                "median_alpha": statistics.median(alphas) if alphas else None}
+
+    spectral = on_main_process(state, analyse)  # a failure there stops every process
     return paths, spectral
 
 

@@ -151,7 +151,8 @@ def run(args: EvaluateArguments) -> dict:
 
     cost = on_main_process(accelerator, cost_of_evaluation)
     table = results_table(results)
-    if accelerator.is_main_process:
+
+    def report() -> None:  # the main process alone; a failure (e.g. writing --out) stops every process
         costs = cost_table(cost)
         print(table)
         print()
@@ -165,5 +166,6 @@ def run(args: EvaluateArguments) -> dict:
             cost_md = out.with_name(out.stem + "_cost.md")
             atomic_write_text(cost_md, costs + "\n")
             print(f"results written to {out}, {out.with_suffix('.md')} and {cost_md}")
-    accelerator.wait_for_everyone()
+
+    on_main_process(accelerator, report)
     return results

@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from accelerate import PartialState
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one
 from opentrans_hf.commands.arguments import ProgressArguments
 from opentrans_hf.training.pretraining import PRETRAINING_DEFAULTS, pretrain_clip, pretrained_clip
-from opentrans_hf.utils.distributed import cpu_only_multiprocess, make_accelerator
+from opentrans_hf.utils.distributed import make_accelerator, make_state
 from opentrans_hf.utils.io import read_json
 from opentrans_hf.utils.locking import output_dir_lock
 
@@ -63,7 +62,7 @@ def run(args: PretrainClipArguments) -> dict:
     """Pretrain (or, without ``--output_dir`` and with the default recipe, find the cached build) and
     print the zero-shot results; returns the pretraining record."""
     if args.output_dir is None:
-        state = PartialState(cpu=cpu_only_multiprocess())
+        state = make_state()
         path = pretrained_clip(args.size, args.seed, state=state, progress=not args.no_progress)
         record = read_json(path / "pretraining.json", "pretraining record")
         if not state.is_main_process:

@@ -42,7 +42,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from accelerate import PartialState
 from transformers import CLIPConfig, CLIPVisionModel
 
 from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, prune, train
@@ -59,7 +58,7 @@ from opentrans_hf.training.evaluation import percent
 from opentrans_hf.training.optim import resolve_solver
 from opentrans_hf.training.pretraining import default_clip
 from opentrans_hf.training.trainer import framework_class
-from opentrans_hf.utils.distributed import cpu_only_multiprocess, make_accelerator, on_main_process
+from opentrans_hf.utils.distributed import make_accelerator, make_state, on_main_process
 from opentrans_hf.utils.hub import quiet_loading
 from opentrans_hf.utils.io import atomic_write_text, atomic_write_with, json_safe
 from opentrans_hf.utils.locking import output_dir_lock
@@ -227,7 +226,7 @@ def run(args: ReproduceArguments) -> dict:
     """Both tables: the sub-jobs through their ``run`` with typed arguments; returns the results (what
     results.json holds). Holds the locks of its output directory and of every sub-run's directory for the
     whole run (its own sub-jobs re-enter them)."""
-    state = PartialState(cpu=cpu_only_multiprocess())
+    state = make_state()
     out = Path(args.output_dir)
     with ExitStack() as locks:
         for directory in (out, *_sub_run_dirs(args, out)):
@@ -281,7 +280,6 @@ def _run(args: ReproduceArguments, state) -> dict:
         say(f"finished in {seconds['total']:.0f} s; outputs:")
         for k, v in paths.items():
             say(f"  {k:15s} {v}")
-    state.wait_for_everyone()
     return results
 
 

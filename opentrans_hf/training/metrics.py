@@ -101,14 +101,15 @@ class SegmentationMetric:
         self.confusion = cm if self.confusion is None else self.confusion + cm.to(self.confusion.device)
 
     def reduced_confusion(self, accelerator=None) -> torch.Tensor:
+        """The confusion matrix summed over the processes of ``accelerator`` (a collective: every process
+        calls it); without one, this process's own. Never a collective that was not asked for: code that runs
+        on one process while a process group exists (the main process building the default CLIP and
+        evaluating it) would wait for ever for the others."""
         cm = self.confusion
         if cm is None:
             cm = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
         if accelerator is not None:
             cm = accelerator.reduce(cm.to(accelerator.device), reduction="sum")
-        elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            cm = cm.clone()
-            torch.distributed.all_reduce(cm)
         return cm.cpu()
 
     def compute(self, accelerator=None) -> dict:

@@ -41,6 +41,7 @@ from opentrans_hf.models.configuration_ovs import DEFAULT_TEMPLATES
 from opentrans_hf.models.zeroshot import CLIPDenseZeroShot, dense_class_logits
 from opentrans_hf.training.evaluation import evaluate_splits, shard_indices
 from opentrans_hf.utils import logging
+from opentrans_hf.utils.distributed import on_main_process
 from opentrans_hf.utils.io import atomic_directory, json_safe
 from opentrans_hf.utils.modules import eval_mode
 
@@ -310,7 +311,8 @@ def pretrained_clip(size: str = "small", seed: int = 0, cache_dir: str | Path | 
     import fcntl
 
     path = Path(cache_dir or default_cache_dir()) / cache_key(size, seed)
-    if state is None or state.is_main_process:
+
+    def build() -> None:  # the main process alone, with no collective inside (the others wait for its outcome)
         if not _complete(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path.parent / f".{path.name}.lock", "w") as lock:
@@ -318,8 +320,8 @@ def pretrained_clip(size: str = "small", seed: int = 0, cache_dir: str | Path | 
                 if not _complete(path):
                     logger.info(f"building the pretrained embedded CLIP ({size}, seed {seed}) once into {path}")
                     pretrain_clip(path, size, seed, progress=progress)
-    if state is not None:
-        state.wait_for_everyone()
+
+    on_main_process(state, build)  # a build that fails stops every process, not just the main one
     if not _complete(path):
         raise RuntimeError(f"the pretrained embedded CLIP at {path} is incomplete (no config.json, "
                            "model.safetensors or pretraining.json): delete it and run again")

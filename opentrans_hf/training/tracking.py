@@ -24,6 +24,9 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 
 from opentrans_hf.training.optim import SOLVER_FLAGS
+from opentrans_hf.utils import logging
+
+logger = logging.get_logger(__name__)
 
 TRACKER_PROJECT = "opentrans-hf"
 EVAL_METRICS = ("mean_iou", "overall_accuracy", "mean_accuracy", "mean_iou_seen", "mean_iou_unseen")
@@ -51,9 +54,14 @@ def trackers(report_to: str | None) -> list[str] | None:
 def finish_trackers(accelerator) -> None:
     """Close the trackers (flush their files, end their runs), without ``accelerator.end_training``: that also
     destroys the process group, which hung a 2-process run after its last write (the CLI closes the group
-    itself when the job is done)."""
-    for tracker in accelerator.trackers:
-        tracker.finish()
+    itself when the job is done). Every tracker is closed even when one fails (logged: closing is cleanup,
+    and a run's own error must not be hidden by it); afterwards the accelerator holds none."""
+    for tracker in list(accelerator.trackers):
+        try:
+            tracker.finish()
+        except Exception as err:  # noqa: BLE001 - see above
+            logger.warning(f"closing the {getattr(tracker, 'name', type(tracker).__name__)} tracker failed: {err}")
+    accelerator.trackers.clear()
 
 
 def tracker_value(value):

@@ -137,7 +137,10 @@ def run_training(args) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     with output_dir_lock(out, accelerator, "train"):
-        return _train(accelerator, args, out)
+        try:
+            return _train(accelerator, args, out)
+        finally:  # on every process, also when the run fails: a tracker left open can keep a process alive
+            finish_trackers(accelerator)
 
 
 @dataclass
@@ -420,7 +423,6 @@ def _finish(accelerator, args, out: Path, run: _Run, mask, train_split, eval_spl
             logger.info(f"pushed to {url}")
     except Exception as err:  # noqa: BLE001 - reported with where the model is
         raise IncompleteOutputs(model_dir, stage, err) from err
-    finish_trackers(accelerator)
     return metrics
 
 

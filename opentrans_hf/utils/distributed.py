@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
+import psutil
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 
 
@@ -19,10 +20,59 @@ def cpu_only_multiprocess() -> bool:
 
 
 def make_accelerator(**kwargs):
-    """``Accelerator(**kwargs)``, with ``cpu=True`` added when :func:`cpu_only_multiprocess`."""
+    """``Accelerator(**kwargs)``, with ``cpu=True`` added when :func:`cpu_only_multiprocess`; stops first when
+    the launch started fewer processes than it asked for (:func:`check_launch`)."""
+    check_launch()
     if cpu_only_multiprocess():
         kwargs.setdefault("cpu", True)
     return Accelerator(**kwargs)
+
+
+def make_state() -> PartialState:
+    """``PartialState`` for the jobs that coordinate processes without training (``cpu=True`` when
+    :func:`cpu_only_multiprocess`), after the same :func:`check_launch`."""
+    check_launch()
+    return PartialState(cpu=cpu_only_multiprocess())
+
+
+def requested_processes(launcher_argv: list[str]) -> int | None:
+    """The ``--num_processes`` an ``accelerate launch`` command line asked for (its own flags, not the
+    script's); None when ``launcher_argv`` is not ``accelerate launch`` or names no count."""
+    argv = list(launcher_argv)
+    for i, token in enumerate(argv):
+        if token == "launch" and i > 0 and os.path.basename(argv[i - 1]).startswith("accelerate"):
+            rest = argv[i + 1:]
+            break
+        if token == "accelerate.commands.launch":
+            rest = argv[i + 1:]
+            break
+    else:
+        return None
+    for i, token in enumerate(rest):
+        if not token.startswith("-"):  # the training script: what follows is its own arguments
+            return None
+        if token.startswith("--num_processes=") or token.startswith("--num-processes="):
+            return int(token.split("=", 1)[1])
+        if token in ("--num_processes", "--num-processes") and i + 1 < len(rest):
+            return int(rest[i + 1])
+    return None
+
+
+def check_launch() -> None:
+    """Stop with one line when this process was started by ``accelerate launch --num_processes N`` (N > 1)
+    but runs alone: without ``--multi_gpu`` (or a multi-process config) Accelerate starts a single process on
+    a machine without GPUs and says nothing, so the job would train alone and report one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    try:
+        asked = requested_processes(psutil.Process(os.getppid()).cmdline())
+    except (psutil.Error, OSError, ValueError):  # no parent to read, or not ours to read: nothing to check
+        return
+    if asked is not None and asked > 1:
+        raise ValueError(
+            f"accelerate launch asked for {asked} processes but started this one alone (Accelerate's simple "
+            "launcher runs one process): add --multi_gpu to run them (without GPUs they run on the CPU with "
+            "gloo), or pass --num_processes 1")
 
 
 def on_main_process(state, fn):

@@ -15,6 +15,7 @@ from opentrans_hf.commands.train import run as run_training
 from opentrans_hf.models.configuration_ovs import SolverConfig
 from opentrans_hf.training import tracking
 from opentrans_hf.training.tracking import eval_scalars, hyperparameters, tracker_name
+from opentrans_hf.utils.locking import LOCK_NAME
 
 SPLIT = "embedded:validation"
 
@@ -106,6 +107,7 @@ def test_two_processes_log_once_and_finish(tiny_clip_dir, tmp_path):
                                "--embedded_size", "16", "--max_eval_examples", "4", "--report_to", "tensorboard",
                                port=29663, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert not (out / LOCK_NAME).exists()  # released: the run ended on every rank
     assert len(list((out / "opentrans-hf").rglob("events.out.tfevents.*"))) == 2  # scalars + hparams, main only
     got = scalars(out / "opentrans-hf")
     saved = json.loads((out / "metrics.json").read_text())
