@@ -60,3 +60,83 @@ def launch_two_processes(script, *args, port: int, env: dict | None = None, time
            str(script), *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+class FakeHub:
+    """The Hub's write API as a recorder (see the ``fake_hub`` fixture). ``calls``: ``(method, arguments)``
+    of every ``create_repo`` / ``create_branch`` / ``create_commit``, arguments by name (``api_token``: the
+    token the ``HfApi`` was made with); ``commits()``: the ``create_commit`` arguments, with ``paths`` (the
+    operations' ``path_in_repo``). Committed files are copied under ``root/<repo_id>`` (``root/<repo_id>@<branch>``
+    for a branch other than main), where ``ModelCard.load`` finds a pushed card."""
+
+    def __init__(self, root: Path):
+        self.root, self.calls = root, []
+
+    def commits(self) -> list[dict]:
+        return [args for name, args in self.calls if name == "create_commit"]
+
+    def repo_dir(self, repo_id: str, revision: str | None = None) -> Path:
+        return self.root / (repo_id if revision in (None, "main") else f"{repo_id}@{revision}")
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """``huggingface_hub.HfApi``'s ``create_repo``, ``create_branch`` and ``create_commit`` patched to record
+    their calls (a :class:`FakeHub`) and keep the committed files; ``upload_folder`` / ``upload_file`` fail the
+    test (a push is one ``create_commit``); ``ModelCard.load`` reads a pushed card or finds none;
+    ``HF_HUB_OFFLINE`` unset. No network is touched."""
+    import inspect
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    hub = FakeHub(tmp_path / "fake-hub")
+
+    def recorder(name, behaviour):
+        real = getattr(huggingface_hub.HfApi, name)
+
+        def fake(self, *args, **kwargs):
+            bound = inspect.signature(real).bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = {k: v for k, v in bound.arguments.items() if k not in ("self", "kwargs")}
+            arguments["api_token"] = self.token
+            hub.calls.append((name, arguments))
+            return behaviour(arguments)
+
+        monkeypatch.setattr(huggingface_hub.HfApi, name, fake)
+
+    def full_id(repo_id: str) -> str:
+        return repo_id if "/" in repo_id else f"me/{repo_id}"  # a bare name is under the token's account
+
+    def commit(arguments):
+        ops = list(arguments["operations"])
+        arguments["operations"], arguments["paths"] = ops, [op.path_in_repo for op in ops]
+        target = hub.repo_dir(arguments["repo_id"], arguments["revision"])
+        for op in ops:
+            dest = target / op.path_in_repo
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src = op.path_or_fileobj
+            dest.write_bytes(Path(src).read_bytes() if isinstance(src, (str, Path)) else bytes(src))
+        n = len(hub.commits()) - 1  # this one is recorded already
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{arguments['repo_id']}/commit/{n:040x}", oid=f"{n:040x}")
+
+    recorder("create_repo", lambda a: huggingface_hub.RepoUrl(f"https://huggingface.co/{full_id(a['repo_id'])}"))
+    recorder("create_branch", lambda a: None)
+    recorder("create_commit", commit)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a push must be one create_commit, not upload_folder / upload_file")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", refuse)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_file", refuse)
+
+    def load_card(cls, repo_id, *args, **kwargs):
+        card = hub.repo_dir(repo_id) / "README.md"
+        if not card.is_file():
+            raise EntryNotFoundError(f"{repo_id} has no README.md")
+        return cls(card.read_text())
+
+    monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(load_card))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return hub

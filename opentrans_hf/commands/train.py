@@ -50,6 +50,7 @@ from opentrans_hf.models.configuration_ovs import (
 from opentrans_hf.training.optim import resolve_solver
 from opentrans_hf.training.trainer import config_overrides, framework_class, run_training
 from opentrans_hf.training.warmup import check_warmup_config, spectral_config_of
+from opentrans_hf.utils.hub import is_offline
 
 FreezeRule = Literal[FREEZE_RULES]
 Scheduler = Literal[SCHEDULERS]
@@ -84,9 +85,12 @@ class TrainArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArg
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir, or 'latest' (the complete checkpoint in --output_dir with the highest recorded step); refused if it was made with other arguments"})
     ignore_checkpoint_mismatch: bool = field(default=False, metadata={"help": "resume even if the checkpoint was made with other arguments (the differences are printed)"})
     eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (and always at the end)"})
-    report_to: str | None = field(default=None, metadata={"help": "accelerate trackers (tensorboard, wandb, ...)"})
-    push_to_hub: bool = field(default=False, metadata={"help": "push the trained model and adapters"})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub"})
+    report_to: str | None = field(default=None, metadata={"help": "accelerate trackers: one (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio), several separated by commas (tensorboard,wandb), or 'all' (every installed one)"})
+    push_to_hub: bool = field(default=False, metadata={"help": "at the end, push the model directory (weights, config, processor, card, spectral_adapter/ and mask_adapter/) to --hub_model_id in one commit"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id ('owner/name' or 'name' under your account) for --push_to_hub; also the model card's name"})
+    hub_private_repo: bool = field(default=False, metadata={"help": "with --push_to_hub: create the repo private (default: the visibility your account or organisation gives new repos); an existing repo keeps its visibility"})
+    hub_revision: str | None = field(default=None, metadata={"help": "with --push_to_hub: the branch to push to, created from the default branch if missing (default: the default branch)"})
+    hub_token: str | None = field(default=None, metadata={"help": "with --push_to_hub: the Hub token (default: the logged-in one, hf auth login / HF_TOKEN); never written to metrics.json or the trackers"})
 
     def __post_init__(self):
         if self.framework not in FRAMEWORKS:
@@ -101,8 +105,7 @@ class TrainArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArg
                                 f"num_epochs={self.num_epochs})")
         check_at_least_one(self, "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "eval_steps",
                            "max_eval_examples")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ArgumentError("--push_to_hub needs --hub_model_id")
+        check_hub_arguments(self)
         if self.spectral_config and self.freeze_rule:
             raise ArgumentError("give either --spectral_config or --freeze_rule, not both")
         check_spectral_warmup(self)
@@ -110,6 +113,22 @@ class TrainArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArg
         check_local_paths(self, "model_name_or_path", "mask", "spectral_config")
         check_benchmark(self)
         check_data_arguments(self)
+
+
+def check_hub_arguments(args) -> None:
+    """--push_to_hub has a repo id and can push (HF_HUB_OFFLINE unset: refused now, not after training); the
+    other --hub_* flags (but --hub_model_id, also the card's name) only with --push_to_hub."""
+    if args.push_to_hub:
+        if not args.hub_model_id:
+            raise ArgumentError("--push_to_hub needs --hub_model_id")
+        if is_offline():
+            raise ArgumentError(f"--push_to_hub {args.hub_model_id}: HF_HUB_OFFLINE is set, so nothing can be "
+                                f"pushed; unset it, or train without --push_to_hub and push the model directory later")
+        return
+    given = [f"--{name}" for name in ("hub_private_repo", "hub_revision", "hub_token")
+             if getattr(args, name) not in (None, False)]
+    if given:
+        raise ArgumentError(f"{', '.join(given)} only apply with --push_to_hub")
 
 
 def check_solver(args) -> None:

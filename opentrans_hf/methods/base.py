@@ -16,7 +16,13 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from opentrans_hf.utils.hub import push_folder_to_hub, read_safetensors, render_model_card, resolve_pretrained_dir
+from opentrans_hf.utils.hub import (
+    check_can_push,
+    push_folder_to_hub,
+    read_safetensors,
+    render_model_card,
+    resolve_pretrained_dir,
+)
 from opentrans_hf.utils.io import atomic_write_text, atomic_write_with, json_safe, read_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -74,14 +80,20 @@ def render_adapter_card(template: str, *, tags: list[str], base_model: str | Non
 
 
 class AdapterHubMixin:
-    """``push_to_hub`` for an object with ``save_pretrained(directory)``: save to a temporary directory,
-    then ``create_repo(exist_ok=True)`` + ``upload_folder``; returns the commit URL."""
+    """``push_to_hub`` for an object with ``save_pretrained(directory)``: save to a temporary directory and
+    push its files (config, weights, card) in one commit (:func:`~opentrans_hf.utils.hub.push_folder_to_hub`);
+    returns the commit URL."""
 
     default_commit_message = "Upload adapter"
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None, commit_message: str | None = None,
-                    revision: str | None = None) -> str:
+                    revision: str | None = None, commit_description: str | None = None) -> str:
+        """Push the adapter to the Hub model repo ``repo_id`` in one commit: the repo is created if missing
+        (``private`` applies then), ``revision`` is a branch (created if missing), ``token`` None is the
+        logged-in token. Offline (``HF_HUB_OFFLINE``): an ``OSError`` before anything is saved or sent."""
+        check_can_push(repo_id)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
             return push_folder_to_hub(tmp, repo_id, private=private, token=token, revision=revision,
-                                      commit_message=commit_message or self.default_commit_message)
+                                      commit_message=commit_message or self.default_commit_message,
+                                      commit_description=commit_description)

@@ -26,7 +26,7 @@ from opentrans_hf.models.classifier import OpenVocabClassifier, check_class_name
 from opentrans_hf.models.configuration_ovs import OVSConfig, resolve_prompt_templates
 from opentrans_hf.models.image_processing_ovs import OVSImageProcessor
 from opentrans_hf.models.processing_ovs import OVSProcessor
-from opentrans_hf.utils.hub import load_or_explain
+from opentrans_hf.utils.hub import check_can_push, load_or_explain
 from opentrans_hf.utils.modules import eval_mode
 from opentrans_hf.utils.naming import CLIP_VISION_ENCODER_TARGETS, vision_encoder_targets
 
@@ -214,6 +214,15 @@ class OVSPreTrainedModel(PreTrainedModel):
         if self.tokenizer is not None:
             self.processor.save_pretrained(save_directory)
         self.get_image_processor().save_pretrained(save_directory)
+
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        """transformers' ``push_to_hub``: what ``save_pretrained`` writes (weights, config, and the processor:
+        ``preprocessor_config.json``, the tokenizer files, ``processor_config.json``) and a model card, in one
+        commit; ``revision`` is a branch (created if missing), ``private`` applies to a new repo, ``token`` None
+        is the logged-in token. Offline (``HF_HUB_OFFLINE`` set now): an ``OSError`` before anything is saved
+        or sent, as for every push of this library."""
+        check_can_push(repo_id)
+        return super().push_to_hub(repo_id, *args, **kwargs)
 
     # ----- running --------------------------------------------------------------------------------
     def text_embeddings(self, class_names: list[str]) -> torch.Tensor:

@@ -32,6 +32,7 @@ PARTIAL_SUFFIX = ".partial"
 NOT_FINGERPRINTED = frozenset({
     "output_dir", "resume_from_checkpoint", "ignore_checkpoint_mismatch", "checkpointing_steps", "eval_steps",
     "eval_split", "eval_datasets", "max_eval_examples", "report_to", "push_to_hub", "hub_model_id",
+    "hub_private_repo", "hub_revision", "hub_token",
 })
 
 

@@ -13,7 +13,7 @@ from opentrans_hf.data.transforms import CLIP_MEAN, CLIP_STD
 from opentrans_hf.training.divergence import check_finite_weights
 from opentrans_hf.training.warmup import frozen_by_rule
 from opentrans_hf.utils import logging
-from opentrans_hf.utils.hub import render_model_card
+from opentrans_hf.utils.hub import redact_tokens, render_model_card
 from opentrans_hf.utils.io import atomic_directory, atomic_write_text, atomic_write_with, json_safe
 from opentrans_hf.utils.plotting import colormap, figure
 from opentrans_hf.utils.version import __version__
@@ -73,7 +73,7 @@ def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, sp
     paths = dict(paths)
     plain = spectral.base_model if spectral is not None else model
     atomic_write_text(out / "model" / "README.md", render_training_card(args, metrics, spectral, mask))
-    metrics = dict(metrics, args=asdict(args))
+    metrics = dict(metrics, args=redact_tokens(asdict(args)))  # --hub_token never written
     atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
     paths["metrics"] = out / "metrics.json"
     paths["history"] = atomic_write_text(out / "history.json", json.dumps(json_safe(history)) + "\n")

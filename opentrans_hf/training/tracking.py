@@ -25,6 +25,7 @@ from accelerate.utils import LoggerType
 
 from opentrans_hf.training.optim import SOLVER_FLAGS
 from opentrans_hf.utils import logging
+from opentrans_hf.utils.hub import redact_tokens
 
 logger = logging.get_logger(__name__)
 
@@ -78,7 +79,7 @@ def hyperparameters(args, solver, **run) -> dict:
     """The run's hyperparameters for ``init_trackers(config=...)``: the job's flags, the solver flags replaced by
     the solver's resolved values (``learning_rate`` the float the optimizer used, not the unset flag), then
     ``run`` (the run's own numbers: its total steps, its processes)."""
-    values = asdict(args)
+    values = redact_tokens(asdict(args))  # --hub_token never reaches a tracker
     resolved = solver.to_dict()
     values.update({flag: resolved[name] for flag, name in SOLVER_FLAGS.items()})
     values.update(run)

@@ -418,8 +418,10 @@ def _finish(accelerator, args, out: Path, run: _Run, mask, train_split, eval_spl
                                                            eval_splits, paths=paths))
         if args.push_to_hub:
             stage = f"pushing it to the Hub ({args.hub_model_id})"
-            url = on_main_process(accelerator, lambda: push_folder_to_hub(
-                model_dir, args.hub_model_id, commit_message="Upload OVS model with opentrans-hf"))
+            private = True if args.hub_private_repo else None  # None: the visibility the account gives new repos
+            url = on_main_process(accelerator, lambda: push_folder_to_hub(  # model, processor, card, adapters: one commit
+                model_dir, args.hub_model_id, commit_message="Upload OVS model with opentrans-hf",
+                private=private, token=args.hub_token, revision=args.hub_revision))
             logger.info(f"pushed to {url}")
     except Exception as err:  # noqa: BLE001 - reported with where the model is
         raise IncompleteOutputs(model_dir, stage, err) from err

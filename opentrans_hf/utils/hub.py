@@ -1,4 +1,5 @@
-"""Shared Hub helpers: loading by local path or Hub id with clear errors when offline."""
+"""Shared Hub helpers: loading by local path or Hub id with clear errors when offline, and pushing a folder
+in one commit."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import huggingface_hub
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -117,27 +118,74 @@ def _raise_download_error(name_or_path, filename: str, what: str, err: Exception
     ) from err
 
 
+SKIPPED_IN_COMMITS = (".git", ".cache")
+"""Directories never pushed (as ``upload_folder`` leaves ``.git`` and ``.cache/huggingface`` out)."""
+
+TOKEN_PLACEHOLDER = "<HUB_TOKEN>"
+"""What a Hub token is written as in saved arguments, as transformers' ``TrainingArguments.to_dict`` does."""
+
+
+def check_can_push(repo_id: str) -> None:
+    """``OSError`` when nothing can be pushed (``HF_HUB_OFFLINE`` is set): called before anything is saved or
+    sent, so an offline push fails at once and does nothing."""
+    if is_offline():
+        raise OSError(f"cannot push to the Hub repo {repo_id!r}: HF_HUB_OFFLINE is set (unset it to push)")
+
+
+def folder_operations(folder: str | os.PathLike) -> list[CommitOperationAdd]:
+    """One ``CommitOperationAdd`` per file under ``folder``, subfolders included (``path_in_repo`` is the
+    file's path relative to ``folder``, with ``/``), sorted; ``.git`` and ``.cache`` directories are left out.
+    A missing folder is a ``FileNotFoundError``, one without files a ``ValueError``, both naming it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot push {folder}: no such directory")
+    files = sorted(
+        f for f in folder.rglob("*")
+        if f.is_file() and not set(f.relative_to(folder).parts[:-1]) & set(SKIPPED_IN_COMMITS)
+    )
+    if not files:
+        raise ValueError(f"cannot push {folder}: it holds no file")
+    return [CommitOperationAdd(path_in_repo=f.relative_to(folder).as_posix(), path_or_fileobj=str(f)) for f in files]
+
+
 def push_folder_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
     *,
     commit_message: str = "Upload with opentrans-hf",
+    commit_description: str | None = None,
     private: bool | None = None,
     token: str | bool | None = None,
     revision: str | None = None,
 ) -> str:
-    """``create_repo(exist_ok=True)`` + ``upload_folder``; returns the commit URL. Offline: a clear error."""
-    if is_offline():
-        raise OSError(f"cannot push to the Hub repo {repo_id!r}: HF_HUB_OFFLINE is set (unset it to push)")
+    """Push every file under ``folder`` (subfolders as subfolders of the repo) to the Hub model repo
+    ``repo_id`` in ONE commit, as transformers' ``push_to_hub`` does: ``create_repo(exist_ok=True,
+    private=private)``, then ``create_branch(exist_ok=True)`` when ``revision`` names a branch (created from
+    the default branch if missing), then ``create_commit`` with one ``CommitOperationAdd`` per file.
+    ``token``: None is the logged-in token. Returns the commit URL. Offline (``HF_HUB_OFFLINE``): an
+    ``OSError`` before anything is sent; a failed Hub call: an ``OSError`` naming the folder and repo."""
+    check_can_push(repo_id)
+    operations = folder_operations(folder)
     api = huggingface_hub.HfApi(token=token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, commit_message=commit_message, revision=revision, repo_type="model"
-        )
+        url = api.create_repo(repo_id, private=private, token=token, exist_ok=True, repo_type="model")
+        repo_id = url.repo_id if isinstance(getattr(url, "repo_id", None), str) else repo_id  # "name" -> "owner/name"
+        if revision is not None and not revision.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=revision, token=token, exist_ok=True, repo_type="model")
+        info = api.create_commit(repo_id, operations, commit_message=commit_message,
+                                 commit_description=commit_description, token=token, revision=revision,
+                                 repo_type="model")
     except Exception as err:
-        raise OSError(f"pushing {folder} to the Hub repo {repo_id!r} failed: {err}") from err
+        where = f" (revision {revision!r})" if revision is not None else ""
+        raise OSError(f"pushing {folder} to the Hub repo {repo_id!r}{where} failed: {err}") from err
     return str(getattr(info, "commit_url", info))
+
+
+def redact_tokens(values: dict) -> dict:
+    """``values`` (a job's arguments) with every ``*_token`` that is set replaced by ``<HUB_TOKEN>``, for
+    whatever is written or logged (metrics.json, the trackers' hyperparameters)."""
+    return {k: (TOKEN_PLACEHOLDER if k.endswith("_token") and v not in (None, False, True) else v)
+            for k, v in values.items()}
 
 
 def render_model_card(template: str, card_data: dict, **variables) -> str:

@@ -14,7 +14,6 @@ import shlex
 import shutil
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import huggingface_hub
 import numpy as np
@@ -171,14 +170,9 @@ def trained_model(tmp_path, local_clip):
 
 
 @pytest.fixture
-def local_hub(tmp_path, monkeypatch):
-    """The Hub as a local folder: uploads copy there, downloads read from there."""
-    root = tmp_path / "hub"
-
-    def upload_folder(self, *, folder_path, repo_id, **kwargs):
-        shutil.rmtree(root / repo_id, ignore_errors=True)
-        shutil.copytree(folder_path, root / repo_id)
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+def local_hub(fake_hub, monkeypatch):
+    """The Hub as a local folder: pushes (one commit each, ``fake_hub``) copy there, downloads read from there."""
+    root = fake_hub.root
 
     def hf_hub_download(repo_id, filename, **kwargs):
         path = root / repo_id / filename
@@ -186,10 +180,7 @@ def local_hub(tmp_path, monkeypatch):
             raise EntryNotFoundError(f"{repo_id} has no {filename}")
         return str(path)
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # push_to_hub refuses offline; the Hub is the folder above
     return root
 
 

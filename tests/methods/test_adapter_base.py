@@ -2,7 +2,6 @@
 path, one validated reader, one config reader, one card renderer, one ``push_to_hub``; a fix there is a
 fix in both."""
 
-from unittest import mock
 
 import pytest
 import torch
@@ -97,26 +96,16 @@ def test_each_refuses_the_others_adapter_naming_the_file(both, tmp_path):
         SpectralModel.from_pretrained(fresh(clip_dir), tmp_path / "mask")
 
 
-def test_both_push_through_the_one_helper(both, monkeypatch):
+def test_both_push_through_the_one_helper(both, fake_hub):
     mask, spectral, _ = both
     assert SparseMask.push_to_hub is adapters.AdapterHubMixin.push_to_hub
     assert SpectralModel.push_to_hub is adapters.AdapterHubMixin.push_to_hub
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    uploaded = []
-
-    def fake_upload(self, folder_path, **kw):
-        from pathlib import Path
-
-        uploaded.append((sorted(p.name for p in Path(folder_path).iterdir()), kw["commit_message"], kw["repo_id"]))
-        return mock.Mock(commit_url=f"https://hf.co/{kw['repo_id']}/commit/1")
-
-    with mock.patch("huggingface_hub.HfApi.create_repo") as create, \
-            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload):
-        assert mask.push_to_hub("me/mask", private=True) == "https://hf.co/me/mask/commit/1"
-        assert spectral.push_to_hub("me/spectral", commit_message="tuned") == "https://hf.co/me/spectral/commit/1"
+    assert mask.push_to_hub("me/mask", private=True) == f"https://huggingface.co/me/mask/commit/{0:040x}"
+    assert spectral.push_to_hub("me/spectral", commit_message="tuned") == f"https://huggingface.co/me/spectral/commit/{1:040x}"
     files = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    assert uploaded == [(files, "Upload sparse mask adapter", "me/mask"), (files, "tuned", "me/spectral")]
-    assert [c.args[0] for c in create.call_args_list] == ["me/mask", "me/spectral"]
+    assert [(c["paths"], c["commit_message"], c["repo_id"]) for c in fake_hub.commits()] == [
+        (files, "Upload sparse mask adapter", "me/mask"), (files, "tuned", "me/spectral")]
+    assert [args["repo_id"] for name, args in fake_hub.calls if name == "create_repo"] == ["me/mask", "me/spectral"]
 
 
 def test_a_fault_in_the_shared_writer_hits_both_and_leaves_no_config(both, tmp_path, monkeypatch):

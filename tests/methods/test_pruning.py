@@ -2,7 +2,6 @@
 
 import copy
 import json
-from unittest import mock
 
 import pytest
 import torch
@@ -194,15 +193,12 @@ def test_corrupt_or_mismatched_files(tmp_path, vision):
         SparseMask.from_pretrained(tmp_path)
 
 
-def test_push_to_hub_and_offline(vision, monkeypatch):
+def test_push_to_hub_and_offline(vision, fake_hub, monkeypatch):
     mask = magnitude_prune(vision, 0.5)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with mock.patch("huggingface_hub.HfApi.create_repo") as create, mock.patch(
-        "huggingface_hub.HfApi.upload_folder", return_value=mock.Mock(commit_url="https://hf.co/me/m/commit/1")
-    ) as upload:
-        assert mask.push_to_hub("me/m", private=True) == "https://hf.co/me/m/commit/1"
-    create.assert_called_once_with("me/m", private=True, exist_ok=True, repo_type="model")
-    assert upload.call_args.kwargs["repo_id"] == "me/m"
+    assert mask.push_to_hub("me/m", private=True) == f"https://huggingface.co/me/m/commit/{0:040x}"
+    (_, create), (_, commit) = fake_hub.calls
+    assert (create["repo_id"], create["private"], create["exist_ok"], create["repo_type"]) == ("me/m", True, True, "model")
+    assert commit["repo_id"] == "me/m"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
         mask.push_to_hub("me/m")

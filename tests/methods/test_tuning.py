@@ -165,22 +165,12 @@ def test_reapply_saved_config_without_reanalysis(vision, tmp_path):
     assert m.trainable_layers == cfg.trainable_layers
 
 
-def test_push_to_hub_and_offline(vision, monkeypatch):
+def test_push_to_hub_and_offline(vision, fake_hub, monkeypatch):
     model = get_spectral_model(vision, SpectralTuningConfig(target_modules=VISION))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    uploaded = {}
-
-    def fake_upload(self, folder_path, repo_id, **kw):
-        import os
-
-        uploaded["files"] = sorted(os.listdir(folder_path))
-        return mock.Mock(commit_url=f"https://huggingface.co/{repo_id}/commit/abc")
-
-    with mock.patch("huggingface_hub.HfApi.create_repo") as create, mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload):
-        url = model.push_to_hub("me/clip-spectral")
-    create.assert_called_once()
-    assert url.endswith("/commit/abc")
-    assert uploaded["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    url = model.push_to_hub("me/clip-spectral")
+    assert [name for name, _ in fake_hub.calls] == ["create_repo", "create_commit"]
+    assert url == f"https://huggingface.co/me/clip-spectral/commit/{0:040x}"
+    assert fake_hub.commits()[0]["paths"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
         model.push_to_hub("me/clip-spectral")

@@ -161,28 +161,13 @@ def test_bad_arguments():
         parse_args("train", ["--freeze_rule", "median", "--spectral_config", "x.json"])
 
 
-def test_push_to_hub_uploads_the_model_folder(tiny_clip_dir, tmp_path, monkeypatch):
-    calls = []
-
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create", repo_id))
-
-        def upload_folder(self, folder_path, repo_id, **kw):
-            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
-            return type("Info", (), {"commit_url": f"https://hf.co/{repo_id}/commit/1"})()
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr("opentrans_hf.utils.hub.is_offline", lambda: False)
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+def test_push_to_hub_uploads_the_model_folder(tiny_clip_dir, tmp_path, fake_hub):
     train(tiny_clip_dir, tmp_path, "--max_steps", "1", "--freeze_rule", "median", "--push_to_hub",
           "--hub_model_id", "me/ovs", "--max_eval_examples", "2")
-    assert calls[0] == ("create", "me/ovs")
-    assert calls[1][0] == "upload" and {"config.json", "model.safetensors", "README.md", "spectral_adapter",
-                                         "tokenizer_config.json"} <= set(calls[1][2])
+    assert [(name, args["repo_id"]) for name, args in fake_hub.calls] == [("create_repo", "me/ovs"),
+                                                                          ("create_commit", "me/ovs")]
+    assert {"config.json", "model.safetensors", "README.md", "spectral_adapter/adapter_config.json",
+            "tokenizer_config.json"} <= set(fake_hub.commits()[0]["paths"])
 
 
 @pytest.mark.multiprocess

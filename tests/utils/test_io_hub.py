@@ -1,7 +1,6 @@
 """Atomic writes and the shared Hub helpers (no network: HfApi is patched, offline mode is checked)."""
 
 import os
-from unittest import mock
 
 import pytest
 
@@ -64,17 +63,14 @@ def test_resolve_hub_id_offline_is_a_clear_error(monkeypatch):
         resolve_pretrained_dir("someone/some-adapter", ["adapter_config.json"])
 
 
-def test_push_creates_repo_and_uploads_folder(tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+def test_push_creates_repo_and_commits_the_folder(tmp_path, fake_hub):
     (tmp_path / "adapter_config.json").write_text("{}")
-    with mock.patch("huggingface_hub.HfApi.create_repo") as create, mock.patch(
-        "huggingface_hub.HfApi.upload_folder", return_value=mock.Mock(commit_url="https://hf.co/me/x/commit/1")
-    ) as upload:
-        url = push_folder_to_hub(tmp_path, "me/x", private=True, commit_message="msg")
-    assert url == "https://hf.co/me/x/commit/1"
-    create.assert_called_once_with("me/x", private=True, exist_ok=True, repo_type="model")
-    assert upload.call_args.kwargs["folder_path"] == str(tmp_path)
-    assert upload.call_args.kwargs["repo_id"] == "me/x" and upload.call_args.kwargs["commit_message"] == "msg"
+    url = push_folder_to_hub(tmp_path, "me/x", private=True, commit_message="msg")
+    assert url == f"https://huggingface.co/me/x/commit/{0:040x}"
+    (_, create), (_, commit) = fake_hub.calls
+    assert (create["repo_id"], create["private"], create["exist_ok"], create["repo_type"]) == ("me/x", True, True, "model")
+    assert commit["paths"] == ["adapter_config.json"]
+    assert commit["repo_id"] == "me/x" and commit["commit_message"] == "msg"
 
 
 def test_push_offline_is_a_clear_error(tmp_path, monkeypatch):
