@@ -1,0 +1,94 @@
+"""`opentrans-hf prune` killed with -9 after a finished round and run again resumes bit-identically: the final
+mask, every round's mask and the distilled student equal an uninterrupted run's, bit for bit (the data order,
+the RNGs and the distillation's state of the round it resumes after are restored, not re-drawn)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+from opentrans_hf import SparseMask
+
+ROUNDS = 4
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               OPENTRANS_HF_VERBOSITY="warning")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def prune_cmd(tiny_clip_dir, out, *extra):
+    # 8 images in batches of 3: every round restarts the shuffled loader 2-3 times, mid-epoch; the default
+    # --scope global, the region loss on (the embedded dataset has label maps), the augmentations on
+    return [sys.executable, "-m", "opentrans_hf.cli", "prune", "--model_name_or_path", str(tiny_clip_dir),
+            "--output_dir", str(out), "--embedded_size", "8", "--batch_size", "3", "--num_rounds", str(ROUNDS),
+            "--steps_per_round", "7", "--rate", "0.2", "--learning_rate", "1e-2", *extra]
+
+
+def saved_round(out) -> int:
+    try:
+        return json.loads((out / "state.json").read_text())["round"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def kill_after_round(cmd, out, round_: int) -> int:
+    """Run ``cmd``, SIGKILL it as soon as round ``round_`` is saved (state.json, written last); the round saved."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while saved_round(out) < round_:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "the run never finished round 2"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return saved_round(out)
+
+
+def run(cmd):
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def assert_masks_equal(a: SparseMask, b: SparseMask, what: str):
+    assert a.masks.keys() == b.masks.keys(), what
+    differing = {k: int((a.masks[k] != b.masks[k]).sum()) for k in a.masks if not torch.equal(a.masks[k], b.masks[k])}
+    assert not differing, f"{what}: positions that differ per layer {differing}"
+
+
+@pytest.mark.slow
+def test_prune_killed_after_round_2_resumes_bit_identical(tiny_clip_dir, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run(prune_cmd(tiny_clip_dir, whole))
+    saved = kill_after_round(prune_cmd(tiny_clip_dir, killed), killed, 2)
+    assert 2 <= saved < ROUNDS and not (killed / "mask").exists()  # killed mid-run, rounds left to do
+    run(prune_cmd(tiny_clip_dir, killed))  # the rerun resumes (no flag needed)
+
+    assert_masks_equal(SparseMask.from_pretrained(killed / "mask"), SparseMask.from_pretrained(whole / "mask"),
+                       "final mask")
+    for r in range(1, ROUNDS + 1):
+        assert_masks_equal(SparseMask.from_pretrained(killed / f"round_{r:02d}"),
+                           SparseMask.from_pretrained(whole / f"round_{r:02d}"), f"round {r}")
+    a, b = load_file(killed / "student.safetensors"), load_file(whole / "student.safetensors")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # the distilled weights, bitwise
+    history = lambda out: json.loads((out / "state.json").read_text())["history"]  # noqa: E731
+    assert history(killed) == history(whole)  # the per-round losses too
+    counts = lambda out: {k: v for k, v in json.loads((out / "counts.json").read_text()).items() if k != "mask"}  # noqa: E731
+    assert counts(killed) == counts(whole)
