@@ -61,7 +61,7 @@ def kill_after_round(cmd, out, round_: int) -> int:
 
 
 def run(cmd):
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, check=False, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -88,7 +88,7 @@ def test_prune_killed_after_round_2_resumes_bit_identical(tiny_clip_dir, tmp_pat
     a, b = load_file(killed / "student.safetensors"), load_file(whole / "student.safetensors")
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []  # the distilled weights, bitwise
-    history = lambda out: json.loads((out / "state.json").read_text())["history"]  # noqa: E731
+    history = lambda out: json.loads((out / "state.json").read_text())["history"]
     assert history(killed) == history(whole)  # the per-round losses too
-    counts = lambda out: {k: v for k, v in json.loads((out / "counts.json").read_text()).items() if k != "mask"}  # noqa: E731
+    counts = lambda out: {k: v for k, v in json.loads((out / "counts.json").read_text()).items() if k != "mask"}
     assert counts(killed) == counts(whole)
