@@ -167,7 +167,7 @@ def test_resume_with_a_shuffled_augmented_loader_is_bit_identical(tiny_clip_dir,
     assert all(torch.equal(resumed.masks[k], whole.masks[k]) for k in whole.masks)
     a, b = load_file(tmp_path / "resumed" / "student.safetensors"), load_file(tmp_path / "whole" / "student.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    history = lambda d: json.loads((tmp_path / d / "state.json").read_text())["history"]  # noqa: E731
+    history = lambda d: json.loads((tmp_path / d / "state.json").read_text())["history"]
     assert history("resumed") == history("whole")
 
 
