@@ -167,7 +167,9 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     (``round_XX/``) and then the student's weights are written to ``output_dir``; the run's state (round,
     history, settings) travels in the weights file's metadata, so weights and state are written in one
     atomic step and an interrupted run resumes from the last finished round with that round's weights.
-    ``state.json`` is a readable copy. ``fingerprint``: other settings that define the run (the prune job
+    The same file records the random number generators' states (torch, CUDA, numpy, Python, the loader's
+    shuffling and Accelerate's pass count), restored on resume: a resumed run ends bit-identical to an
+    uninterrupted one (same machine, processes and threads). ``state.json`` is a readable copy. ``fingerprint``: other settings that define the run (the prune job
     passes the model, dataset, seed, batch size); resuming a state made with other settings (these, or
     the config's rate, scope, ...) is refused with the differences listed unless ``config.ignore_mismatch``.
     Returns the final mask (applied to ``model``).
@@ -185,7 +187,7 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     teacher.to(accelerator.device)
     wrapped, optimizer, loader = accelerator.prepare(student, optimizer, dataloader)
-    if rng is not None:  # where the uninterrupted run stood after that round: its data order and random draws
+    if state["round"] > 0:  # resumed: where the uninterrupted run stood after that round (data order, draws)
         _restore_rng_state(rng, loader, accelerator, out)
     total = (config.num_rounds - state["round"]) * config.steps_per_round
     bar = tqdm(total=total, desc="IMP", disable=not (progress and accelerator.is_main_process))
