@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, launch_two_processes
 from safetensors.torch import load_file
 
 from opentrans_hf import SparseMask
@@ -26,12 +26,16 @@ def _env():
     return env
 
 
-def prune_cmd(tiny_clip_dir, out, *extra):
+def prune_args(tiny_clip_dir, out, rounds=ROUNDS):
     # 8 images in batches of 3: every round restarts the shuffled loader 2-3 times, mid-epoch; the default
     # --scope global, the region loss on (the embedded dataset has label maps), the augmentations on
-    return [sys.executable, "-m", "opentrans_hf.cli", "prune", "--model_name_or_path", str(tiny_clip_dir),
-            "--output_dir", str(out), "--embedded_size", "8", "--batch_size", "3", "--num_rounds", str(ROUNDS),
-            "--steps_per_round", "7", "--rate", "0.2", "--learning_rate", "1e-2", *extra]
+    return ["--model_name_or_path", str(tiny_clip_dir), "--output_dir", str(out), "--embedded_size", "8",
+            "--batch_size", "3", "--num_rounds", str(rounds), "--steps_per_round", "7", "--rate", "0.2",
+            "--learning_rate", "1e-2"]
+
+
+def prune_cmd(tiny_clip_dir, out):
+    return [sys.executable, "-m", "opentrans_hf.cli", "prune", *prune_args(tiny_clip_dir, out)]
 
 
 def saved_round(out) -> int:
@@ -92,3 +96,25 @@ def test_prune_killed_after_round_2_resumes_bit_identical(tiny_clip_dir, tmp_pat
     assert history(killed) == history(whole)  # the per-round losses too
     counts = lambda out: {k: v for k, v in json.loads((out / "counts.json").read_text()).items() if k != "mask"}
     assert counts(killed) == counts(whole)
+
+
+@pytest.mark.slow
+def test_two_process_prune_resumed_after_round_1_is_bit_identical(tiny_clip_dir, tmp_path):
+    """Under 2 processes every process restores the saved generator states: 3 rounds in one go, or 1 round
+    and then 2 more in a second launch, give the same masks and student."""
+    def launch(out, rounds, port):
+        res = launch_two_processes(ROOT / "scripts" / "prune.py", *prune_args(tiny_clip_dir, out, rounds), port=port,
+                                   env={"OPENTRANS_HF_VERBOSITY": "warning", "PYTHONPATH": _env()["PYTHONPATH"]})
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch(whole, 3, 29687)
+    launch(resumed, 1, 29689)
+    launch(resumed, 3, 29691)  # resumes after round 1 (more rounds of the same run)
+    assert_masks_equal(SparseMask.from_pretrained(resumed / "mask"), SparseMask.from_pretrained(whole / "mask"),
+                       "final mask")
+    a, b = load_file(resumed / "student.safetensors"), load_file(whole / "student.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    history = lambda out: json.loads((out / "state.json").read_text())["history"]
+    assert history(resumed) == history(whole)
+    assert json.loads((whole / "counts.json").read_text())["num_processes"] == 2
