@@ -1,5 +1,7 @@
 """IMP resume: a round's student weights and state are written in one step (a kill cannot pair one
-round's weights with another round's state), and a state made with other settings is not resumed."""
+round's weights with another round's state), a state made with other settings is not resumed, and a
+resumed run is bit-identical to an uninterrupted one also with a shuffled, augmented loader and a dataset
+drawing from the global generators (their states are saved with each round)."""
 
 import json
 
@@ -114,3 +116,89 @@ def test_state_of_an_older_layout_is_refused_clearly(tiny_clip_dir, tmp_path):
     (tmp_path / "state.json").write_text(json.dumps({"round": 1, "history": []}))
     with pytest.raises(ValueError, match=r"older opentrans-hf .*--no_resume"):
         prune(tiny_clip_dir, config(tmp_path))
+
+
+class GlobalNoise(torch.utils.data.Dataset):
+    """A dataset drawing from torch's, numpy's and Python's global generators (as users' datasets do)."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def set_epoch(self, epoch):  # Accelerate passes its pass count on: the split's augmentations draw with it
+        self.split.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        x, y = self.split[i]
+        noise = 0.1 * torch.rand(()) + 0.1 * float(np.random.rand()) + 0.1 * random.random()
+        return x + noise, y
+
+
+def shuffled_loader(noise=False):
+    # shuffled, augmented (the training transform), 8 images in batches of 3: each round restarts the loader
+    # mid-epoch; the generator's state and Accelerate's pass count (the augmentations' epoch) carry across rounds
+    ds = embedded_dataset("train", num_train=8, image_size=30)
+    split = SegmentationSplit(ds, "image", "label", [], SegmentationTransform(30, train=True), seed=0)
+    return make_loader(GlobalNoise(split) if noise else split, batch_size=3, shuffle=True, seed=0)
+
+
+@pytest.mark.parametrize("noise", [False, True], ids=["augmented", "global-rngs"])
+def test_resume_with_a_shuffled_augmented_loader_is_bit_identical(tiny_clip_dir, tmp_path, one_thread, noise):
+    def run(out, rounds):
+        cfg = config(out, num_rounds=rounds, steps_per_round=4)
+        return iterative_magnitude_prune(CLIPVisionModel.from_pretrained(tiny_clip_dir), shuffled_loader(noise), cfg,
+                                         progress=False)
+
+    from accelerate.utils import set_seed
+
+    set_seed(0)  # as the prune job does first (torch, numpy, Python)
+    whole = run(tmp_path / "whole", 3)
+    set_seed(0)
+    run(tmp_path / "resumed", 1)
+    set_seed(123)  # a new process: other global generator states until the saved ones are restored
+    resumed = run(tmp_path / "resumed", 3)  # resumes after round 1
+    assert resumed.masks.keys() == whole.masks.keys()
+    assert all(torch.equal(resumed.masks[k], whole.masks[k]) for k in whole.masks)
+    a, b = load_file(tmp_path / "resumed" / "student.safetensors"), load_file(tmp_path / "whole" / "student.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    history = lambda d: json.loads((tmp_path / d / "state.json").read_text())["history"]
+    assert history("resumed") == history("whole")
+
+
+def test_state_without_rng_record_resumes_with_a_warning(tiny_clip_dir, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    iterative_magnitude_prune(CLIPVisionModel.from_pretrained(tiny_clip_dir), shuffled_loader(),
+                              config(tmp_path, num_rounds=1), progress=False)
+    path = tmp_path / "student.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != imp.RNG_KEY}  # as written before the record
+    save_file(load_file(path), str(path), metadata=metadata)
+    capsys.readouterr()
+    mask = iterative_magnitude_prune(CLIPVisionModel.from_pretrained(tiny_clip_dir), shuffled_loader(),
+                                     config(tmp_path, num_rounds=2), progress=False)
+    assert mask.sparsity == pytest.approx(0.36, abs=1e-3)
+    assert f"{path} records no RNG states (saved by an older opentrans-hf)" in capsys.readouterr().err
+    assert json.loads(imp._student_metadata(tmp_path)[imp.RNG_KEY])["generators"]  # the new round has one again
+
+
+def test_unreadable_rng_record_is_named(tiny_clip_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    iterative_magnitude_prune(CLIPVisionModel.from_pretrained(tiny_clip_dir), shuffled_loader(),
+                              config(tmp_path, num_rounds=1), progress=False)
+    path = tmp_path / "student.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {**f.metadata(), imp.RNG_KEY: "{not json"}
+    save_file(load_file(path), str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=rf"the RNG states in {path} are not valid JSON"):
+        iterative_magnitude_prune(CLIPVisionModel.from_pretrained(tiny_clip_dir), shuffled_loader(),
+                                  config(tmp_path, num_rounds=2), progress=False)

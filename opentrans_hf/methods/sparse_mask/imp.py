@@ -9,9 +9,11 @@ initial values instead).
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -150,6 +152,7 @@ def _region_loss(student, teacher, s_out, x, labels, config) -> torch.Tensor:
 
 CAPPED_SCOPES = ("global", *STRUCTURED_SCOPES)  # the scopes max_layer_sparsity applies to
 STATE_KEY = "opentrans_hf.imp_state"  # the state's key in the student weights' safetensors metadata
+RNG_KEY = "opentrans_hf.imp_rng"  # the RNG states at the end of the round, beside it (not in the readable state.json)
 # settings a resumed run may change: how far it goes, and where/whether it resumes
 RESUMABLE_CHANGES = frozenset({"num_rounds", "target_sparsity", "output_dir", "resume", "ignore_mismatch"})
 
@@ -164,7 +167,9 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     (``round_XX/``) and then the student's weights are written to ``output_dir``; the run's state (round,
     history, settings) travels in the weights file's metadata, so weights and state are written in one
     atomic step and an interrupted run resumes from the last finished round with that round's weights.
-    ``state.json`` is a readable copy. ``fingerprint``: other settings that define the run (the prune job
+    The same file records the random number generators' states (torch, CUDA, numpy, Python, the loader's
+    shuffling and Accelerate's pass count), restored on resume: a resumed run ends bit-identical to an
+    uninterrupted one (same machine, processes and threads). ``state.json`` is a readable copy. ``fingerprint``: other settings that define the run (the prune job
     passes the model, dataset, seed, batch size); resuming a state made with other settings (these, or
     the config's rate, scope, ...) is refused with the differences listed unless ``config.ignore_mismatch``.
     Returns the final mask (applied to ``model``).
@@ -175,13 +180,15 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
     student = vision_tower(model)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()} if config.rewind else None
-    state, resumed_mask, initial = _resume_or_start(student, initial, out, run, config, accelerator)
+    state, resumed_mask, initial, rng = _resume_or_start(student, initial, out, run, config, accelerator)
 
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     teacher.to(accelerator.device)
     wrapped, optimizer, loader = accelerator.prepare(student, optimizer, dataloader)
+    if state["round"] > 0:  # resumed: where the uninterrupted run stood after that round (data order, draws)
+        _restore_rng_state(rng, loader, accelerator, out)
     total = (config.num_rounds - state["round"]) * config.steps_per_round
     bar = tqdm(total=total, desc="IMP", disable=not (progress and accelerator.is_main_process))
     # a run resumed after its last round returns that round's saved mask, with what made it (method, extra)
@@ -203,7 +210,8 @@ def iterative_magnitude_prune(model: nn.Module, dataloader, config: IMPConfig, a
                  "history": state["history"] + [{"round": round_, "sparsity": mask.sparsity, "loss": mean_loss}],
                  "config": asdict(config), "fingerprint": run}
         _label_round_mask(mask, model, config, round_, target)
-        on_main_process(accelerator, lambda: _save_round(out, round_, mask, accelerator.unwrap_model(wrapped), state))
+        rng = _rng_state(loader, accelerator)  # every process draws alike (one seed, the loader's order synchronised)
+        on_main_process(accelerator, lambda: _save_round(out, round_, mask, accelerator.unwrap_model(wrapped), state, rng))
     bar.close()
     return mask
 
@@ -221,15 +229,15 @@ def _run_fingerprint(model: nn.Module, config: IMPConfig, fingerprint: dict | No
 
 
 def _resume_or_start(student: nn.Module, initial: dict | None, out: Path, run: dict, config: IMPConfig,
-                     accelerator) -> tuple[dict, SparseMask | None, dict | None]:
-    """``(state, the last round's mask or None, the initial weights or None)``: resumed from the last
-    round saved in ``out`` (the student loaded and masked), or a fresh start (the initial weights
-    written when ``config.rewind``)."""
+                     accelerator) -> tuple[dict, SparseMask | None, dict | None, dict | None]:
+    """``(state, the last round's mask or None, the initial weights or None, the RNG states or None)``:
+    resumed from the last round saved in ``out`` (the student loaded and masked, the RNG states saved with
+    it), or a fresh start (the initial weights written when ``config.rewind``)."""
     if not (config.resume and ((out / "student.safetensors").is_file() or (out / "state.json").is_file())):
         if config.rewind and accelerator.is_main_process:
             atomic_write_with(out / "initial.safetensors",
                               lambda p: save_file({k: v.contiguous() for k, v in initial.items()}, str(p)))
-        return {"round": 0, "history": []}, None, initial
+        return {"round": 0, "history": []}, None, initial, None
     state = read_imp_state(out)
     _check_resumable(out, state, run, config)
     student.load_state_dict(read_safetensors(out / "student.safetensors", "IMP student weights"))
@@ -241,7 +249,7 @@ def _resume_or_start(student: nn.Module, initial: dict | None, out: Path, run: d
     # the readable copy may lag behind the weights' state (a kill between the two writes)
     on_main_process(accelerator, lambda: atomic_write_text(out / "state.json", json.dumps(state, indent=2) + "\n"))
     logger.info(f"resuming after round {state['round']} (sparsity {config.sparsity_after(state['round']):.4f})")
-    return state, resumed_mask, initial
+    return state, resumed_mask, initial, read_imp_rng_state(out)
 
 
 def _distil_round(wrapped, teacher, loader, optimizer, accelerator, config: IMPConfig, bar, round_: int,
@@ -286,15 +294,27 @@ def round_seed(seed: int, round_: int) -> int:
     return int(np.random.SeedSequence([seed % 2**63, round_]).generate_state(1, np.uint64)[0] % 2**63)
 
 
-def _save_round(out: Path, round_: int, mask: SparseMask, student: nn.Module, state: dict) -> None:
-    """The round's mask adapter, then the student's weights with the state in their metadata (one atomic
-    file: a kill leaves either the previous round's weights and state or this round's), then the
-    readable ``state.json``."""
+def _save_round(out: Path, round_: int, mask: SparseMask, student: nn.Module, state: dict, rng: dict) -> None:
+    """The round's mask adapter, then the student's weights with the state and the RNG states in their
+    metadata (one atomic file: a kill leaves either the previous round's weights and state or this
+    round's), then the readable ``state.json``."""
     mask.save_pretrained(out / f"round_{round_:02d}")
     weights = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    metadata = {STATE_KEY: json.dumps(state)}
+    metadata = {STATE_KEY: json.dumps(state), RNG_KEY: json.dumps(rng)}
     atomic_write_with(out / "student.safetensors", lambda p: save_file(weights, str(p), metadata=metadata))
     atomic_write_text(out / "state.json", json.dumps(state, indent=2) + "\n")
+
+
+def _student_metadata(out: Path) -> dict | None:
+    """The metadata of ``out/student.safetensors`` (None when there is no such file)."""
+    path = out / "student.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - named here
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
 
 
 def read_imp_state(output_dir: str | Path) -> dict:
@@ -302,13 +322,7 @@ def read_imp_state(output_dir: str | Path) -> dict:
     weights it belongs to."""
     out = Path(output_dir)
     path = out / "student.safetensors"
-    metadata = None
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except Exception as err:  # noqa: BLE001 - named below
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+    metadata = _student_metadata(out)
     if not metadata or STATE_KEY not in metadata:
         raise ValueError(f"{out} holds an IMP state of an older opentrans-hf (state.json and the student weights "
                          f"written apart, which a kill can leave out of step) or an incomplete one; start over "
@@ -320,6 +334,90 @@ def read_imp_state(output_dir: str | Path) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("round"), int) or state["round"] < 1:
         raise ValueError(f"the IMP state in {path} has no valid 'round' (an integer >= 1)")
     return state
+
+
+def read_imp_rng_state(output_dir: str | Path) -> dict | None:
+    """The random number generators' states at the end of the last round saved in ``output_dir`` (torch's,
+    the accelerator device's, numpy's, Python's and the data loader's), read from the student weights they
+    belong to; None for a state written before they were saved."""
+    path = Path(output_dir) / "student.safetensors"
+    raw = (_student_metadata(Path(output_dir)) or {}).get(RNG_KEY)
+    if raw is None:
+        return None
+    try:
+        rng = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the RNG states in {path} are not valid JSON: {err}") from None
+    if not isinstance(rng, dict) or not isinstance(rng.get("generators"), list):
+        raise ValueError(f"the RNG states in {path} are not an opentrans-hf IMP RNG record")
+    return rng
+
+
+def _loader_generators(loader) -> list[torch.Generator]:
+    """The ``torch.Generator``s that draw ``loader``'s order (its own, its sampler's, an Accelerate shard's
+    synchronised one), each once, in a fixed order."""
+    found, seen = [], set()
+    candidates = [loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
+    inner = getattr(loader, "batch_sampler", None)
+    for _ in range(3):  # BatchSamplerShard -> BatchSampler -> RandomSampler
+        inner = getattr(inner, "batch_sampler", None) or getattr(inner, "sampler", None)
+        candidates.append(inner)
+    for obj in candidates:
+        for name in ("generator", "synchronized_generator"):
+            g = getattr(obj, name, None) if obj is not None else None
+            if isinstance(g, torch.Generator) and id(g) not in seen:
+                seen.add(id(g))
+                found.append(g)
+    return found
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _rng_state(loader, accelerator) -> dict:
+    """Every random number generator a round draws from, as JSON: torch's (CPU and, on CUDA, the device's),
+    numpy's and Python's global ones (dropout, a dataset's own augmentation), ``loader``'s (its shuffled
+    order: the next round restarts it from there) and an Accelerate loader's pass count (the epoch
+    a dataset's per-example augmentations are drawn with)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    device = accelerator.device
+    return {"torch": _b64(torch.get_rng_state()),
+            "cuda": _b64(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None,
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(py_state), py_gauss],
+            "generators": [_b64(g.get_state()) for g in _loader_generators(loader)],
+            # an Accelerate loader's count of finished passes: the epoch its dataset's augmentations draw with
+            "iteration": getattr(loader, "iteration", None)}
+
+
+def _restore_rng_state(rng: dict | None, loader, accelerator, out: Path) -> None:
+    """Set every generator :func:`_rng_state` recorded back to its recorded state (every process: they
+    drew alike). Without a record (a state saved by an older opentrans-hf), or for a loader with other
+    generators, the run goes on with a warning that it is not bit-identical to an uninterrupted one."""
+    generators = _loader_generators(loader)
+    if rng is None or len(rng["generators"]) != len(generators):
+        why = ("records no RNG states (saved by an older opentrans-hf)" if rng is None else
+               f"records {len(rng['generators'])} data-loader generators, the loader now has {len(generators)}")
+        logger.warning(f"{out / 'student.safetensors'} {why}: the resumed rounds draw their data order afresh and "
+                       "will not be bit-identical to an uninterrupted run's")
+        return
+    torch.set_rng_state(_unb64(rng["torch"]))
+    if rng.get("cuda") is not None and accelerator.device.type == "cuda":
+        torch.cuda.set_rng_state(_unb64(rng["cuda"]), accelerator.device)
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = rng["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+    for g, state in zip(generators, rng["generators"]):
+        g.set_state(_unb64(state))
+    if rng.get("iteration") is not None and hasattr(loader, "iteration"):
+        loader.iteration = rng["iteration"]
 
 
 def _check_resumable(out: Path, state: dict, run: dict, config: IMPConfig) -> None:
