@@ -219,6 +219,11 @@ def test_peft_state_dict_functions_work_on_a_spectral_model(tiny_clip_dir, tmp_p
     assert result.unexpected_keys == []
     for name, t in base.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], t), name
+    # a SpectralModel loaded for inference (nothing trainable) gives the adapter it loaded
+    inference = SpectralModel.from_pretrained(CLIPVisionModel.from_pretrained(tiny_clip_dir), d)
+    assert not any(p.requires_grad for p in inference.parameters())
+    again = get_peft_model_state_dict(inference)
+    assert set(again) == set(state) and all(torch.equal(again[k], state[k]) for k in state)
     result = set_peft_model_state_dict(other, {"base_model.model.no.such.tensor": torch.zeros(1)})
     assert result.unexpected_keys == ["no.such.tensor"]  # PEFT drops its prefix on a model without it
 

@@ -348,6 +348,7 @@ class SpectralModel(AdapterHubMixin, PeftModel):
         self._is_prompt_learning = False
         self._adapters_disabled = False
         self._original_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
+        self._loaded_parameters: list[str] = []  # the parameters from_pretrained loaded (by the base model's names)
 
     # ---- delegation -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -506,16 +507,18 @@ class SpectralModel(AdapterHubMixin, PeftModel):
             out[n] = t.detach().cpu().contiguous()
         return out
 
-    def adapter_layout(self, state_dict: dict[str, torch.Tensor] | None = None) -> AdapterLayout:
+    def adapter_layout(self) -> AdapterLayout:
         """What :meth:`save_pretrained` stores and how (see ``peft_format``): the trainable parameters, the
-        trained Linear/Conv/norm layers among them as PEFT LN_TUNING targets (their whole state)."""
-        return plan_layout(self.base_model, self.adapter_state_dict(state_dict))
+        trained Linear/Conv/norm layers among them as PEFT LN_TUNING targets (their whole state). On a
+        model loaded for inference (nothing trainable): the tensors its adapter held."""
+        names = [n for n, p in self.base_model.named_parameters() if p.requires_grad]
+        return plan_layout(self.base_model, names or self._loaded_parameters)
 
     def peft_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The tensors of ``adapter_model.safetensors`` under the keys PEFT reads (what
         ``peft.get_peft_model_state_dict(self)`` returns): ``base_model.model.<layer>.ln_tuning_layers.<name>``
         for the LN_TUNING targets, ``base_model.model.<parameter>`` for the other trained parameters."""
-        layout = self.adapter_layout(state_dict)
+        layout = self.adapter_layout()
         values = self._values(list(layout.tensors), state_dict)
         return {layout.file_key(n): values[n] for n in layout.tensors}
 
@@ -652,6 +655,8 @@ class SpectralModel(AdapterHubMixin, PeftModel):
         tensors = cls._checked_tensors(base_model, config, tensors, layout, d / WEIGHTS_NAME)
         model = get_spectral_model(base_model, config)
         cls._copy_into(base_model, tensors)
+        params = dict(base_model.named_parameters())
+        model._loaded_parameters = [n for n in tensors if n in params]
         if is_trainable:
             _warn_frozen_clip_tensors(model, tensors, d / WEIGHTS_NAME)
         return model
