@@ -127,6 +127,18 @@ def test_the_format_on_disk(tiny_clip_dir, tmp_path):
         assert PeftConfig.from_pretrained(d).target_modules == data["target_modules"]
 
 
+def test_an_adapter_with_no_layer_to_copy_warns_that_plain_peft_cannot_load_it(tiny_clip_dir, tmp_path, capsys):
+    base = CLIPVisionModel.from_pretrained(tiny_clip_dir)
+    spectral = get_spectral_model(base, SpectralTuningConfig(freeze_rule="top_k", k=0, train_norms=False))
+    assert {n for n, p in base.named_parameters() if p.requires_grad} == {
+        "embeddings.class_embedding", "embeddings.position_embedding.weight"}
+    capsys.readouterr()
+    d = spectral.save_pretrained(tmp_path / "adapter")
+    assert "plain PEFT cannot load this adapter" in capsys.readouterr().err
+    loaded = SpectralModel.from_pretrained(CLIPVisionModel.from_pretrained(tiny_clip_dir), d)
+    assert torch.equal(loaded.base_model.embeddings.class_embedding, base.embeddings.class_embedding)
+
+
 def test_what_plain_peft_keeps_in_memory(tiny_clip_dir, tmp_path):
     """LN_TUNING keeps a copy of each target layer beside the original: the extra memory is exactly the
     targets' tensors (the numbers docs/spectral-tuning.md gives for the tiny CLIP)."""

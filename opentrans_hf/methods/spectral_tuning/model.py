@@ -565,6 +565,9 @@ class SpectralModel(AdapterHubMixin, PeftModel):
         if not is_main_process:
             return out
         layout = plan_layout(self.base_model, tensors)
+        if not layout.targets:
+            logger.warning("%s: no trained Linear, Conv or normalisation layer, so plain PEFT cannot load this adapter "
+                           "(its LN_TUNING method needs a target module); SpectralModel.from_pretrained does", out)
         values = self._values(list(layout.tensors), state_dict)
         config.library_version = __version__
         data = peft_config_dict(spectral_config=config.to_dict(), layout=layout,
