@@ -38,13 +38,16 @@ def write_adapter_config(save_directory: str | os.PathLike, config: dict, *, sor
     return path
 
 
-def read_adapter_config(path: str | os.PathLike, peft_type: str, what: str) -> dict:
+def read_adapter_config(path: str | os.PathLike, peft_type: str | tuple[str, ...], what: str) -> dict:
     """The JSON object in ``path`` (an ``adapter_config.json``); an error names the file when it is not
-    JSON, not an object, or its ``peft_type`` is not ``peft_type`` (``what``: e.g. "sparse mask adapter")."""
+    JSON, not an object, or its ``peft_type`` is not ``peft_type`` (or one of them, given a tuple;
+    ``what``: e.g. "sparse mask adapter")."""
+    accepted = (peft_type,) if isinstance(peft_type, str) else tuple(peft_type)
     data = read_json(path, "adapter config")
-    if not isinstance(data, dict) or data.get("peft_type") != peft_type:
+    if not isinstance(data, dict) or data.get("peft_type") not in accepted:
         got = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path} is not a {what} config (peft_type {got!r}, expected {peft_type!r})")
+        expected = " or ".join(repr(t) for t in accepted)
+        raise ValueError(f"{path} is not a {what} config (peft_type {got!r}, expected {expected})")
     return data
 
 
@@ -61,7 +64,7 @@ def write_adapter_files(save_directory: str | os.PathLike, *, config: dict, tens
     return out
 
 
-def read_adapter_files(name_or_path: str | os.PathLike, *, peft_type: str, what: str, revision: str | None = None,
+def read_adapter_files(name_or_path: str | os.PathLike, *, peft_type: str | tuple[str, ...], what: str, revision: str | None = None,
                        token=None) -> tuple[Path, dict, dict]:
     """The one read path of every adapter: ``(directory, config dict, tensors)`` from a local directory or a
     Hub repo. The config's ``peft_type`` is checked; the safetensors file is read with errors that name it

@@ -73,7 +73,7 @@ def test_both_load_through_the_one_validated_reader(both, tmp_path, monkeypatch)
     monkeypatch.setattr(adapters, "read_adapter_files", spy)
     assert load("mask", tmp_path / "mask", clip_dir) == mask
     load("spectral", tmp_path / "spectral", clip_dir)
-    assert seen == ["SPARSE_MASK", "SPECTRAL_TUNING"]
+    assert seen == ["SPARSE_MASK", ("LN_TUNING", "SPECTRAL_TUNING")]
 
 
 @pytest.mark.parametrize("kind", ["mask", "spectral"])
@@ -90,7 +90,7 @@ def test_each_refuses_the_others_adapter_naming_the_file(both, tmp_path):
     mask, spectral, clip_dir = both
     mask.save_pretrained(tmp_path / "mask")
     spectral.save_pretrained(tmp_path / "spectral")
-    with pytest.raises(ValueError, match=r"adapter_config\.json is not a sparse mask adapter config.*SPECTRAL_TUNING"):
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not a sparse mask adapter config.*LN_TUNING"):
         SparseMask.from_pretrained(tmp_path / "spectral")
     with pytest.raises(ValueError, match=r"adapter_config\.json is not a spectral tuning adapter config.*SPARSE_MASK"):
         SpectralModel.from_pretrained(fresh(clip_dir), tmp_path / "mask")
@@ -129,5 +129,5 @@ def test_spectral_config_file_uses_the_shared_config_reader(both, tmp_path, monk
     real = adapters.read_adapter_config
     monkeypatch.setattr(adapters, "read_adapter_config", lambda *a, **kw: seen.append(a[1]) or real(*a, **kw))
     cfg = SpectralTuningConfig.from_pretrained(tmp_path)
-    assert seen == ["SPECTRAL_TUNING"] and cfg.trainable_layers == spectral.trainable_layers
+    assert seen == [("LN_TUNING", "SPECTRAL_TUNING")] and cfg.trainable_layers == spectral.trainable_layers
     assert torch.is_tensor(next(iter(spectral.adapter_state_dict().values())))

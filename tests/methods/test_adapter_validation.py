@@ -18,6 +18,7 @@ from opentrans_hf import (
     get_spectral_model,
     magnitude_prune,
 )
+from opentrans_hf.methods.spectral_tuning.peft_format import AdapterLayout
 from opentrans_hf.spectral import analyze as analyze_mod
 
 VISION = r"encoder\.layers\.\d+\..*"
@@ -84,14 +85,24 @@ def test_config_file_errors_name_the_file(tmp_path, field, value, pattern):
 
 @pytest.fixture
 def spectral_adapter(tmp_path, vision):
+    """(directory, tensors by their names in the model, the SpectralTuningConfig dict)."""
     model = get_spectral_model(vision, SpectralTuningConfig(target_modules=VISION))
     d = model.save_pretrained(tmp_path / "adapter")
-    tensors = {n: t.clone() for n, t in load_file(str(d / WEIGHTS)).items()}  # no views of a file that is rewritten
-    return d, tensors, json.loads((d / CONFIG).read_text())
+    data = json.loads((d / CONFIG).read_text())
+    layout = AdapterLayout(tuple(data["target_modules"]), tuple(data["spectral_tuning"]["tensors"]))
+    tensors = {n: t.clone() for n, t in layout.to_model_names(load_file(str(d / WEIGHTS)), d).items()}
+    return d, tensors, data["spectral_tuning"]["config"]
 
 
 def _load_with(tiny_clip_dir, d, tensors):
-    save_file(tensors, str(d / WEIGHTS))
+    """Rewrite the adapter with ``tensors`` (by model names), the file and the config's list of tensors
+    changed together: what is checked is the adapter against what the config says was trained."""
+    data = json.loads((d / CONFIG).read_text())
+    owners = {n.rpartition(".")[0] for n in tensors}
+    layout = AdapterLayout(tuple(t for t in data["target_modules"] if t in owners), tuple(tensors))
+    data["target_modules"], data["spectral_tuning"]["tensors"] = list(layout.targets), list(layout.tensors)
+    (d / CONFIG).write_text(json.dumps(data))
+    save_file({layout.file_key(n): t for n, t in tensors.items()}, str(d / WEIGHTS))
     base = CLIPVisionModel.from_pretrained(tiny_clip_dir)
     before = {n: (p.detach().clone(), p.requires_grad) for n, p in base.named_parameters()}
     try:
@@ -158,7 +169,7 @@ def test_save_records_layers_frozen_after_the_rule(tmp_path, tiny_clip_dir, visi
     gone = model.trainable_layers[-1]
     vision.get_submodule(gone).requires_grad_(False)  # e.g. freeze_unused_parameters after get_spectral_model
     d = model.save_pretrained(tmp_path / "a")
-    saved = json.loads((d / CONFIG).read_text())["trainable_layers"]
+    saved = json.loads((d / CONFIG).read_text())["spectral_tuning"]["config"]["trainable_layers"]
     assert saved == model.trainable_layers[:-1]
     loaded = SpectralModel.from_pretrained(CLIPVisionModel.from_pretrained(tiny_clip_dir), d, is_trainable=True)
     assert loaded.trainable_layers == saved

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from spectral_formats import to_previous_format
 from torch import nn
 from transformers import CLIPModel, CLIPVisionModel
 
@@ -96,8 +97,10 @@ def test_adapter_saved_by_the_previous_version_loads(tiny_clip_dir, tmp_path):
     base = CLIPModel.from_pretrained(tiny_clip_dir)
     model = get_spectral_model(base, SpectralTuningConfig())
     d = model.save_pretrained(tmp_path / "adapter")
+    assert all(n.startswith("encoder.") for n in  # transferable names on disk
+               json.loads((d / "adapter_config.json").read_text())["spectral_tuning"]["config"]["trainable_layers"])
+    to_previous_format(d)  # the format of 0.2 (peft_type SPECTRAL_TUNING), with the names of the version before
     saved = json.loads((d / "adapter_config.json").read_text())
-    assert all(n.startswith("encoder.") for n in saved["trainable_layers"])  # transferable names on disk
     saved["layer_alphas"] = {"vision_model." + n: a for n, a in saved["layer_alphas"].items()}
     saved["trainable_layers"] = ["vision_model." + n for n in saved["trainable_layers"]]
     (d / "adapter_config.json").write_text(json.dumps(saved))
@@ -179,7 +182,8 @@ def test_invalid_alpha_train_is_the_default_and_listed(how, status, tiny_clip_di
     if how == "nan":
         return  # an adapter holding NaN weights is refused on load (tests/test_adapter_validation.py)
     d = spectral.save_pretrained(tmp_path / "a")
-    assert json.loads((d / "adapter_config.json").read_text())["invalid_layers"] == cfg.invalid_layers
+    saved = json.loads((d / "adapter_config.json").read_text())["spectral_tuning"]["config"]
+    assert saved["invalid_layers"] == cfg.invalid_layers
     card = (d / "README.md").read_text()
     assert 'Layers without a valid alpha (1, `invalid_alpha="train"`: fine-tuned): `encoder.layers.0.mlp.fc1` (degenerate' in card
     loaded = SpectralModel.from_pretrained(CLIPVisionModel.from_pretrained(tiny_clip_dir), d, is_trainable=True)

@@ -91,12 +91,14 @@ def test_save_load_round_trip_identical_outputs(tmp_path, tiny_clip_dir):
         if n in frozen_before:
             assert torch.equal(p, frozen_before[n]), f"frozen {n} changed"
     model.save_pretrained(tmp_path / "adapter")
-    # the adapter holds exactly the trainable tensors
+    # the adapter holds exactly the trainable tensors, under PEFT LN_TUNING's keys (see test_spectral_peft_format)
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert set(saved) == {n for n, p in base.named_parameters() if p.requires_grad}
-    assert not any(n in saved for n in frozen_before)
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "SPECTRAL_TUNING" and cfg["trainable_layers"] == model.trainable_layers
+    trainable = {n for n, p in base.named_parameters() if p.requires_grad}
+    assert set(cfg["spectral_tuning"]["tensors"]) == trainable and len(saved) == len(trainable)
+    assert all(k.startswith("base_model.model.") for k in saved)
+    assert not any(k.removeprefix("base_model.model.").replace(".ln_tuning_layers", "") in frozen_before for k in saved)
+    assert cfg["peft_type"] == "LN_TUNING" and cfg["spectral_tuning"]["config"]["trainable_layers"] == model.trainable_layers
     assert "Spectral tuning adapter" in (tmp_path / "adapter" / "README.md").read_text()
 
     fresh = CLIPVisionModel.from_pretrained(tiny_clip_dir)  # untrained weights

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from opentrans_hf import SpectralModel, SpectralTuningConfig, get_spectral_model
+from opentrans_hf.methods.spectral_tuning import read_spectral_adapter
 from opentrans_hf.utils.hub import quiet_loading
 
 datasets = pytest.importorskip("datasets")
@@ -57,10 +58,10 @@ def assert_adapter_dir(d, model):
     files = {p.name for p in d.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files, files
     assert not files & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}, files
-    assert json.loads((d / "adapter_config.json").read_text())["peft_type"] == "SPECTRAL_TUNING"
-    names = set(load_file(str(d / "adapter_model.safetensors")))
+    assert json.loads((d / "adapter_config.json").read_text())["peft_type"] == "LN_TUNING"  # a PEFT adapter
+    names = set(read_spectral_adapter(d)[1])
     assert names == {n for n, p in model.base_model.named_parameters() if p.requires_grad}
-    assert not any(n.startswith("base_model.") for n in names)
+    assert all(k.startswith("base_model.model.") for k in load_file(str(d / "adapter_model.safetensors")))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_every_checkpoint_and_save_model_hold_the_adapter_only(uninterrupted):
     for d in (out / "checkpoint-2", out / "checkpoint-4", out):
         assert_adapter_dir(d, model)
     assert (out / "checkpoint-2" / "optimizer.pt").is_file()
-    assert_same(load_file(str(out / "adapter_model.safetensors")), trainable(model))
+    assert_same(read_spectral_adapter(out)[1], trainable(model))
 
 
 def test_checkpoints_hold_the_adapter_with_remove_unused_columns_false_too(tiny_clip_dir, tmp_path):
@@ -133,8 +134,8 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tiny_clip_dir
     )
     trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
-    best = load_file(str(tmp_path / "checkpoint-2" / "adapter_model.safetensors"))
-    last = load_file(str(tmp_path / "checkpoint-4" / "adapter_model.safetensors"))
+    best = read_spectral_adapter(tmp_path / "checkpoint-2")[1]
+    last = read_spectral_adapter(tmp_path / "checkpoint-4")[1]
     assert any(not torch.equal(best[n], last[n]) for n in best)
     assert_same(trainable(model), best)
 

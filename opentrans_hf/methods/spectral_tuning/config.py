@@ -8,7 +8,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from opentrans_hf.methods import base as adapters
-from opentrans_hf.utils.hub import resolve_pretrained_dir
+from opentrans_hf.methods.spectral_tuning.peft_format import (
+    LEGACY_PEFT_TYPE,
+    PEFT_FORMAT_TYPE,
+    SECTION,
+    split_adapter_config,
+)
+from opentrans_hf.utils.hub import read_safetensors, resolve_pretrained_dir
 from opentrans_hf.utils.io import is_integer, is_number
 from opentrans_hf.utils.matching import normalize_patterns
 from opentrans_hf.utils.naming import canonical_names, vision_prefix_regex
@@ -16,7 +22,8 @@ from opentrans_hf.utils.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_TYPE = "SPECTRAL_TUNING"
+PEFT_TYPE = LEGACY_PEFT_TYPE  # the config's own type; a saved adapter is a PEFT LN_TUNING adapter (peft_format)
+ADAPTER_PEFT_TYPES = (PEFT_FORMAT_TYPE, LEGACY_PEFT_TYPE)
 FREEZE_RULES = ("median", "ratio", "threshold", "top_k", "random")
 GRANULARITIES = ("layer", "block")
 ESTIMATORS = ("opentrans", "ww")
@@ -193,6 +200,15 @@ class SpectralTuningConfig:
         if self.trainable_layers is not None:
             self.trainable_layers = [canon[k] for k in self.trainable_layers]
 
+    # ---- what PEFT's functions read from ``peft_model.peft_config[name]`` ------------------------
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
     # ---- PEFT-style I/O ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,9 +220,12 @@ class SpectralTuningConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "") -> SpectralTuningConfig:
-        """Build a config from a dict (e.g. a parsed ``adapter_config.json``); every error names ``where``."""
+        """Build a config from a dict (e.g. a parsed ``adapter_config.json``: a saved adapter's, whose
+        config is its ``spectral_tuning`` entry, or an earlier version's); every error names ``where``."""
         if not isinstance(data, dict):
             raise ValueError(f"{where}a SpectralTuningConfig must be a JSON object, got {type(data).__name__}")
+        if data.get("peft_type") == PEFT_FORMAT_TYPE or SECTION in data:
+            data, _ = split_adapter_config(data, where)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -218,14 +237,23 @@ class SpectralTuningConfig:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, token=None) -> SpectralTuningConfig:
-        """From a directory or a Hub repo holding ``adapter_config.json`` (or the JSON file itself)."""
+        """From a directory or a Hub repo holding ``adapter_config.json`` (or the JSON file itself).
+
+        When ``adapter_model.safetensors`` lies beside it (a saved adapter), its tensors must be exactly
+        those the config lists as trained (missing or extra ones: an error naming the file and them),
+        though only the config is returned."""
         p = Path(name_or_path)
         if p.is_file():
             cfg_path = p
         else:
             cfg_path = resolve_pretrained_dir(name_or_path, [CONFIG_NAME], revision=revision, token=token,
                                               what="spectral adapter") / CONFIG_NAME
-        return cls.from_dict(adapters.read_adapter_config(cfg_path, PEFT_TYPE, "spectral tuning adapter"), where=f"{cfg_path}: ")
+        data = adapters.read_adapter_config(cfg_path, ADAPTER_PEFT_TYPES, "spectral tuning adapter")
+        config_data, layout = split_adapter_config(data, f"{cfg_path}: ")
+        weights = cfg_path.parent / WEIGHTS_NAME
+        if layout is not None and cfg_path.name == CONFIG_NAME and weights.is_file():
+            layout.to_model_names(read_safetensors(weights, "spectral tuning adapter"), weights)
+        return cls.from_dict(config_data, where=f"{cfg_path}: ")
 
     # ---- beyond the paper ---------------------------------------------------------------------
     def to_lora_config(self, r: int = 8, lora_alpha: int | None = None, lora_dropout: float = 0.0, **kwargs):

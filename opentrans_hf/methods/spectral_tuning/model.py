@@ -7,12 +7,26 @@ import os
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import PEFT_TYPE_TO_TUNER_MAPPING, PeftModel
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from opentrans_hf.methods import base as adapters
 from opentrans_hf.methods.base import AdapterHubMixin
-from opentrans_hf.methods.spectral_tuning.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, SpectralTuningConfig
+from opentrans_hf.methods.spectral_tuning.config import (
+    ADAPTER_PEFT_TYPES,
+    CONFIG_NAME,
+    PEFT_TYPE,
+    WEIGHTS_NAME,
+    SpectralTuningConfig,
+)
+from opentrans_hf.methods.spectral_tuning.peft_format import (
+    AdapterLayout,
+    is_norm,
+    peft_config_dict,
+    plan_layout,
+    split_adapter_config,
+)
 from opentrans_hf.methods.spectral_tuning.selection import frozen_units, module_of, units_and_alphas
 from opentrans_hf.spectral import LayerSpectrum, SpectralReport, analyze_spectra
 from opentrans_hf.utils.logging import get_logger
@@ -23,11 +37,6 @@ from opentrans_hf.utils.version import __version__
 logger = get_logger(__name__)
 
 ADAPTER_NAME = "default"  # PEFT's name of the one adapter
-NORM_CLASSES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, NORM_CLASSES) or "norm" in type(module).__name__.lower()
 
 
 def get_spectral_model(model: nn.Module, config: SpectralTuningConfig, *, device=None, progress: bool = False) -> SpectralModel:
@@ -139,7 +148,7 @@ def adapter_tensor_names(model: nn.Module, config: SpectralTuningConfig) -> tupl
     for name in modules:
         if config.modules_to_save and name_matches(name, config.modules_to_save):
             required |= own(name, recurse=True)
-        elif not config.train_norms and _is_norm(modules[name]):
+        elif not config.train_norms and is_norm(modules[name]):
             forbidden |= own(name)
     if config.modules_to_save:
         required |= {n for n in params if name_matches(n, config.modules_to_save)}
@@ -196,7 +205,7 @@ def host_tensor_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dic
     relative to the CLIP vision tower and resolved (``vision_model.encoder...`` saved on a ``CLIPModel``
     -> ``clip.vision_model.encoder...`` in a framework); names that resolve to nothing stay as they are
     (and are refused by :func:`check_adapter_tensors`, naming them)."""
-    params = {n for n, _ in model.named_parameters()}
+    params = {n for n, _ in model.named_parameters()} | set(model.state_dict())
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         target = name if name in params else resolve_name(canonical_name(name), params, what="adapter tensor",
@@ -339,6 +348,7 @@ class SpectralModel(AdapterHubMixin, PeftModel):
         self._is_prompt_learning = False
         self._adapters_disabled = False
         self._original_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
+        self._loaded_parameters: list[str] = []  # the parameters from_pretrained loaded (by the base model's names)
 
     # ---- delegation -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -445,7 +455,7 @@ class SpectralModel(AdapterHubMixin, PeftModel):
                 p.requires_grad_(train or (pname == "bias" and cfg.train_biases))
         if not cfg.train_norms:
             for mod in modules.values():
-                if _is_norm(mod):
+                if is_norm(mod):
                     for p in mod.parameters(recurse=False):
                         p.requires_grad_(False)
         if cfg.modules_to_save:
@@ -482,9 +492,13 @@ class SpectralModel(AdapterHubMixin, PeftModel):
         values from ``state_dict`` when given (keys of this model, ``base_model.``-prefixed, or of the base
         model), e.g. the gathered state dict the Trainer passes under FSDP/DeepSpeed."""
         names = [n for n, p in self.base_model.named_parameters() if p.requires_grad]
+        return self._values(names, state_dict)
+
+    def _values(self, names: list[str], state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """``names`` (parameters or buffers of the base model) -> their values, from ``state_dict`` if given."""
         if state_dict is None:
-            params = dict(self.base_model.named_parameters())
-            return {n: params[n].detach().cpu().contiguous() for n in names}
+            own = {**dict(self.base_model.named_parameters()), **self.base_model.state_dict(keep_vars=True)}
+            return {n: own[n].detach().cpu().contiguous() for n in names}
         out = {}
         for n in names:
             t = state_dict.get(f"base_model.{n}", state_dict.get(n))
@@ -493,10 +507,36 @@ class SpectralModel(AdapterHubMixin, PeftModel):
             out[n] = t.detach().cpu().contiguous()
         return out
 
+    def adapter_layout(self) -> AdapterLayout:
+        """What :meth:`save_pretrained` stores and how (see ``peft_format``): the trainable parameters, the
+        trained Linear/Conv/norm layers among them as PEFT LN_TUNING targets (their whole state). On a
+        model loaded for inference (nothing trainable): the tensors its adapter held."""
+        names = [n for n, p in self.base_model.named_parameters() if p.requires_grad]
+        return plan_layout(self.base_model, names or self._loaded_parameters)
+
+    def peft_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of ``adapter_model.safetensors`` under the keys PEFT reads (what
+        ``peft.get_peft_model_state_dict(self)`` returns): ``base_model.model.<layer>.ln_tuning_layers.<name>``
+        for the LN_TUNING targets, ``base_model.model.<parameter>`` for the other trained parameters."""
+        layout = self.adapter_layout()
+        values = self._values(list(layout.tensors), state_dict)
+        return {layout.file_key(n): values[n] for n in layout.tensors}
+
+    def load_peft_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's keys (:meth:`peft_state_dict`) -> this model's own state-dict keys (``base_model.<name>``),
+        for ``peft.set_peft_model_state_dict``; keys that are none of this adapter's stay as they are (and
+        are reported by ``load_state_dict`` as unexpected)."""
+        layout = self.adapter_layout()
+        keys = layout.file_keys()
+        return {(f"base_model.{keys[k]}" if k in keys else k): t for k, t in tensors.items()}
+
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         safe_serialization: bool = True, is_main_process: bool = True,
                         selected_adapters: list[str] | None = None, **card_kwargs) -> Path:
-        """``adapter_config.json`` + ``adapter_model.safetensors`` (only the trainable tensors) + README.md.
+        """``adapter_config.json`` + ``adapter_model.safetensors`` (only the trained tensors) + README.md,
+        in PEFT's LN_TUNING format: ``peft.PeftModel.from_pretrained(base, directory)`` loads it in a plain
+        PEFT install, with this model's outputs (see ``peft_format``); the spectral config (alphas, rule,
+        trainable and invalid layers) and the list of stored tensors go in its ``spectral_tuning`` entry.
 
         Takes ``transformers.Trainer``'s call (``state_dict``, ``is_main_process``) and PEFT's
         (``safe_serialization``, ``selected_adapters``): only safetensors are written, and only the main
@@ -524,10 +564,18 @@ class SpectralModel(AdapterHubMixin, PeftModel):
             )
         if not is_main_process:
             return out
+        layout = plan_layout(self.base_model, tensors)
+        if not layout.targets:
+            logger.warning("%s: no trained Linear, Conv or normalisation layer, so plain PEFT cannot load this adapter "
+                           "(its LN_TUNING method needs a target module); SpectralModel.from_pretrained does", out)
+        values = self._values(list(layout.tensors), state_dict)
         config.library_version = __version__
+        data = peft_config_dict(spectral_config=config.to_dict(), layout=layout,
+                                base_model_name_or_path=config.base_model_name_or_path, revision=config.revision,
+                                inference_mode=config.inference_mode)
         card = self._model_card(config, tensors, **card_kwargs)  # everything that can fail happens before the first write
-        return adapters.write_adapter_files(out, config=config.to_dict(), tensors=tensors, card=card,
-                                            metadata={"format": "pt"})
+        return adapters.write_adapter_files(out, config=data, tensors={layout.file_key(n): values[n] for n in layout.tensors},
+                                            card=card, metadata={"format": "pt"})
 
     def _config_to_save(self) -> SpectralTuningConfig:
         """The config with the trainable layers whose parameters are all frozen now moved to the frozen ones."""
@@ -551,36 +599,67 @@ class SpectralModel(AdapterHubMixin, PeftModel):
         )
 
     @classmethod
-    def _read_adapter(cls, model_id, revision=None, token=None) -> tuple[Path, SpectralTuningConfig, dict]:
-        d, data, tensors = adapters.read_adapter_files(model_id, peft_type=PEFT_TYPE, what="spectral tuning adapter",
-                                                       revision=revision, token=token)
-        config = SpectralTuningConfig.from_dict(data, where=f"{d / CONFIG_NAME}: ")
+    def _read_adapter(cls, model_id, revision=None, token=None) -> tuple[Path, SpectralTuningConfig, dict,
+                                                                         AdapterLayout | None]:
+        """(directory, config, tensors by their names in the saving model, layout; None for an adapter of an
+        earlier version). The file must hold exactly the tensors the config lists (new format)."""
+        d, data, tensors = adapters.read_adapter_files(model_id, peft_type=ADAPTER_PEFT_TYPES,
+                                                       what="spectral tuning adapter", revision=revision, token=token)
+        config_data, layout = split_adapter_config(data, f"{d / CONFIG_NAME}: ")
+        config = SpectralTuningConfig.from_dict(config_data, where=f"{d / CONFIG_NAME}: ")
         if config.layer_alphas is None or config.trainable_layers is None:
             raise ValueError(f"{d / CONFIG_NAME} lacks layer_alphas/trainable_layers: it was not written by save_pretrained")
-        return d, config, tensors
+        if layout is not None:
+            tensors = layout.to_model_names(tensors, d / WEIGHTS_NAME)
+        return d, config, tensors, layout
+
+    @staticmethod
+    def _checked_tensors(base_model: nn.Module, config: SpectralTuningConfig, tensors: dict[str, torch.Tensor],
+                         layout: AdapterLayout | None, where: Path) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under ``base_model``'s own names, checked: every target module's whole
+        state and every listed parameter (new format), exactly what the config says was trained
+        (:func:`check_adapter_tensors`), buffers with the model's shapes. Nothing is changed."""
+        host = host_tensor_names(base_model, tensors)  # an adapter saved on another host of the same CLIP
+        if layout is not None:
+            layout.check_model(base_model, dict(zip(tensors, host)), where)
+        params = {n for n, _ in base_model.named_parameters()}
+        buffers = base_model.state_dict()
+        check_adapter_tensors(base_model, config, {n: t for n, t in host.items() if n not in buffers or n in params},
+                              where)
+        bad = [f"{n} {tuple(t.shape)} vs {tuple(buffers[n].shape)}" for n, t in host.items()
+               if n in buffers and n not in params and tuple(t.shape) != tuple(buffers[n].shape)]
+        if bad:
+            raise ValueError(f"{where}: {_some(bad)} have a shape other than the model's")
+        return host
+
+    @staticmethod
+    def _copy_into(base_model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        own = {**dict(base_model.named_parameters()), **base_model.state_dict(keep_vars=True)}
+        with torch.no_grad():
+            for n, t in tensors.items():
+                own[n].copy_(t.to(own[n].device, own[n].dtype))
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, model_id: str | os.PathLike, adapter_name: str = ADAPTER_NAME, *,
                         is_trainable: bool = False, revision: str | None = None, token=None) -> SpectralModel:
         """Re-apply a saved adapter to ``base_model`` (no re-analysis) and load its tensors. ``model_id``: a
         directory written by :meth:`save_pretrained` (a ``Trainer``'s ``output_dir`` or checkpoint too) or a
-        Hub repo id.
+        Hub repo id; adapters of earlier versions (``peft_type`` ``SPECTRAL_TUNING``) load too.
 
         As PEFT: ``is_trainable=False`` loads for inference (every parameter frozen); ``True`` restores
         the adapter's trainable/frozen split to continue training. The file must hold exactly the
-        tensors the config says were trained, with the model's shapes and finite floating-point values;
-        otherwise nothing is changed and the error names the file and the tensors.
+        tensors the config says were trained (the analysed layers it trained, ``modules_to_save``, and
+        every other tensor it lists, e.g. a framework's head), with the model's shapes and finite
+        floating-point values; otherwise nothing is changed and the error names the file and the tensors.
         """
         _check_adapter_name(adapter_name)
-        d, config, tensors = cls._read_adapter(model_id, revision=revision, token=token)
-        tensors = host_tensor_names(base_model, tensors)  # an adapter saved on another host of the same CLIP
+        d, config, tensors, layout = cls._read_adapter(model_id, revision=revision, token=token)
         config.inference_mode = not is_trainable
-        check_adapter_tensors(base_model, config, tensors, d / WEIGHTS_NAME)
-        params = dict(base_model.named_parameters())
+        tensors = cls._checked_tensors(base_model, config, tensors, layout, d / WEIGHTS_NAME)
         model = get_spectral_model(base_model, config)
-        with torch.no_grad():
-            for n, t in tensors.items():
-                params[n].copy_(t)
+        cls._copy_into(base_model, tensors)
+        params = dict(base_model.named_parameters())
+        model._loaded_parameters = [n for n in tensors if n in params]
         if is_trainable:
             _warn_frozen_clip_tensors(model, tensors, d / WEIGHTS_NAME)
         return model
@@ -592,18 +671,58 @@ class SpectralModel(AdapterHubMixin, PeftModel):
         analysed layers and trainable layers); the file is checked as in :meth:`from_pretrained` before any
         weight changes. ``requires_grad`` is left as it is (``is_trainable`` is accepted for PEFT's signature)."""
         _check_adapter_name(adapter_name)
-        d, config, tensors = self._read_adapter(model_id, revision=revision, token=token)
-        tensors = host_tensor_names(self.base_model, tensors)
+        d, config, tensors, layout = self._read_adapter(model_id, revision=revision, token=token)
         mine = self._config_to_save()
         for field_name in ("layer_alphas", "trainable_layers", "modules_to_save", "train_norms", "train_biases"):
             if getattr(config, field_name) != getattr(mine, field_name):
                 raise ValueError(f"{d / CONFIG_NAME}: {field_name} differs from this SpectralModel's config, so it is "
                                  "not an adapter of this model (load it with SpectralModel.from_pretrained(base, ...))")
-        check_adapter_tensors(self.base_model, config, tensors, d / WEIGHTS_NAME)
-        params = dict(self.base_model.named_parameters())
-        with torch.no_grad():
-            for n, t in tensors.items():
-                params[n].copy_(t.to(params[n].device, params[n].dtype))
+        tensors = self._checked_tensors(self.base_model, config, tensors, layout, d / WEIGHTS_NAME)
+        self._copy_into(self.base_model, tensors)
+
+
+def read_spectral_adapter(model_id: str | os.PathLike, revision: str | None = None,
+                          token=None) -> tuple[SpectralTuningConfig, dict[str, torch.Tensor]]:
+    """A saved spectral adapter's config and tensors, the tensors by their names in the model it was saved
+    from (in either format: this version's PEFT LN_TUNING keys are mapped back), the file checked against
+    the tensors its config lists."""
+    _, config, tensors, _ = SpectralModel._read_adapter(model_id, revision=revision, token=token)
+    return config, tensors
+
+
+class SpectralStateDictHooks(BaseTuner):
+    """What ``peft.get_peft_model_state_dict`` and ``peft.set_peft_model_state_dict`` call on a
+    :class:`SpectralModel` (they look the hooks up by ``peft_config[name].peft_type``; never instantiated):
+    the state dict is the adapter file's (:meth:`SpectralModel.peft_state_dict`), and loading one maps its
+    keys back to the model's own (:meth:`SpectralModel.load_peft_state_dict`)."""
+
+    prefix = "ln_tuning_"
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        _check_adapter_name(adapter_name)
+        return _spectral_model(model).peft_state_dict(state_dict)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return key  # the keys of peft_state_dict() carry no adapter name
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        _check_adapter_name(adapter_name)
+        return _spectral_model(model).load_peft_state_dict(state_dict)
+
+
+def _spectral_model(model) -> SpectralModel:
+    if not isinstance(model, SpectralModel):
+        raise TypeError(f"a spectral tuning state dict belongs to a SpectralModel, got {type(model).__name__}")
+    return model
+
+
+# PEFT's PeftType is an enum that cannot be extended (register_peft_method refuses new names), but its
+# state-dict functions only look the tuner up in this dict, by the config's peft_type: registering the hooks
+# under our own type makes them work on a SpectralModel and changes nothing for PEFT's own methods.
+PEFT_TYPE_TO_TUNER_MAPPING.setdefault(PEFT_TYPE, SpectralStateDictHooks)
 
 
 def _warn_frozen_clip_tensors(model: SpectralModel, tensors: dict[str, torch.Tensor], where: Path) -> None:
