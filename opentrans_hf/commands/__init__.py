@@ -19,6 +19,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 from pathlib import Path
 
 from transformers import HfArgumentParser
@@ -146,17 +147,20 @@ def check_model_dir(path, flag: str) -> None:
 
 
 def check_output_dir(args, name: str = "output_dir") -> None:
-    """``--name`` (a directory a job writes), when given, is not a file and not below one."""
+    """``--name`` (a directory a job writes), when given, is not a file, not below one, and can be written
+    (the directory, or the nearest existing one above it, where it would be made)."""
     value = getattr(args, name)
     if value is None:
         return
     path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ArgumentError(f"--{name} {value} is not a directory (a file is there); choose another --{name}")
     for p in (path, *path.parents):
-        if p.exists() and not p.is_dir():
-            where = "" if p == path else f": {p} is a file,"
-            raise ArgumentError(f"--{name} {value}{where} {'is ' if p == path else ''}not a directory"
-                                + ("; choose another --" + name if p == path else ""))
         if p.exists():
+            if not p.is_dir():
+                raise ArgumentError(f"--{name} {value}: {p} is a file, not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ArgumentError(f"--{name} {value}: {p} is not writable (permission denied); choose another --{name}")
             return
 
 

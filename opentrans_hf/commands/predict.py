@@ -16,6 +16,8 @@ present with their share of the image); and areas.json for all images ({"model",
 area, absent ones left out). Images whose stems collide (a/x.jpg, b/x.jpg) get distinct names (a__x.jpg,
 b__x.jpg), listed in areas.json. Every image is read before anything is predicted: an unreadable one
 stops the job with nothing written. Without --allow_void every pixel gets one of the classes.
+--output_dir is the run's own: one holding an earlier predict run's files (label maps, overlays,
+areas.json) is refused, unless --overwrite_output_dir, which removes those files first (others stay).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ line naming the flag and the value -- ranges, holdout class names, an --output_d
 --out that is a directory, a mask adapter given where a model is expected."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -89,6 +90,16 @@ def test_output_dir_that_is_a_file_is_refused(argv, nothing_loads, capsys, tmp_p
     _refused([*argv, "--output_dir", str(afile)], capsys, "--output_dir", str(afile), "not a directory")
     _refused([*argv, "--output_dir", str(afile / "sub")], capsys, "--output_dir", str(afile), "not a directory")
     assert afile.read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_output_dir_that_cannot_be_written_is_refused_naming_it(nothing_loads, capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        _refused(["train", "--output_dir", str(locked / "run")], capsys, "--output_dir", str(locked), "not writable")
+    finally:
+        locked.chmod(0o700)
 
 
 def test_evaluate_out_that_is_a_directory_is_refused_before_the_evaluation(nothing_loads, capsys, tmp_path):
