@@ -90,6 +90,14 @@ def check_positive(name: str, value: float | None) -> None:
         raise ArgumentError(f"--{name} must be a finite number > 0, got {value:g}")
 
 
+def check_finite(args, *names: str) -> None:
+    """Every ``--name`` of ``names`` that is given (not None) is a finite number (no nan, no inf)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ArgumentError(f"--{name} must be a finite number, got {value:g}")
+
+
 def check_non_negative(args, *names: str) -> None:
     """Every ``--name`` of ``names`` that is given (not None) is >= 0."""
     for name in names:

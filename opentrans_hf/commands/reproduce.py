@@ -21,13 +21,14 @@ freezing row vs full fine-tuning) of whether the difference of the means is with
 the pooled std of the two rows; one seed cannot tell). Wall times are measured on a shared machine and
 are noisy.
 
-Writes to --output_dir: prune/ (the IMP rounds and the Ours mask: a re-run resumes them; prune_quick/
-for --quick's shorter schedule), masks/ (the Random masks), table1/<framework>/<dense|random|ours>/seed<N>/
+Writes to --output_dir: prune/ (the IMP rounds and the Ours mask: a re-run of an unfinished run resumes
+them; prune_quick/ for --quick's shorter schedule), masks/ (the Random masks), table1/<framework>/<dense|random|ours>/seed<N>/
 and table2/<row>/seed<N>/ (each a complete `train` output: model, metrics.json, plots; re-run each time;
 table 2's full fine-tuning is table 1's dense DeepLabV3 run when both tables run with DeepLabV3),
 and results.json (every run's numbers, per seed and aggregated; metrics as fractions of 1), results.md
 (the tables in percent, the noise statements, the command) and mIoU_vs_flops.png (needs matplotlib), each
-written atomically at the end, once every run has finished.
+written atomically at the end, once every run has finished. A directory holding a finished run (its
+results.json) is refused unless --overwrite_output_dir, which removes the earlier run's outputs first.
 
 With no arguments it runs on the embedded procedural dataset and the project's default CLIP on CPU.
 """
@@ -50,6 +51,7 @@ from opentrans_hf.commands import (
     check_at_least_one,
     check_local_paths,
     check_output_dir,
+    check_positive,
     claim,
     prune,
     train,
@@ -140,9 +142,8 @@ class ReproduceArguments(EmbeddedArguments, ClipArguments):
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 raise ArgumentError(f"--{name} must be in (0, 1), got {value:g}")
-        if (self.learning_rate is not None and not self.learning_rate > 0) or not self.prune_learning_rate > 0:
-            raise ArgumentError(f"learning rates must be > 0, got --learning_rate {self.learning_rate}, "
-                                f"--prune_learning_rate {self.prune_learning_rate:g}")
+        check_positive("learning_rate", self.learning_rate)
+        check_positive("prune_learning_rate", self.prune_learning_rate)
         if 2 in self.tables:
             steps, warmup = resolved_max_steps(self, TABLE2_FRAMEWORK), resolved_warmup_steps(self)
             if not 1 <= warmup < steps:

@@ -37,6 +37,7 @@ from opentrans_hf.commands import (
     OVERWRITE_HELP,
     ArgumentError,
     check_at_least_one,
+    check_finite,
     check_holdout_classes,
     check_local_paths,
     check_output_dir,
@@ -112,6 +113,7 @@ class TrainArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArg
         if self.lr_scheduler_type is not None and self.lr_scheduler_type not in SCHEDULERS:
             raise ArgumentError(f"unknown lr_scheduler_type {self.lr_scheduler_type!r}; choose one of {SCHEDULERS}")
         check_positive("learning_rate", self.learning_rate)
+        check_finite(self, *FLOAT_SOLVER_FLAGS)
         check_solver(self)
         if self.max_steps <= 0 and not self.num_epochs > 0:
             raise ArgumentError(f"set --max_steps > 0 or --num_epochs > 0 (got max_steps={self.max_steps}, "
@@ -132,6 +134,10 @@ class TrainArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArg
         check_benchmark(self)
         check_holdout_classes(self)
         check_data_arguments(self)
+
+
+FLOAT_SOLVER_FLAGS = ("backbone_lr_multiplier", "weight_decay", "weight_decay_norm", "weight_decay_embed", "poly_power",
+                      "max_grad_norm")
 
 
 def resumes_output_dir(args) -> bool:
