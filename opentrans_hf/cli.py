@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"opentrans-hf {name}: interrupted", file=sys.stderr)
         return 130
+    except ArgumentError as err:  # found when the job starts (its output directory), before anything loads
+        if debug:
+            traceback.print_exc()
+        print(f"opentrans-hf {name}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     except Exception as err:  # noqa: BLE001 - the CLI's job is to turn any failure into one clear line
         if debug:
             traceback.print_exc()

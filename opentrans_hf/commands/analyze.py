@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoModel, CLIPModel, CLIPTextModel, CLIPVisionModel
 
-from opentrans_hf.commands import check_local_paths
+from opentrans_hf.commands import check_local_paths, check_output_file
 from opentrans_hf.commands.arguments import ProgressArguments
 from opentrans_hf.embedded.random_clip import CLIP_SIZES, build_random_clip_vision, random_clip_config
 from opentrans_hf.spectral import analyze_spectra
@@ -39,6 +39,8 @@ class AnalyzeArguments(ProgressArguments):
     print_layers: bool = field(default=True, metadata={"help": "print one line per layer (--no_print_layers: the overview lines only)"})
 
     def __post_init__(self):
+        check_output_file("out", self.out)
+        check_output_file("plot", self.plot)
         if self.model not in CLIP_SIZES:
             check_local_paths(self, "model")
 

@@ -31,7 +31,20 @@ from typing import Literal
 import torch
 from transformers import CLIPConfig
 
-from opentrans_hf.commands import ArgumentError, analyze, check_at_least_one, check_local_paths, prune, train
+from opentrans_hf.commands import (
+    ArgumentError,
+    analyze,
+    check_at_least_one,
+    check_fraction,
+    check_holdout_classes,
+    check_local_paths,
+    check_non_negative,
+    check_output_dir,
+    check_positive,
+    claim,
+    prune,
+    train,
+)
 from opentrans_hf.commands.arguments import ClipArguments, DatasetArguments, FrameworkArguments, RunArguments
 from opentrans_hf.commands.train import (
     FRAMEWORKS,
@@ -45,6 +58,7 @@ from opentrans_hf.embedded.dataset import CLASS_NAMES, HELD_OUT_CLASSES
 from opentrans_hf.methods.sparse_mask.mask import SparseMask
 from opentrans_hf.models.zeroshot import CLIPDenseZeroShot
 from opentrans_hf.training.evaluation import evaluate_splits, percent, results_table
+from opentrans_hf.training.outputs import OutputLayout
 from opentrans_hf.training.pretraining import default_clip
 from opentrans_hf.utils.distributed import make_accelerator, make_state, on_main_process
 from opentrans_hf.utils.io import atomic_write_text, json_safe, read_json
@@ -65,33 +79,49 @@ class DemoArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArgu
     max_steps: int = field(default=500, metadata={"help": "fine-tuning steps"})
     learning_rate: float = field(default=1e-3, metadata={"help": "fine-tuning learning rate"})
     no_baselines: bool = field(default=False, metadata={"help": "skip the dense fine-tuned baseline (a second fine-tuning run) and the other baseline rows"})
-    no_resume: bool = field(default=False, metadata={"help": "prune from round 0 even if output_dir/prune holds the rounds of an earlier run (needed after changing a pruning setting)"})
+    no_resume: bool = field(default=False, metadata={"help": "prune from round 0 even if output_dir/prune holds the rounds of an earlier, unfinished demo (needed after changing a pruning setting)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "remove the outputs of an earlier demo in --output_dir before starting (only what the demo writes there; other files are kept). Without it a finished demo's directory is refused; an unfinished one is resumed (its pruning rounds kept, the fine-tuning redone)"})
 
     def __post_init__(self):
         if self.framework not in FRAMEWORKS:
             raise ArgumentError(f"unknown framework {self.framework!r}; choose one of {FRAMEWORKS}")
-        check_at_least_one(self, "max_steps")
+        check_at_least_one(self, "max_steps", "batch_size", "embedded_size", "max_eval_examples")
+        check_non_negative(self, "prune_steps_per_round")
+        check_fraction("target_sparsity", self.target_sparsity)
+        check_fraction("prune_rate", self.prune_rate)
+        check_positive("learning_rate", self.learning_rate)
+        check_output_dir(self)
         if not 0 <= self.spectral_warmup_steps < self.max_steps:
             raise ArgumentError(f"--spectral_warmup_steps must be >= 0 and below --max_steps {self.max_steps}, "
                                 f"got {self.spectral_warmup_steps}")
         check_config_overrides(self)
         check_local_paths(self, "model_name_or_path")
         check_benchmark(self)
+        check_holdout_classes(self)
         check_data_arguments(self)
 
 
 ARGUMENTS = DemoArguments
 
+DEMO_LAYOUT = OutputLayout("demo", ("spectral", "prune", "train", "dense", "summary.json"))
+"""What the demo writes into its output directory; summary.json, written last, marks a finished demo."""
+
 
 def run(args: DemoArguments) -> dict:
     """The four steps, each one job's ``run`` with typed arguments; returns the summary. Holds the locks
     of its output directory and of its sub-jobs' (``prune/``, ``train/``) for the whole pipeline: no other
-    run can write there meanwhile, and its own sub-jobs re-enter them."""
+    run can write there meanwhile, and its own sub-jobs re-enter them. The directory is the demo's own: a
+    finished demo there (its summary.json) is refused unless ``--overwrite_output_dir`` (which removes the
+    earlier demo's outputs first); an unfinished one is resumed: its pruning rounds are kept (the prune job
+    refuses rounds made with other settings) and the fine-tuning runs are redone."""
     state = make_state()
     out = Path(args.output_dir)
     with ExitStack() as locks:
         for directory in (out, out / "prune", out / "train", out / "dense"):
             locks.enter_context(output_dir_lock(directory, state, "demo"))
+        finished = (out / "summary.json").is_file()
+        claim(out, DEMO_LAYOUT, overwrite=args.overwrite_output_dir,
+              resuming=not finished and not args.overwrite_output_dir, state=state)
         return _run(args)
 
 
@@ -161,6 +191,7 @@ def _pruning(args: DemoArguments, out: Path, clip: str, say) -> dict:
         output_dir=str(out / "prune"), seed=args.seed, embedded_size=args.embedded_size,
         image_column=args.image_column, label_column=args.label_column,
         validation_split_percentage=args.validation_split_percentage, no_resume=args.no_resume,
+        overwrite_output_dir=args.no_resume,  # the demo's own folder: --no_resume starts its pruning afresh
     ))
 
 
@@ -176,7 +207,7 @@ def _finetuning(args: DemoArguments, out: Path, clip: str, pruned: dict, say):
         image_column=args.image_column, label_column=args.label_column, class_names=args.class_names,
         id2label=args.id2label, reduce_labels=args.reduce_labels, holdout_classes=args.holdout_classes,
         ignore_index=args.ignore_index, validation_split_percentage=args.validation_split_percentage,
-        benchmark=args.benchmark,
+        benchmark=args.benchmark, overwrite_output_dir=True,  # the demo's own folder: a re-run redoes the fine-tuning
     )
     metrics = train.run(train_args)
     say("[4/4] evaluation (zero-shot on the held-out classes)" + ("" if args.no_baselines else

@@ -36,7 +36,13 @@ from pathlib import Path
 
 from transformers import AutoModel
 
-from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_prompt_templates
+from opentrans_hf.commands import (
+    ArgumentError,
+    check_at_least_one,
+    check_local_paths,
+    check_output_file,
+    check_prompt_templates,
+)
 from opentrans_hf.commands.arguments import RunArguments
 from opentrans_hf.data.assembly import load_eval_splits
 from opentrans_hf.data.benchmarks import get_benchmark
@@ -71,7 +77,9 @@ class EvaluateArguments(RunArguments):
     prompt_templates: str | None = field(default=None, metadata={"help": "score the class names with this prompt-template set instead of the model's: 'fcclip' (FC-CLIP's 14 evaluation templates) or 'default' (the 4 the frameworks start with)"})
 
     def __post_init__(self):
-        check_at_least_one(self, "batch_size", "max_examples", "shortest_side", "max_size", "sliding_stride")
+        check_at_least_one(self, "batch_size", "max_examples", "shortest_side", "max_size", "sliding_stride",
+                           "image_size", "embedded_size")
+        check_output_file("out", self.out, not_suffixes=(".md",))
         if self.eval_resize == "square" and (self.shortest_side or self.max_size or self.sliding_stride):
             raise ArgumentError("--shortest_side / --max_size / --sliding_stride set the shortest_side protocol; they do not "
                                 "apply with --eval_resize square")

@@ -16,6 +16,8 @@ present with their share of the image); and areas.json for all images ({"model",
 area, absent ones left out). Images whose stems collide (a/x.jpg, b/x.jpg) get distinct names (a__x.jpg,
 b__x.jpg), listed in areas.json. Every image is read before anything is predicted: an unreadable one
 stops the job with nothing written. Without --allow_void every pixel gets one of the classes.
+--output_dir is the run's own: one holding an earlier predict run's files (label maps, overlays,
+areas.json) is refused, unless --overwrite_output_dir, which removes those files first (others stay).
 """
 
 from __future__ import annotations
@@ -27,12 +29,20 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
-from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_prompt_templates
+from opentrans_hf.commands import (
+    ArgumentError,
+    check_at_least_one,
+    check_local_paths,
+    check_output_dir,
+    check_prompt_templates,
+    claim,
+)
 from opentrans_hf.data.benchmarks import get_benchmark
 from opentrans_hf.models import FRAMEWORKS
 from opentrans_hf.models.classifier import display_name
-from opentrans_hf.pipelines.inference import check_images, parse_classes, predict_images
+from opentrans_hf.pipelines.inference import AREAS_FILE, check_images, parse_classes, predict_images
 from opentrans_hf.training.divergence import check_finite_weights
+from opentrans_hf.training.outputs import OutputLayout
 from opentrans_hf.utils.hub import load_or_explain
 from opentrans_hf.utils.locking import output_dir_lock
 
@@ -49,6 +59,7 @@ class PredictArguments:
     alpha: float = field(default=0.5, metadata={"help": "opacity of the class colours in the overlays, 0..1"})
     prompt_templates: str | None = field(default=None, metadata={"help": "score the class names with this prompt-template set instead of the model's: 'fcclip' (FC-CLIP's 14 evaluation templates) or 'default' (the 4 the frameworks start with)"})
     device: str | None = field(default=None, metadata={"help": "torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "remove the label maps, overlays and areas.json an earlier predict run left in --output_dir before starting (other files are kept); without it such a directory is refused"})
 
     def __post_init__(self):
         check_prompt_templates(self)
@@ -69,8 +80,7 @@ class PredictArguments:
             if key in seen:
                 raise ArgumentError(f"image {image} is given twice")
             seen.add(key)
-        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            raise ArgumentError(f"--output_dir {self.output_dir} exists and is not a directory")
+        check_output_dir(self)
         check_local_paths(self, "model")
 
     def class_prompts(self) -> list[str | tuple[str, ...]]:
@@ -98,6 +108,9 @@ class PredictArguments:
 
 
 ARGUMENTS = PredictArguments
+
+PREDICT_LAYOUT = OutputLayout("predict", (AREAS_FILE, "*.labels.png", "*.overlay.png"))
+"""What a predict run writes into its output directory."""
 
 _BOOL_VALUES = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}
 
@@ -141,6 +154,14 @@ def preprocess_argv(argv: list[str]) -> list[str]:
 
 
 def run(args: PredictArguments) -> dict:
+    """Segment the images into ``args.output_dir``: a directory of its own (an earlier predict run's files
+    there are refused, or removed first with ``--overwrite_output_dir``), held locked for the run."""
+    with output_dir_lock(args.output_dir, None, "predict"):
+        claim(args.output_dir, PREDICT_LAYOUT, overwrite=args.overwrite_output_dir)
+        return _predict(args)
+
+
+def _predict(args: PredictArguments) -> dict:
     classes = args.class_prompts()
     check_images(args.images)  # every image readable before the model loads and anything is written
     model = load_or_explain(args.model, lambda: AutoModel.from_pretrained(args.model), "OVS model")
@@ -157,11 +178,10 @@ def run(args: PredictArguments) -> dict:
         if sys.stdout.isatty():
             print(f"\r{done}/{total} images", end="\n" if done == total else "", flush=True)
 
-    with output_dir_lock(args.output_dir, None, "predict"):
-        record = predict_images(model, args.images, classes, args.output_dir, names=args.class_names(),
-                                batch_size=args.batch_size,
-                                allow_void=args.allow_void, alpha=args.alpha, model_name=args.model,
-                                check_first=False, progress=progress)
+    record = predict_images(model, args.images, classes, args.output_dir, names=args.class_names(),
+                            batch_size=args.batch_size,
+                            allow_void=args.allow_void, alpha=args.alpha, model_name=args.model,
+                            check_first=False, progress=progress)
     n = len(record["images"])
     print(f"{n} image{'s' * (n != 1)} segmented into {len(classes)} classes: label maps, overlays and "
           f"{Path(args.output_dir) / 'areas.json'} written")

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Literal
 
 
-from opentrans_hf.commands import ArgumentError, check_at_least_one
+from opentrans_hf.commands import ArgumentError, check_at_least_one, check_output_dir, check_positive, claim
 from opentrans_hf.commands.arguments import ProgressArguments
+from opentrans_hf.training.outputs import OutputLayout
 from opentrans_hf.training.pretraining import PRETRAINING_DEFAULTS, pretrain_clip, pretrained_clip
 from opentrans_hf.utils.distributed import make_accelerator, make_state
 from opentrans_hf.utils.io import read_json
@@ -39,6 +40,7 @@ class PretrainClipArguments(ProgressArguments):
     batch_size: int | None = field(default=None, metadata={"help": "per-process batch size (default: the size's recipe)"})
     learning_rate: float | None = field(default=None, metadata={"help": "AdamW peak learning rate, cosine schedule (default: the size's recipe)"})
     num_examples: int | None = field(default=None, metadata={"help": "captioned images rendered for pretraining (default: the size's recipe)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a non-empty --output_dir (the checkpoint is the whole directory: everything in it is replaced once the new checkpoint is complete); without it such a directory is refused"})
 
     def __post_init__(self):
         check_at_least_one(self, "max_steps", "batch_size", "num_examples")
@@ -47,8 +49,10 @@ class PretrainClipArguments(ProgressArguments):
         if batch is not None and examples is not None and batch > examples:
             raise ArgumentError(f"--batch_size {batch} is larger than --num_examples {examples} (each batch draws "
                                 "distinct images)")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise ArgumentError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        check_positive("learning_rate", self.learning_rate)
+        check_output_dir(self)
+        if self.overwrite_output_dir and self.output_dir is None:
+            raise ArgumentError("--overwrite_output_dir needs --output_dir (the cached default CLIP is never replaced)")
         custom = [n for n in ("max_steps", "batch_size", "learning_rate", "num_examples") if getattr(self, n) is not None]
         if custom and self.output_dir is None:
             raise ArgumentError(f"{', '.join('--' + n for n in custom)} change the recipe: give --output_dir (the "
@@ -56,6 +60,9 @@ class PretrainClipArguments(ProgressArguments):
 
 
 ARGUMENTS = PretrainClipArguments
+
+PRETRAIN_LAYOUT = OutputLayout("pretrain-clip", ("*",))
+"""The checkpoint is the whole --output_dir (it replaces the directory once complete): anything in it counts."""
 
 
 def run(args: PretrainClipArguments) -> dict:
@@ -71,6 +78,7 @@ def run(args: PretrainClipArguments) -> dict:
         accelerator = make_accelerator()
         path = Path(args.output_dir)
         with output_dir_lock(path, accelerator, "pretrain-clip"):  # the finished checkpoint replaces the directory
+            claim(path, PRETRAIN_LAYOUT, overwrite=args.overwrite_output_dir, state=accelerator)
             record = pretrain_clip(path, args.size, args.seed, max_steps=args.max_steps, batch_size=args.batch_size,
                                    learning_rate=args.learning_rate, num_examples=args.num_examples,
                                    accelerator=accelerator,  # its device: a GPU when there is one

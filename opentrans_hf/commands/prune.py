@@ -24,12 +24,24 @@ from typing import Literal
 from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoTokenizer, CLIPModel, CLIPVisionModel
 
-from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_percentage
+from opentrans_hf.commands import (
+    OVERWRITE_HELP,
+    ArgumentError,
+    check_at_least_one,
+    check_fraction,
+    check_local_paths,
+    check_non_negative,
+    check_output_dir,
+    check_percentage,
+    check_positive,
+    claim,
+)
 from opentrans_hf.commands.arguments import ClipArguments, RunArguments
 from opentrans_hf.data.assembly import distillation_split, make_loader
 from opentrans_hf.methods.sparse_mask.counting import count_params_and_flops
 from opentrans_hf.methods.sparse_mask.imp import IMPConfig, iterative_magnitude_prune
 from opentrans_hf.methods.sparse_mask.magnitude import check_max_layer_sparsity
+from opentrans_hf.training.outputs import OutputLayout
 from opentrans_hf.training.pretraining import default_clip, zero_shot_evaluation
 from opentrans_hf.utils.distributed import make_accelerator, on_main_process
 from opentrans_hf.utils.hub import load_or_explain, quiet_loading
@@ -53,7 +65,8 @@ class PruneArguments(RunArguments, ClipArguments):
     max_layer_sparsity: float = field(default=0.99, metadata={"help": "global and structured scopes: at most this fraction of one layer pruned, the rest taken elsewhere (1.0: no cap; structured: below 1 keeps a head and a neuron per layer)"})
     no_region_loss: bool = field(default=False, metadata={"help": "distil image embedding + patch tokens only"})
     output_dir: str = field(default="runs/prune", metadata={"help": "where rounds, the final mask and counts are written"})
-    no_resume: bool = field(default=False, metadata={"help": "start from round 0 even if output_dir holds a finished round"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
+    no_resume: bool = field(default=False, metadata={"help": "do not resume the rounds output_dir holds (such a directory then needs --overwrite_output_dir, which removes them)"})
     ignore_checkpoint_mismatch: bool = field(default=False, metadata={"help": "resume even if the saved rounds were made with other settings (the differences are printed)"})
     push_to_hub: bool = field(default=False, metadata={"help": "push the final mask adapter"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub"})
@@ -61,10 +74,39 @@ class PruneArguments(RunArguments, ClipArguments):
     def __post_init__(self):
         if self.push_to_hub and not self.hub_model_id:
             raise ArgumentError("--push_to_hub needs --hub_model_id")
-        check_at_least_one(self, "batch_size")
+        check_at_least_one(self, "batch_size", "num_rounds", "embedded_size")
+        check_non_negative(self, "steps_per_round")
+        check_fraction("rate", self.rate)
+        check_fraction("target_sparsity", self.target_sparsity)
+        check_positive("learning_rate", self.learning_rate)
         check_percentage("validation_split_percentage", self.validation_split_percentage)
         check_max_layer_sparsity(self.max_layer_sparsity, name="--max_layer_sparsity", error=ArgumentError)
+        try:  # the IMP schedule the flags make together (e.g. scope 2:4 is one round at 0.5)
+            self.imp_config()
+        except ValueError as err:
+            raise ArgumentError(f"--scope {self.scope}: {err}") from None
+        check_output_dir(self)
         check_local_paths(self, "model_name_or_path")
+
+    def imp_config(self) -> IMPConfig:
+        """The IMP configuration of these arguments."""
+        return IMPConfig(rate=self.rate, num_rounds=self.num_rounds, target_sparsity=self.target_sparsity,
+                         steps_per_round=self.steps_per_round, learning_rate=self.learning_rate, scope=self.scope,
+                         seed=self.seed, max_layer_sparsity=self.max_layer_sparsity,
+                         region_weight=0.0 if self.no_region_loss else 1.0, output_dir=str(self.output_dir),
+                         resume=not self.no_resume, ignore_mismatch=self.ignore_checkpoint_mismatch)
+
+
+PRUNE_LAYOUT = OutputLayout("prune", ("round_*", "student.safetensors", "initial.safetensors", "state.json", "mask",
+                                      "counts.json", "sparsity.png"))
+"""What a prune run writes into its output directory: the rounds, the student's weights with the run's
+state, the final mask, its counts and plot."""
+
+
+def holds_rounds(args: PruneArguments) -> bool:
+    """The output directory holds the rounds (and state) of a run that can be resumed."""
+    out = Path(args.output_dir)
+    return (out / "student.safetensors").is_file() or (out / "state.json").is_file()
 
 
 ARGUMENTS = PruneArguments
@@ -75,6 +117,10 @@ def run(args: PruneArguments) -> dict:
     one run per directory); returns the summary."""
     accelerator = make_accelerator()
     with output_dir_lock(args.output_dir, accelerator, "prune"):
+        rounds = holds_rounds(args)  # resumed by default (IMP refuses a state made with other settings)
+        claim(args.output_dir, PRUNE_LAYOUT, overwrite=args.overwrite_output_dir,
+              resuming=rounds and not args.no_resume and not args.overwrite_output_dir,
+              resume_hint="the same arguments without --no_resume" if rounds else None, state=accelerator)
         return _prune(accelerator, args)
 
 

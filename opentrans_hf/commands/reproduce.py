@@ -21,13 +21,14 @@ freezing row vs full fine-tuning) of whether the difference of the means is with
 the pooled std of the two rows; one seed cannot tell). Wall times are measured on a shared machine and
 are noisy.
 
-Writes to --output_dir: prune/ (the IMP rounds and the Ours mask: a re-run resumes them; prune_quick/
-for --quick's shorter schedule), masks/ (the Random masks), table1/<framework>/<dense|random|ours>/seed<N>/
+Writes to --output_dir: prune/ (the IMP rounds and the Ours mask: a re-run of an unfinished run resumes
+them; prune_quick/ for --quick's shorter schedule), masks/ (the Random masks), table1/<framework>/<dense|random|ours>/seed<N>/
 and table2/<row>/seed<N>/ (each a complete `train` output: model, metrics.json, plots; re-run each time;
 table 2's full fine-tuning is table 1's dense DeepLabV3 run when both tables run with DeepLabV3),
 and results.json (every run's numbers, per seed and aggregated; metrics as fractions of 1), results.md
 (the tables in percent, the noise statements, the command) and mIoU_vs_flops.png (needs matplotlib), each
-written atomically at the end, once every run has finished.
+written atomically at the end, once every run has finished. A directory holding a finished run (its
+results.json) is refused unless --overwrite_output_dir, which removes the earlier run's outputs first.
 
 With no arguments it runs on the embedded procedural dataset and the project's default CLIP on CPU.
 """
@@ -44,7 +45,16 @@ from pathlib import Path
 
 from transformers import CLIPConfig, CLIPVisionModel
 
-from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, prune, train
+from opentrans_hf.commands import (
+    ArgumentError,
+    check_at_least_one,
+    check_local_paths,
+    check_output_dir,
+    check_positive,
+    claim,
+    prune,
+    train,
+)
 from opentrans_hf.commands.arguments import ClipArguments, EmbeddedArguments
 from opentrans_hf.commands.train import FRAMEWORKS, TrainArguments
 from opentrans_hf.data.assembly import load_training_data, make_loader
@@ -56,6 +66,7 @@ from opentrans_hf.methods.spectral_tuning.flops import estimate_training_flops
 from opentrans_hf.training.cost import si
 from opentrans_hf.training.evaluation import percent
 from opentrans_hf.training.optim import resolve_solver
+from opentrans_hf.training.outputs import OutputLayout
 from opentrans_hf.training.pretraining import default_clip
 from opentrans_hf.training.trainer import framework_class
 from opentrans_hf.utils.distributed import make_accelerator, make_state, on_main_process
@@ -108,7 +119,8 @@ class ReproduceArguments(EmbeddedArguments, ClipArguments):
     batch_size: int = field(default=8, metadata={"help": "batch size of pruning and fine-tuning"})
     learning_rate: float | None = field(default=MINIATURE_LEARNING_RATE, metadata={"help": f"fine-tuning learning rate of the heads (the encoder's: times the framework's backbone multiplier); the rest of each framework's solver is its own. Default {MINIATURE_LEARNING_RATE:g} (the references' 1e-4 is for long schedules); none: each framework's default"})
     max_eval_examples: int | None = field(default=None, metadata={"help": f"cap on evaluation examples (default: all; --quick: {QUICK_MAX_EVAL_EXAMPLES})"})
-    no_resume: bool = field(default=False, metadata={"help": "prune from round 0 even if output_dir/prune (or prune_quick) holds the rounds of an earlier run (needed after changing a pruning setting)"})
+    no_resume: bool = field(default=False, metadata={"help": "prune from round 0 even if output_dir/prune (or prune_quick) holds the rounds of an earlier, unfinished run (needed after changing a pruning setting)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "remove the outputs of an earlier reproduce run in --output_dir before starting (only what the job writes there; other files are kept). Without it a finished run's directory (its results.json) is refused; an unfinished one is resumed (its IMP rounds kept, every fine-tuning run redone)"})
 
     def __post_init__(self):
         if not self.seeds:
@@ -129,9 +141,8 @@ class ReproduceArguments(EmbeddedArguments, ClipArguments):
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 raise ArgumentError(f"--{name} must be in (0, 1), got {value:g}")
-        if (self.learning_rate is not None and not self.learning_rate > 0) or not self.prune_learning_rate > 0:
-            raise ArgumentError(f"learning rates must be > 0, got --learning_rate {self.learning_rate}, "
-                                f"--prune_learning_rate {self.prune_learning_rate:g}")
+        check_positive("learning_rate", self.learning_rate)
+        check_positive("prune_learning_rate", self.prune_learning_rate)
         if 2 in self.tables:
             steps, warmup = resolved_max_steps(self, TABLE2_FRAMEWORK), resolved_warmup_steps(self)
             if not 1 <= warmup < steps:
@@ -140,6 +151,7 @@ class ReproduceArguments(EmbeddedArguments, ClipArguments):
         if self.prune_scope not in ("global", "layerwise", "alpha", "structured", "structured-layerwise"):
             raise ArgumentError(f"--prune_scope must be one of global, layerwise, alpha, structured, "
                                 f"structured-layerwise, got {self.prune_scope!r}")
+        check_output_dir(self)
         check_local_paths(self, "model_name_or_path")
 
 
@@ -231,7 +243,15 @@ def run(args: ReproduceArguments) -> dict:
     with ExitStack() as locks:
         for directory in (out, *_sub_run_dirs(args, out)):
             locks.enter_context(output_dir_lock(directory, state, "reproduce"))
+        finished = (out / "results.json").is_file()  # written last
+        claim(out, REPRODUCE_LAYOUT, overwrite=args.overwrite_output_dir,
+              resuming=not finished and not args.overwrite_output_dir, state=state)
         return _run(args, state)
+
+
+REPRODUCE_LAYOUT = OutputLayout("reproduce", ("prune", "prune_quick", "masks", "table1", "table2", "results.json",
+                                              "results.md", "mIoU_vs_flops.png"))
+"""What reproduce writes into its output directory; results.json, written last, marks a finished run."""
 
 
 def _run(args: ReproduceArguments, state) -> dict:
@@ -289,7 +309,8 @@ def _train(args, clip, framework, out_dir, seed, **extra) -> dict:
     return train.run(train.TrainArguments(
         model_name_or_path=clip, framework=framework, max_steps=resolved_max_steps(args, framework), batch_size=args.batch_size,
         learning_rate=args.learning_rate, output_dir=str(out_dir), seed=seed, embedded_size=args.embedded_size,
-        max_eval_examples=resolved_max_eval_examples(args), **extra))
+        max_eval_examples=resolved_max_eval_examples(args), overwrite_output_dir=True,  # its own sub-run: redone
+        **extra))
 
 
 def _run_record(metrics: dict, out_dir: Path) -> dict:
@@ -344,7 +365,7 @@ def _table1_masks(args, clip, out, seeds, state, say):
         model_name_or_path=clip, rate=schedule["rate"], target_sparsity=args.target_sparsity,
         steps_per_round=schedule["steps_per_round"], batch_size=args.batch_size, learning_rate=args.prune_learning_rate,
         output_dir=str(out / schedule["dir"]), seed=seeds[0], embedded_size=args.embedded_size,
-        no_resume=args.no_resume, scope=args.prune_scope))
+        no_resume=args.no_resume, overwrite_output_dir=args.no_resume, scope=args.prune_scope))
     ours = SparseMask.from_pretrained(pruned["mask"])
     with quiet_loading():
         vision = CLIPVisionModel.from_pretrained(clip)

@@ -31,7 +31,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from opentrans_hf.commands import ArgumentError, check_at_least_one, check_local_paths, check_percentage
+
+from opentrans_hf.commands import (
+    OVERWRITE_HELP,
+    ArgumentError,
+    check_at_least_one,
+    check_finite,
+    check_holdout_classes,
+    check_local_paths,
+    check_output_dir,
+    check_percentage,
+    check_positive,
+    claim,
+)
 from opentrans_hf.commands.arguments import (
     FRAMEWORKS,
     ClipArguments,
@@ -48,9 +60,12 @@ from opentrans_hf.models.configuration_ovs import (
     SCHEDULES as SCHEDULERS,  # transformers' schedules needing only the step count
 )
 from opentrans_hf.training.optim import resolve_solver
+from opentrans_hf.training.outputs import TRAIN_LAYOUT
 from opentrans_hf.training.trainer import config_overrides, framework_class, run_training
 from opentrans_hf.training.warmup import check_warmup_config, spectral_config_of
+from opentrans_hf.utils.distributed import make_state
 from opentrans_hf.utils.hub import is_offline
+from opentrans_hf.utils.locking import output_dir_lock
 
 FreezeRule = Literal[FREEZE_RULES]
 Scheduler = Literal[SCHEDULERS]
@@ -81,6 +96,7 @@ class TrainArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArg
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     mixed_precision: MixedPrecision = field(default="no", metadata={"help": "Accelerate mixed precision"})
     output_dir: str = field(default="runs/train", metadata={"help": "where everything is written"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": OVERWRITE_HELP + " (--resume_from_checkpoint)"})
     checkpointing_steps: int | None = field(default=None, metadata={"help": "save the full training state every N steps (default: never)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir, or 'latest' (the complete checkpoint in --output_dir with the highest recorded step); refused if it was made with other arguments"})
     ignore_checkpoint_mismatch: bool = field(default=False, metadata={"help": "resume even if the checkpoint was made with other arguments (the differences are printed)"})
@@ -99,12 +115,18 @@ class TrainArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArg
             raise ArgumentError(f"unknown freeze_rule {self.freeze_rule!r}; choose one of {FREEZE_RULES}")
         if self.lr_scheduler_type is not None and self.lr_scheduler_type not in SCHEDULERS:
             raise ArgumentError(f"unknown lr_scheduler_type {self.lr_scheduler_type!r}; choose one of {SCHEDULERS}")
+        check_positive("learning_rate", self.learning_rate)
+        check_finite(self, *FLOAT_SOLVER_FLAGS)
         check_solver(self)
         if self.max_steps <= 0 and not self.num_epochs > 0:
             raise ArgumentError(f"set --max_steps > 0 or --num_epochs > 0 (got max_steps={self.max_steps}, "
                                 f"num_epochs={self.num_epochs})")
         check_at_least_one(self, "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "eval_steps",
-                           "max_eval_examples")
+                           "max_eval_examples", "image_size", "embedded_size")
+        check_output_dir(self)
+        if self.overwrite_output_dir and self.resume_from_checkpoint and resumes_output_dir(self):
+            raise ArgumentError(f"--overwrite_output_dir would remove the checkpoint --resume_from_checkpoint "
+                                f"{self.resume_from_checkpoint} resumes from; give one of them")
         check_hub_arguments(self)
         if self.spectral_config and self.freeze_rule:
             raise ArgumentError("give either --spectral_config or --freeze_rule, not both")
@@ -112,6 +134,7 @@ class TrainArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArg
         check_config_overrides(self)
         check_local_paths(self, "model_name_or_path", "mask", "spectral_config")
         check_benchmark(self)
+        check_holdout_classes(self)
         check_data_arguments(self)
 
 
@@ -129,6 +152,21 @@ def check_hub_arguments(args) -> None:
              if getattr(args, name) not in (None, False)]
     if given:
         raise ArgumentError(f"{', '.join(given)} only apply with --push_to_hub")
+
+
+FLOAT_SOLVER_FLAGS = ("backbone_lr_multiplier", "weight_decay", "weight_decay_norm", "weight_decay_embed", "poly_power",
+                      "max_grad_norm")
+
+
+def resumes_output_dir(args) -> bool:
+    """The run resumes a checkpoint of its own --output_dir ('latest', or a checkpoint folder inside it)."""
+    spec = args.resume_from_checkpoint
+    if not spec:
+        return False
+    if spec == "latest":
+        return True
+    out = Path(args.output_dir).expanduser().resolve()
+    return out in Path(spec).expanduser().resolve().parents
 
 
 def check_solver(args) -> None:
@@ -205,5 +243,11 @@ ARGUMENTS = TrainArguments
 
 
 def run(args: TrainArguments) -> dict:
-    """Train, evaluate, write everything to ``args.output_dir``; returns the final metrics."""
-    return run_training(args)
+    """Train, evaluate, write everything to ``args.output_dir``; returns the final metrics. The directory is
+    the run's own: holding its lock, before anything loads, earlier training outputs there are refused
+    unless the run resumes one of its checkpoints, or removed with ``--overwrite_output_dir``."""
+    state = make_state()
+    with output_dir_lock(args.output_dir, state, "train"):
+        claim(args.output_dir, TRAIN_LAYOUT, overwrite=args.overwrite_output_dir, resuming=resumes_output_dir(args),
+              resume_hint="--resume_from_checkpoint latest", state=state)
+        return run_training(args)

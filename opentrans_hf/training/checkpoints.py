@@ -30,7 +30,8 @@ PARTIAL_SUFFIX = ".partial"
 # train arguments that never change the trained weights; every other one is part of the fingerprint
 # (an argument added later is compared by default: refusing a resume is safer than mixing two runs)
 NOT_FINGERPRINTED = frozenset({
-    "output_dir", "resume_from_checkpoint", "ignore_checkpoint_mismatch", "checkpointing_steps", "eval_steps",
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "ignore_checkpoint_mismatch", "checkpointing_steps",
+    "eval_steps",
     "eval_split", "eval_datasets", "max_eval_examples", "report_to", "push_to_hub", "hub_model_id",
     "hub_private_repo", "hub_revision", "hub_token",
 })

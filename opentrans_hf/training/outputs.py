@@ -1,20 +1,27 @@
-"""Everything a training run leaves in its output directory: model, adapters, metrics, card, plots."""
+"""Everything a training run leaves in its output directory: model, adapters, metrics, card, plots; and, for
+every job that writes a directory, the check at the start of a run that the directory is its own
+(:func:`claim_output_dir`)."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from opentrans_hf.data.transforms import CLIP_MEAN, CLIP_STD
 from opentrans_hf.training.divergence import check_finite_weights
+from opentrans_hf.training.tracking import TRACKER_PROJECT
 from opentrans_hf.training.warmup import frozen_by_rule
 from opentrans_hf.utils import logging
+from opentrans_hf.utils.distributed import on_main_process
 from opentrans_hf.utils.hub import redact_tokens, render_model_card
 from opentrans_hf.utils.io import atomic_directory, atomic_write_text, atomic_write_with, json_safe
+from opentrans_hf.utils.locking import LOCK_NAME
 from opentrans_hf.utils.plotting import colormap, figure
 from opentrans_hf.utils.version import __version__
 
@@ -22,6 +29,11 @@ logger = logging.get_logger(__name__)
 
 MASK_SUBFOLDER = "mask_adapter"
 """Where a training run's model directory keeps the sparse mask it was trained with."""
+
+TRAIN_OUTPUTS = ("model", "metrics.json", "history.json", "outputs.json", "plots", "step_*", ".step_*.partial",
+                 TRACKER_PROJECT)
+"""What a training run writes into its output directory: the model, its metrics, history and plots, the
+step checkpoints (and the hidden folders of unfinished ones), the trackers' logs."""
 
 
 class IncompleteOutputs(RuntimeError):
@@ -177,3 +189,112 @@ def plot_predictions(path: Path, model, split, n: int = 4):
     fig.legend(handles, split.class_names, loc="lower center", ncol=min(k, 8), fontsize=7)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return atomic_write_with(path, lambda t: fig.savefig(t, format="png", dpi=90))
+
+
+# ----- one run per output directory -----------------------------------------------------------------
+
+class OutputDirInUse(FileExistsError):
+    """An output directory holds the outputs of an earlier run, and this run neither resumes it nor was
+    given ``--overwrite_output_dir``."""
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """What a job writes at the top of its output directory: ``names`` are ``fnmatch`` patterns of file and
+    folder names (``"step_*"``), or ``"*"`` for a job whose output is the whole directory (a checkpoint, a
+    dataset). Anything else in the directory (a user's notes, another tool's files) is not the job's: it is
+    neither counted as an earlier run's output nor ever removed."""
+
+    job: str
+    names: tuple[str, ...]
+
+    def earlier_outputs(self, directory: str | Path) -> list[Path]:
+        """The entries of ``directory`` an earlier run of the job wrote (its lock file and folders holding
+        nothing but lock files, as a pipeline's locks leave them, do not count)."""
+        d = Path(directory)
+        if not d.is_dir():
+            return []
+        return sorted(p for p in d.iterdir()
+                      if p.name != LOCK_NAME and any(fnmatch.fnmatchcase(p.name, n) for n in self.names)
+                      and _holds_something(p))
+
+
+TRAIN_LAYOUT = OutputLayout("train", TRAIN_OUTPUTS)
+
+
+def _holds_something(path: Path) -> bool:
+    if not path.is_dir() or path.is_symlink():
+        return True
+    for _, _, files in os.walk(path):
+        if any(f != LOCK_NAME for f in files):
+            return True
+    return False
+
+
+def remove_outputs(paths) -> None:
+    """Remove ``paths`` (files and folders) for good, keeping any lock file inside them (a run holding a
+    subfolder's lock keeps it) and the folders that hold one."""
+    for path in paths:
+        path = Path(path)
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+            continue
+        for root, dirs, files in os.walk(path, topdown=False):
+            for f in files:
+                if f != LOCK_NAME:
+                    os.unlink(os.path.join(root, f))
+            for sub in dirs:
+                full = os.path.join(root, sub)
+                if os.path.islink(full):
+                    os.unlink(full)
+                else:
+                    try:
+                        os.rmdir(full)
+                    except OSError:  # it keeps a lock file
+                        pass
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
+def _listing(paths: list[Path], limit: int = 4) -> str:
+    names = [p.name + ("/" if p.is_dir() else "") for p in paths]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_output_dir_free(directory: str | Path, layout: OutputLayout, *, overwrite: bool = False,
+                          resuming: bool = False, resume_hint: str | None = None) -> list[Path]:
+    """The earlier outputs of ``layout``'s job in ``directory`` (an empty list when there are none), or
+    :class:`OutputDirInUse` when there are some and the run neither resumes them (``resuming``) nor
+    replaces them (``overwrite``). ``resume_hint`` says how this job resumes a run, for the message.
+    Nothing is removed: see :func:`claim_output_dir`."""
+    earlier = layout.earlier_outputs(directory)
+    if not earlier or overwrite or resuming:
+        return earlier
+    how = f"{resume_hint} to resume that run, " if resume_hint else ""
+    raise OutputDirInUse(
+        f"--output_dir {directory} holds the outputs of an earlier {layout.job} run ({_listing(earlier)}): one run "
+        f"per output directory; pass {how}--overwrite_output_dir to remove them first, or choose another --output_dir")
+
+
+def claim_output_dir(directory: str | Path, layout: OutputLayout, *, overwrite: bool = False,
+                     resuming: bool = False, resume_hint: str | None = None, state=None) -> list[Path]:
+    """Make ``directory`` this run's, before anything is loaded; the caller holds the directory's lock
+    (:func:`~opentrans_hf.utils.locking.output_dir_lock`). Earlier outputs of the job are kept when
+    ``resuming`` (the job's own resume checks their settings), removed with ``overwrite`` (only the
+    entries of ``layout``: other files stay), and otherwise refused (:class:`OutputDirInUse`, naming them
+    and the way out). ``state``: under Accelerate the main process checks and removes, and every process
+    shares the outcome. Returns what was removed."""
+
+    def claim():
+        earlier = check_output_dir_free(directory, layout, overwrite=overwrite, resuming=resuming,
+                                        resume_hint=resume_hint)
+        if earlier and overwrite and not resuming:
+            logger.warning(f"--overwrite_output_dir: removing the earlier {layout.job} run's outputs in {directory}: "
+                           f"{_listing(earlier, limit=8)}")
+            remove_outputs(earlier)
+            return earlier
+        return []
+
+    return on_main_process(state, claim) or []
