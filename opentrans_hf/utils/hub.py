@@ -233,9 +233,9 @@ Never loaded: model weights come from safetensors files only."""
 NOT_WEIGHTS = frozenset({"training_args.bin"})  # transformers' Trainer writes it beside the weights
 
 
-def pickle_refusal(path: str | os.PathLike, what: str = "model") -> str:
+def pickle_refusal(path: str | os.PathLike) -> str:
     """The one line that refuses the pickled weight file ``path``, and says how to convert it."""
-    return (f"refused: {path} is a pickle, and opentrans-hf loads {what} weights only from safetensors files "
+    return (f"refused: {path} is a pickle, and opentrans-hf loads model weights only from safetensors files "
             f"(model.safetensors), never from pickles ({', '.join(f'*{s}' for s in PICKLE_WEIGHT_SUFFIXES)}); to "
             "convert weights you trust, load them yourself (transformers' from_pretrained, or "
             "model.load_state_dict(torch.load(file, weights_only=True))) and save them with save_pretrained(directory), "
@@ -256,7 +256,7 @@ def check_weights_directory(path: str | os.PathLike | None, what: str = "model")
     safe = [f for f in files if f.name.endswith((".safetensors", ".safetensors.index.json"))]
     pickles = [f for f in files if f.suffix in PICKLE_WEIGHT_SUFFIXES and f.name not in NOT_WEIGHTS]
     if pickles and not safe:
-        raise ValueError(pickle_refusal(pickles[0], what))
+        raise ValueError(pickle_refusal(pickles[0]))
     for f in safe:
         if f.suffix == ".safetensors":
             check_safetensors_file(f, f"{what} weights")
