@@ -123,9 +123,13 @@ def test_a_clip_directory_with_only_pickled_weights_is_refused(tiny_clip_dir, tm
         CLIPDeepLabV3ForOVS.from_clip(str(clip))
     with pytest.raises(ValueError, match=expected):
         CLIPDenseZeroShot.from_pretrained(str(clip))
-    rc = cli_main(["train", "--model_name_or_path", str(clip), "--output_dir", str(tmp_path / "run"),
-                   "--max_steps", "1", "--embedded_size", "8"])
-    assert rc == 1 and expected in _error_line(capsys)
+    for argv in (["train", "--model_name_or_path", str(clip), "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+                  "--embedded_size", "8"],
+                 ["prune", "--model_name_or_path", str(clip), "--output_dir", str(tmp_path / "prune"), "--num_rounds", "1",
+                  "--steps_per_round", "1", "--embedded_size", "8"],
+                 ["analyze", str(clip), "--no-progress"]):
+        rc = cli_main(argv)
+        assert rc == 1 and expected in _error_line(capsys), argv
 
 
 # --- truncated safetensors (class 8) ------------------------------------------------------------------------
