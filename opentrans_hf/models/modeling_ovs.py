@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,11 @@ from transformers.image_processing_base import ImageProcessingMixin
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from opentrans_hf.methods.base import CONFIG_NAME as MASK_CONFIG_NAME
 from opentrans_hf.methods.sparse_mask.compact import shrink_to_structure
+from opentrans_hf.methods.sparse_mask.mask import MASK_SUBFOLDER, SparseMask
 from opentrans_hf.methods.sparse_mask.storage import (
+    SPARSE_WEIGHTS,
     is_sparse_checkpoint,
     load_sparse_pretrained,
     save_sparse_pretrained,
@@ -155,7 +159,8 @@ class OVSPreTrainedModel(PreTrainedModel):
         """Build the framework around a ``CLIPModel`` checkpoint (Hub id or local dir with its tokenizer);
         the heads are newly initialised, the CLIP weights are the checkpoint's."""
         name = str(clip_name_or_path)
-        clip = load_or_explain(name, lambda: CLIPModel.from_pretrained(name, revision=revision, token=token), "CLIP model")
+        clip = load_or_explain(name, lambda: CLIPModel.from_pretrained(name, revision=revision, token=token,
+                                                                    use_safetensors=True), "CLIP model")
         if tokenizer is None:
             tokenizer = load_or_explain(
                 name, lambda: AutoTokenizer.from_pretrained(name, revision=revision, token=token), "CLIP tokenizer")
@@ -169,14 +174,24 @@ class OVSPreTrainedModel(PreTrainedModel):
         return model
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, tokenizer=None, **kwargs):
-        """``PreTrainedModel.from_pretrained``, plus the tokenizer saved beside the model."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, tokenizer=None, check_mask: bool = True, **kwargs):
+        """``PreTrainedModel.from_pretrained``, plus the tokenizer saved beside the model. Weights come from
+        safetensors files only (a directory with only ``pytorch_model.bin`` or another pickle is refused, naming
+        it). A directory saved with its sparse mask (``mask_adapter/``, as a training run writes it) must hold
+        zeros wherever the mask prunes: weights that contradict it are refused, naming the layer and the count
+        (``check_mask=False`` loads them as they are, e.g. to apply the mask again and save)."""
         name = str(pretrained_model_name_or_path)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(f"{cls.__name__}.from_pretrained({name!r}, use_safetensors=False): opentrans-hf loads model "
+                             "weights only from safetensors files, never from pickles")
+        kwargs["use_safetensors"] = True
         if is_sparse_checkpoint(name):  # save_pretrained(..., sparse_storage=True): values + bit masks, local only
             model = load_sparse_pretrained(cls, name)
         else:
             model = load_or_explain(name, lambda: super(OVSPreTrainedModel, cls).from_pretrained(name, *args, **kwargs),
                                     cls.__name__)
+        if check_mask:
+            check_saved_mask(model, name)
         if tokenizer is None:
             tok_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
             try:
@@ -474,6 +489,31 @@ def _clip_normalisation(name: str, revision: str | None, token) -> dict:
     except (OSError, ValueError):
         return {}
     return {k: config[k] for k in ("image_mean", "image_std") if config.get(k) is not None}
+
+
+def check_saved_mask(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Refuse (``ValueError``) a ``model`` loaded from local ``directory`` whose weights contradict the sparse
+    mask saved with it (``directory/mask_adapter``): a pruned weight that is not zero, or a mask that does not
+    fit the model. Nothing to check for a directory without a mask, or a Hub id."""
+    d = Path(directory)
+    mask_dir = d / MASK_SUBFOLDER
+    if not (mask_dir / MASK_CONFIG_NAME).is_file():
+        return
+    mask = SparseMask.from_pretrained(mask_dir)
+    try:
+        mask.resolve(model, strict=True)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"the mask {mask_dir} does not fit the model in {d}: {err.args[0]}") from None
+    weights = next((d / f for f in ("model.safetensors", "model.safetensors.index.json", SPARSE_WEIGHTS)
+                    if (d / f).is_file()), d)
+    try:
+        mask.check_weights(model, str(mask_dir))
+    except ValueError as err:
+        raise ValueError(
+            f"refused: {weights} contradicts the mask it was saved with: {err}. A model saved with its mask keeps "
+            f"the pruned weights at zero; if the dense weights are what you mean, remove {mask_dir}; to prune them as "
+            f"the mask says, load with from_pretrained(..., check_mask=False), apply "
+            f"SparseMask.from_pretrained('{mask_dir}') and save again") from None
 
 
 def _saved_image_processor(name: str, kwargs: dict) -> OVSImageProcessor | None:

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, CLIPModel
 from opentrans_hf.models.backbone import check_pixel_values, clip_dense_embeddings, vit_feature_maps
 from opentrans_hf.models.classifier import OpenVocabClassifier, check_class_names, class_scores
 from opentrans_hf.models.configuration_ovs import DEFAULT_TEMPLATES
-from opentrans_hf.utils.hub import quiet_loading
+from opentrans_hf.utils.hub import load_or_explain, quiet_loading
 
 
 def dense_class_logits(clip, tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,8 @@ class CLIPDenseZeroShot(nn.Module):
     def from_pretrained(cls, path: str, templates: list[str] | None = None) -> "CLIPDenseZeroShot":
         """From a CLIP checkpoint (local dir or Hub id) with its tokenizer."""
         with quiet_loading():
-            return cls(CLIPModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), templates).eval()
+            clip = load_or_explain(path, lambda: CLIPModel.from_pretrained(path, use_safetensors=True), "CLIP model")
+            return cls(clip, AutoTokenizer.from_pretrained(path), templates).eval()
 
     @torch.no_grad()
     def patch_logits(self, pixel_values: torch.Tensor, class_names: list[str]) -> torch.Tensor:

@@ -10,13 +10,19 @@ and the run's fingerprint), all written into a hidden ``.step_N.partial`` direct
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import shutil
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
+
+from accelerate.utils import load as accelerate_load
 
 from opentrans_hf.utils import logging
 from opentrans_hf.utils.distributed import on_main_process
 from opentrans_hf.utils.fingerprint import differences, fingerprint
+from opentrans_hf.utils.hub import check_safetensors_file
 from opentrans_hf.utils.io import atomic_write_text, is_integer, read_json, replace_directory
 
 logger = logging.get_logger(__name__)
@@ -152,3 +158,65 @@ def check_fingerprint(path: Path, record: dict, current: dict, ignore: bool = Fa
     if diffs:
         logger.warning(f"resuming {path} despite other arguments (--ignore_checkpoint_mismatch): {'; '.join(diffs)}")
     return diffs
+
+
+CHECKPOINT_PICKLES = (".bin", ".pkl", ".pt", ".pth")  # Accelerate's optimizer/scheduler/sampler/RNG state files
+
+
+def load_checkpoint_state(accelerator, path: Path) -> None:
+    """``accelerator.load_state(path)``, its files guarded. Accelerate reads the optimizer, scheduler and RNG
+    states (``*.bin``, ``random_states_*.pkl``) with torch's weights-only unpickler: no code in a file runs, and
+    any object but tensors, numbers, strings, containers and numpy arrays is refused. A file it refuses or cannot
+    read (truncated, corrupt) is named in one line (:func:`checkpoint_file_error`) instead of torch's text. The
+    process's RNG state file is checked first: Accelerate would only log that it could not load it and resume
+    with other random numbers."""
+    rng = Path(path) / f"random_states_{accelerator.process_index}.pkl"
+    if not rng.is_file():
+        raise FileNotFoundError(f"checkpoint {path} lacks {rng.name} (process {accelerator.process_index}'s random "
+                                "state): it is incomplete; resume from another checkpoint or start over")
+    problem = _file_error(rng)
+    if problem is None:
+        try:
+            accelerator.load_state(str(path))
+            return
+        except Exception as err:  # re-raised as it is unless a file of the checkpoint explains it
+            problem = checkpoint_file_error(path)
+            if problem is None:
+                raise
+            raise ValueError(problem) from err
+    raise ValueError(problem)
+
+
+def checkpoint_file_error(path: Path) -> str | None:
+    """The first file of checkpoint directory ``path`` that cannot be loaded as Accelerate loads it (pickles
+    with the weights-only unpickler and Accelerate's numpy allowances; safetensors by their header), as a line
+    naming it; None when every file loads."""
+    for f in sorted(Path(path).iterdir()):
+        problem = _file_error(f) if f.is_file() else None
+        if problem is not None:
+            return problem
+    return None
+
+
+def _file_error(f: Path) -> str | None:
+    if f.suffix == ".safetensors":
+        try:
+            check_safetensors_file(f, "checkpoint weights")
+        except ValueError as err:
+            return str(err)
+        return None
+    if f.suffix not in CHECKPOINT_PICKLES:
+        return None
+    try:  # zip-format torch.save files are memory-mapped: the check reads the pickles, not the tensor data
+        accelerate_load(f, map_location="cpu", mmap=zipfile.is_zipfile(f))
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" (it names {found.group(1)})" if found else ""
+        return (f"refused: {f} is not a plain tensor/state pickle{what}; opentrans-hf loads checkpoints with torch's "
+                "weights-only unpickler, which runs no code from the file and accepts only tensors, numbers, strings, "
+                "containers and numpy arrays. A checkpoint opentrans-hf wrote holds nothing else, so this file was "
+                "replaced or changed: resume from another checkpoint or start over")
+    except Exception:  # noqa: BLE001 - torch's reason (zip reader internals) is in the --debug traceback
+        return (f"cannot read checkpoint file {f}: it is not a complete torch.save file (truncated or corrupt); "
+                "resume from another checkpoint or start over")
+    return None

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from opentrans_hf.data.transforms import CLIP_MEAN, CLIP_STD
+from opentrans_hf.methods.sparse_mask.mask import MASK_SUBFOLDER
 from opentrans_hf.training.divergence import check_finite_weights
 from opentrans_hf.training.tracking import TRACKER_PROJECT
 from opentrans_hf.training.warmup import frozen_by_rule
@@ -26,9 +27,6 @@ from opentrans_hf.utils.plotting import colormap, figure
 from opentrans_hf.utils.version import __version__
 
 logger = logging.get_logger(__name__)
-
-MASK_SUBFOLDER = "mask_adapter"
-"""Where a training run's model directory keeps the sparse mask it was trained with."""
 
 TRAIN_OUTPUTS = ("model", "metrics.json", "history.json", "outputs.json", "plots", "step_*", ".step_*.partial",
                  TRACKER_PROJECT)

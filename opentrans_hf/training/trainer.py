@@ -27,6 +27,7 @@ from opentrans_hf.training.checkpoints import (
     SPECTRAL_KEY,
     check_fingerprint,
     find_checkpoint,
+    load_checkpoint_state,
     remove_partial_checkpoints,
     run_fingerprint,
     save_checkpoint,
@@ -275,7 +276,7 @@ def _make_scheduler(accelerator, run: _Run, optimizer):
 def _resume(accelerator, run: _Run, resume) -> None:
     """The checkpoint's state (model, optimizer, scheduler, samplers, RNGs) and its history."""
     last_checkpoint, step = resume
-    accelerator.load_state(str(last_checkpoint))
+    load_checkpoint_state(accelerator, last_checkpoint)
     hist = last_checkpoint / "history.json"
     if hist.is_file():
         run.history = read_json(hist, "training history")

@@ -1,8 +1,10 @@
-"""Shared Hub helpers: loading by local path or Hub id with clear errors when offline, and pushing a folder
-in one commit."""
+"""Shared Hub helpers: loading by local path or Hub id with clear errors when offline; model weights from
+safetensors only (a directory holding only pickled weights is refused, naming the file), and a truncated or
+corrupt safetensors file named; pushing a folder in one commit."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -12,7 +14,7 @@ from typing import TypeVar
 import huggingface_hub
 from huggingface_hub import CommitOperationAdd, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
@@ -26,10 +28,16 @@ def is_offline() -> bool:
 def load_or_explain(name_or_path: str | os.PathLike, loader: Callable[[], T], what: str = "model") -> T:
     """Call ``loader()`` (a ``from_pretrained``); turn a failed Hub lookup into an error that says
     whether ``name_or_path`` was taken as a local directory or a Hub id, and what to do. A missing
-    local path fails at once (no Hub retries)."""
+    local path fails at once (no Hub retries). A local directory is checked first
+    (:func:`check_weights_directory`): weights only as pickles, or a truncated safetensors file, is an error
+    naming the file."""
     check_local_or_hub(name_or_path, what)
+    check_weights_directory(name_or_path, what)
     try:
         return loader()
+    except SafetensorError as err:  # a file the header check passed but the load could not read
+        raise ValueError(f"could not load the {what} from {name_or_path}: a safetensors file there is not readable "
+                         f"({err})") from None
     except (OSError, ValueError) as err:
         p = Path(name_or_path)
         if p.exists():
@@ -219,11 +227,83 @@ def quiet_loading():
 
 def read_safetensors(path: str | os.PathLike, what: str = "adapter weights") -> dict:
     """``safetensors.torch.load_file`` with errors that name the file: FileNotFoundError when it is
-    missing, ValueError when it is not a complete safetensors file (truncated, corrupt)."""
+    missing, ValueError when it is not a complete safetensors file (truncated, corrupt; with the tensors
+    cut off, when its header is intact)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read {path} ({what}): not a complete safetensors file ({err})") from None
+        raise ValueError(_unreadable(path, what, err)) from None
+
+
+def check_safetensors_file(path: str | os.PathLike, what: str = "model weights") -> None:
+    """Read only the header of safetensors file ``path``: a truncated or corrupt file is a ``ValueError``
+    naming it (and the tensors cut off), before a loader fails on it with a message that names nothing."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ValueError(_unreadable(path, what, err)) from None
+
+
+def _unreadable(path: Path, what: str, err: Exception) -> str:
+    return f"cannot read {path} ({what}): not a complete safetensors file ({err}){safetensors_cut_off(path)}"
+
+
+def safetensors_cut_off(path: str | os.PathLike) -> str:
+    """Which tensors of safetensors file ``path`` extend past its end (its header read by hand), as a
+    clause to append to an error: ``"; tensor(s) cut off: 'a', 'b'"``, ``"; its header is cut off or
+    corrupt"``, or ``""``."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else None
+            header = json.loads(f.read(n)) if n is not None and n < 100_000_000 else None
+        size = path.stat().st_size - 8 - n
+    except (OSError, ValueError, TypeError):
+        header = None
+    if not isinstance(header, dict):
+        return "; its header is cut off or corrupt"
+    cut = [k for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+           and v.get("data_offsets", [0, 0])[1] > size]
+    return f"; tensor(s) cut off: {', '.join(map(repr, cut[:5]))}{' ...' if len(cut) > 5 else ''}" if cut else ""
+
+
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+"""Weight files that are pickles (``torch.save``): ``pytorch_model.bin`` and its shards, ``*.pt``, ...
+Never loaded: model weights come from safetensors files only."""
+
+NOT_WEIGHTS = frozenset({"training_args.bin"})  # transformers' Trainer writes it beside the weights
+
+
+def pickle_refusal(path: str | os.PathLike) -> str:
+    """The one line that refuses the pickled weight file ``path``, and says how to convert it."""
+    return (f"refused: {path} is a pickle, and opentrans-hf loads model weights only from safetensors files "
+            f"(model.safetensors), never from pickles ({', '.join(f'*{s}' for s in PICKLE_WEIGHT_SUFFIXES)}); to "
+            "convert weights you trust, load them yourself (transformers' from_pretrained, or "
+            "model.load_state_dict(torch.load(file, weights_only=True))) and save them with save_pretrained(directory), "
+            "which writes model.safetensors")
+
+
+def check_weights_directory(path: str | os.PathLike | None, what: str = "model") -> None:
+    """Safetensors only: refuse (``ValueError``, :func:`pickle_refusal`) a local directory whose weights are
+    only pickles (``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``: no ``*.safetensors`` beside them),
+    naming the file; and check the header of every safetensors file there (:func:`check_safetensors_file`).
+    Anything that is not a local directory (a Hub id) is left to the loader."""
+    if path is None:
+        return
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        return
+    files = sorted(f for f in d.iterdir() if f.is_file())
+    safe = [f for f in files if f.name.endswith((".safetensors", ".safetensors.index.json"))]
+    pickles = [f for f in files if f.suffix in PICKLE_WEIGHT_SUFFIXES and f.name not in NOT_WEIGHTS]
+    if pickles and not safe:
+        raise ValueError(pickle_refusal(pickles[0]))
+    for f in safe:
+        if f.suffix == ".safetensors":
+            check_safetensors_file(f, f"{what} weights")

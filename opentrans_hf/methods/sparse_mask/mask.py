@@ -32,6 +32,10 @@ from opentrans_hf.utils.version import __version__
 
 PEFT_TYPE = "SPARSE_MASK"
 
+MASK_SUBFOLDER = "mask_adapter"
+"""Where a model directory saved with its mask (a training run's ``model/``) keeps it: its weights are zero
+wherever the mask prunes, and loading the directory checks that they still are."""
+
 
 CONFIG_FIELDS = ("peft_type", "base_model_name_or_path", "method", "target_sparsity", "sparsity", "num_weights",
                  "shapes", "layer_densities", "extra", "library_version")
@@ -227,6 +231,33 @@ class SparseMask(AdapterHubMixin):
             if pname == "weight":  # a PEFT tuner layer around it (now or later) adds a delta masked too
                 install_slot_hook(model, mod_name)
         return skipped
+
+    def pruned_nonzero(self, model: nn.Module) -> dict[str, int]:
+        """``{model parameter name: count}`` of the weights ``model`` holds non-zero where this mask prunes,
+        for the layers that have any, most first; ``{}`` when the weights agree with the mask (a model the
+        mask was applied to, or saved with it). Every mask entry must fit the model (:meth:`resolve`)."""
+        found, _ = self.resolve(model, strict=True)
+        params = dict(model.named_parameters())
+        counts = {}
+        for name, target in found.items():
+            weight = params[target].detach()
+            pruned = self.masks[name].to(weight.device).logical_not()
+            n = int(torch.count_nonzero(weight.ne(0).logical_and_(pruned)))  # bool ops: 2x faster than masked_fill
+            if n:
+                counts[target] = n
+        return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+    def check_weights(self, model: nn.Module, where: str = "") -> None:
+        """Refuse (``ValueError``) a ``model`` whose weights contradict this mask: the message names the layer
+        with the most non-zero weights where the mask (``where``: e.g. its directory) is 0, and the count. For a
+        model saved with this mask; a mask meant to prune a model is applied with :meth:`apply` instead."""
+        bad = self.pruned_nonzero(model)
+        if not bad:
+            return
+        (layer, n), *rest = bad.items()
+        more = (f" (and {len(rest)} more layer{'s' * (len(rest) != 1)}: {sum(bad.values())} in all)" if rest else "")
+        mask = f"the mask {where}" if where else "the mask"
+        raise ValueError(f"layer {layer} has {n} non-zero weights where {mask} is 0{more}")
 
     @staticmethod
     def remove(model: nn.Module, bake: bool = True) -> int:

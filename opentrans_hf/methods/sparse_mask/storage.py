@@ -189,27 +189,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a sparse weights file; an unreadable file is an error naming it and, when its header
     is intact, the tensors whose data it lacks (a truncated file)."""
-    try:
-        return read_safetensors(path, "sparse model weights")
-    except ValueError as err:
-        raise ValueError(f"{err}{_cut_off(path)}") from None
-
-
-def _cut_off(path: Path) -> str:
-    """Which tensors of safetensors file ``path`` extend past its end (its header read by hand)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            n = int.from_bytes(raw, "little") if len(raw) == 8 else None
-            header = json.loads(f.read(n)) if n is not None and n < 100_000_000 else None
-        size = path.stat().st_size - 8 - n
-    except (OSError, ValueError, TypeError):
-        header = None
-    if not isinstance(header, dict):
-        return "; its header is cut off or corrupt"
-    cut = [k for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
-           and v.get("data_offsets", [0, 0])[1] > size]
-    return f"; tensor(s) cut off: {', '.join(map(repr, cut[:5]))}{' ...' if len(cut) > 5 else ''}" if cut else ""
+    return read_safetensors(path, "sparse model weights")
 
 
 def load_sparse_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
