@@ -50,6 +50,10 @@ def keep_scalars_whole(accelerator, model: nn.Module) -> list[nn.Parameter]:
     for i, p in enumerate(scalars):
         holder.register_parameter(f"scalar_{i}", p)
     plugin = accelerator.state.fsdp_plugin
+    if plugin.cpu_ram_efficient_loading:  # moves the model to "meta" on all but one process: new parameter objects
+        logger.warning("fsdp_cpu_ram_efficient_loading is turned off: FSDP2 keeps the model's scalar parameters "
+                       "(logit scales) out of the sharding, which needs their parameters as they are")
+        plugin.cpu_ram_efficient_loading = False
     ignored = plugin.ignored_modules
     if isinstance(ignored, str):  # the launcher's regex of module names (fsdp_ignored_modules)
         pattern = re.compile(ignored)

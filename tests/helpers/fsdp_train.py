@@ -1,6 +1,6 @@
 """Run by tests/training/test_fsdp.py under `accelerate launch --config_file configs/accelerate/fsdp_cpu_2proc.yaml`
 (FSDP2, 2 processes on CPU): a short run with spectral tuning (part of the encoder frozen) and a sparse mask,
-checkpointed at step 2; then the same run resumed from that checkpoint in another directory. Each rank
+evaluated and checkpointed at step 2; then the same run resumed from that checkpoint in another directory. Each rank
 writes what it saw."""
 
 import json
@@ -17,7 +17,7 @@ clip_dir, root, mask = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 # 5 evaluation examples in batches of 2: the processes' shards are 3 and 2 examples, 2 and 1 forwards
 common = ["--model_name_or_path", clip_dir, "--max_steps", "4", "--batch_size", "2", "--embedded_size", "8",
           "--freeze_rule", "median", "--mask", mask, "--max_eval_examples", "5", "--learning_rate", "1e-3",
-          "--checkpointing_steps", "2"]
+          "--checkpointing_steps", "2", "--eval_steps", "2"]
 metrics = run_training(parse_args("train", [*common, "--output_dir", str(root / "a")]))
 state = PartialState()
 kind = state.distributed_type.name
