@@ -59,6 +59,7 @@ def test_fsdp2_trains_saves_resumes_and_evaluates_like_one_process(tiny_clip_dir
     frozen = sorted(set(cfg.layer_alphas) - set(cfg.trainable_layers))
     assert frozen and cfg.trainable_layers
     clip = load_file(tiny_clip_dir / "model.safetensors")
+    start_scale = AutoModel.from_pretrained(a / "model").config.logit_scale_init
     mask = SparseMask.from_pretrained(a / "model" / "mask_adapter")
     assert mask == SparseMask.from_pretrained(half_mask)
 
@@ -74,6 +75,11 @@ def test_fsdp2_trains_saves_resumes_and_evaluates_like_one_process(tiny_clip_dir
     # the mask held through the sharded optimizer steps: every pruned weight is still zero
     for name, m in mask.masks.items():
         assert not saved[f"clip.vision_model.{name}"][~m].any(), name
+
+    # the unsharded scalars (logit scales) trained as one: the same on both processes, as saved
+    assert ranks[0]["whole"] == ranks[1]["whole"]
+    scale = ranks[0]["whole"][0]["base_model.classifier.logit_scale"]
+    assert scale == saved["classifier.logit_scale"].item() != start_scale
 
     # resumed from the step-2 checkpoint: the same model as the uninterrupted run, bit for bit
     resumed = load_file(b / "model" / "model.safetensors")
