@@ -10,7 +10,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-import opentrans_hf.training.trainer as trainer
+from opentrans_hf.training import trainer
 from opentrans_hf.commands import parse_args
 from opentrans_hf.commands.train import run as run_training
 
