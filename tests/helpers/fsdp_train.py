@@ -10,9 +10,9 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from opentrans_hf.training import trainer
 from opentrans_hf.commands import parse_args
 from opentrans_hf.commands.train import run as run_training
+from opentrans_hf.training import trainer
 
 whole = []  # per run: this process's own copy of the weights FSDP2 does not shard (the 0-dim logit scales)
 _finish = trainer._finish
