@@ -93,3 +93,58 @@ def test_fsdp2_trains_saves_resumes_and_evaluates_like_one_process(tiny_clip_dir
                      "--batch_size", "2", "--out", str(tmp_path / "eval.json")]) == 0
     single = json.loads((tmp_path / "eval.json").read_text())["results"]["embedded:validation"]
     assert same_metrics(ranks[0]["metrics"]["eval"]["embedded:validation"], single)
+
+
+class _Launched:
+    """What enable_fsdp2_on_cpu reads of an Accelerator that Accelerate set up for several CPU processes."""
+
+    def __init__(self):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = DistributedType.MULTI_CPU
+        self.state = self
+
+
+def test_fsdp_on_cpu_is_fsdp2_for_real_and_fsdp1_is_refused(monkeypatch):
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    from opentrans_hf.utils.distributed import enable_fsdp2_on_cpu
+
+    monkeypatch.setitem(PartialState._shared_state, "distributed_type", DistributedType.MULTI_CPU)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="fsdp_version 1 needs GPUs.*fsdp_version: 2"):
+        enable_fsdp2_on_cpu(_Launched())
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "CLIPEncoderLayer")
+    acc = _Launched()
+    assert enable_fsdp2_on_cpu(acc)
+    assert acc.distributed_type == DistributedType.FSDP and acc.fsdp_plugin.fsdp_version == 2
+    assert PartialState._shared_state["distributed_type"] == DistributedType.FSDP
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # a DDP launch stays DDP
+    assert not enable_fsdp2_on_cpu(_Launched())
+
+
+def test_write_model_writes_the_gathered_state_dict_and_refuses_non_finite(tiny_clip_dir, tmp_path):
+    from opentrans_hf.models import FRAMEWORKS
+    from opentrans_hf.training.outputs import write_model
+
+    model = FRAMEWORKS["deeplabv3"].from_clip(tiny_clip_dir, image_size=30, seen_class_names=["sky"])
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    gathered["aspp.branches.0.0.weight"].fill_(0.5)  # the module's own weights are not what is written
+    write_model(tmp_path / "run", model, None, None, state_dict=gathered)
+    saved = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert saved.keys() == gathered.keys() and torch.equal(saved["aspp.branches.0.0.weight"], gathered["aspp.branches.0.0.weight"])
+    gathered["aspp.branches.0.0.weight"][0] = float("nan")
+    with pytest.raises(ValueError, match="parameter aspp.branches.0.0.weight holds nan"):
+        write_model(tmp_path / "bad", model, None, None, state_dict=gathered)
+    assert not (tmp_path / "bad" / "model").exists()
+
+
+def test_ovs_models_name_their_input_embedding(tiny_clip_dir):
+    from opentrans_hf.models import FRAMEWORKS
+
+    for cls in FRAMEWORKS.values():  # Accelerate's FSDP2 shards it as a unit of its own
+        model = cls.from_clip(tiny_clip_dir, image_size=30, seen_class_names=["sky"])
+        assert model.get_input_embeddings() is model.clip.vision_model.embeddings.patch_embedding
