@@ -135,7 +135,8 @@ def test_write_model_writes_the_gathered_state_dict_and_refuses_non_finite(tiny_
     gathered["aspp.branches.0.0.weight"].fill_(0.5)  # the module's own weights are not what is written
     write_model(tmp_path / "run", model, None, None, state_dict=gathered)
     saved = load_file(tmp_path / "run" / "model" / "model.safetensors")
-    assert saved.keys() == gathered.keys() and torch.equal(saved["aspp.branches.0.0.weight"], gathered["aspp.branches.0.0.weight"])
+    assert saved.keys() == gathered.keys()
+    assert torch.equal(saved["aspp.branches.0.0.weight"], gathered["aspp.branches.0.0.weight"])
     gathered["aspp.branches.0.0.weight"][0] = float("nan")
     with pytest.raises(ValueError, match="parameter aspp.branches.0.0.weight holds nan"):
         write_model(tmp_path / "bad", model, None, None, state_dict=gathered)
