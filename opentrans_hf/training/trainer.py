@@ -430,7 +430,8 @@ def _finish(accelerator, args, out: Path, run: _Run, mask, train_split, eval_spl
         }
         stage = "writing the model card, metrics and plots"
         on_main_process(accelerator, lambda: write_outputs(out, plain, args, metrics, history, mask, spectral,
-                                                           eval_splits, paths=paths, predictor=evaluated))
+                                                           eval_splits, paths=paths,
+                                                           predictor=evaluated if is_sharded(accelerator) else None))
         if args.push_to_hub:
             stage = f"pushing it to the Hub ({args.hub_model_id})"
             url = on_main_process(accelerator, lambda: push_folder_to_hub(
