@@ -47,17 +47,20 @@ def info_logs():
     library_logging.set_verbosity(previous)
 
 
-def launch_two_processes(script, *args, port: int, env: dict | None = None, timeout: int = 600):
+def launch_two_processes(script, *args, port: int, env: dict | None = None, timeout: int = 600,
+                         config_file: Path | None = None):
     """Run ``script args`` as 2 processes with ``accelerate launch`` and return the finished process.
 
     ``--multi_gpu`` is Accelerate's torchrun launcher; without GPUs the 2 processes run on CPU with gloo
-    (``--cpu`` alone would start a single process unless mpirun is set up)."""
+    (``--cpu`` alone would start a single process unless mpirun is set up). ``config_file``: an accelerate
+    config of 2 processes to launch with instead (e.g. ``configs/accelerate/fsdp_cpu_2proc.yaml``)."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(script), *map(str, args)]
+    launcher = (["--config_file", str(config_file)] if config_file is not None else
+                ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--dynamo_backend", "no",
+           "--main_process_port", str(port), str(script), *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 

@@ -102,6 +102,11 @@ class OVSPreTrainedModel(PreTrainedModel):
             self.image_processor = OVSImageProcessor.from_model_config(self.config)
         return self.image_processor
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The module that embeds the model's input, the CLIP image encoder's patch embedding (as
+        ``CLIPVisionModel``'s); Accelerate's FSDP2 asks for it to shard it as a unit of its own."""
+        return self.clip.vision_model.embeddings.patch_embedding
+
     # ----- construction ---------------------------------------------------------------------------
     def post_init(self):
         super().post_init()

@@ -5,27 +5,35 @@ from __future__ import annotations
 
 import torch
 from accelerate.utils import gather_object
+from torch.distributed.tensor import DTensor
 
 
 class TrainingDiverged(RuntimeError):
     """The loss, a gradient or a weight became non-finite."""
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t``: its shard under FSDP2 (a DTensor), else ``t`` (the checks are agreed on
+    by every process afterwards, so each one looks at its own shard)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _all_finite(tensors) -> torch.Tensor:
-    flags = [torch.isfinite(t).all() for t in tensors]
+    flags = [torch.isfinite(_local(t)).all() for t in tensors]
     return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
 def _bad_value(t: torch.Tensor) -> str:
     """The first non-finite value of ``t`` (``nan``, ``inf`` or ``-inf``)."""
-    bad = t.detach()[~torch.isfinite(t.detach())]
+    t = _local(t).detach()
+    bad = t[~torch.isfinite(t)]
     return str(bad.flatten()[0].item()) if bad.numel() else "finite"
 
 
 def first_non_finite(named_tensors) -> tuple[str, str] | None:
     """``(name, value)`` of the first tensor with a non-finite value, or None."""
     for name, t in named_tensors:
-        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(_local(t)).all()):
             return name, _bad_value(t)
     return None
 

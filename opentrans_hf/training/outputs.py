@@ -15,7 +15,8 @@ import torch
 
 from opentrans_hf.data.transforms import CLIP_MEAN, CLIP_STD
 from opentrans_hf.methods.sparse_mask.mask import MASK_SUBFOLDER
-from opentrans_hf.training.divergence import check_finite_weights
+from opentrans_hf.training.divergence import check_finite_weights, first_non_finite
+from opentrans_hf.training.fsdp import base_state_dict
 from opentrans_hf.training.tracking import TRACKER_PROJECT
 from opentrans_hf.training.warmup import frozen_by_rule
 from opentrans_hf.utils import logging
@@ -44,26 +45,39 @@ class IncompleteOutputs(RuntimeError):
                          f"{type(error).__name__}: {error}")
 
 
-def write_model(out: Path, model, mask, spectral, spectral_warmup_steps: int = 0) -> dict:
+def write_model(out: Path, model, mask, spectral, spectral_warmup_steps: int = 0,
+                state_dict: dict | None = None) -> dict:
     """Write ``out/model`` atomically: the framework (+ tokenizer), and the adapters it was made with in
     subfolders (what a Hub repo of the run holds; the card is added by :func:`write_outputs`; the spectral
     adapter's own card says when alpha was measured: after ``spectral_warmup_steps``, if any). Refuses
     non-finite weights (``ValueError`` naming the parameter). An adapter that fails to save is left out
-    and reported by :class:`IncompleteOutputs` once the model is in place. Returns ``{what: path}``."""
+    and reported by :class:`IncompleteOutputs` once the model is in place. Returns ``{what: path}``.
+
+    ``state_dict``: the weights to write instead of the module's own, e.g. the full state dict FSDP gathers
+    (``accelerator.get_state_dict``; ``model``'s names, a spectral wrapper's ``base_model.`` prefix allowed):
+    the directory is then the same complete model as without sharding."""
     plain = spectral.base_model if spectral is not None else model
-    check_finite_weights(plain, "the trained model")
+    if state_dict is None:
+        check_finite_weights(plain, "the trained model")
+    else:
+        state_dict = base_state_dict(state_dict, spectral)
+        bad = first_non_finite(state_dict.items())
+        if bad is not None:
+            raise ValueError(f"the trained model has non-finite weights: parameter {bad[0]} holds {bad[1]} (a "
+                             f"diverged training run?); refusing to use it")
     out.mkdir(parents=True, exist_ok=True)
     paths, failed = {"model": out / "model"}, []
     with atomic_directory(out / "model") as tmp:  # never a half-written model directory
-        plain.save_pretrained(tmp)
+        # a copy: transformers empties the state dict it is given as it writes it
+        plain.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": dict(state_dict)}))
         for name, adapter in (("spectral_adapter", spectral), (MASK_SUBFOLDER, mask)):
             if adapter is None:
                 continue
+            kwargs = {"state_dict": state_dict} if adapter is spectral and state_dict is not None else {}
+            if adapter is spectral and spectral_warmup_steps:
+                kwargs["spectral_warmup_steps"] = spectral_warmup_steps
             try:
-                if adapter is spectral and spectral_warmup_steps:
-                    adapter.save_pretrained(tmp / name, spectral_warmup_steps=spectral_warmup_steps)
-                else:
-                    adapter.save_pretrained(tmp / name)
+                adapter.save_pretrained(tmp / name, **kwargs)
             except Exception as err:  # noqa: BLE001 - the model itself is still saved, then this is reported
                 shutil.rmtree(tmp / name, ignore_errors=True)
                 failed.append((name, err))
@@ -76,12 +90,13 @@ def write_model(out: Path, model, mask, spectral, spectral_warmup_steps: int = 0
 
 
 def write_outputs(out: Path, model, args, metrics: dict, history: dict, mask, spectral, eval_splits,
-                  paths: dict) -> dict:
+                  paths: dict, predictor=None) -> dict:
     """Write the rest of the run's artefacts under ``out`` once :func:`write_model` (whose result is
     ``paths``) has written the model directory: its card, metrics, history, plots; returns
-    ``{what: path}`` (also printed by the CLI)."""
+    ``{what: path}`` (also printed by the CLI). ``predictor``: the model that predicts the plotted
+    examples, if not ``model`` (under FSDP, which runs on every process, the plain copy it was evaluated with)."""
     paths = dict(paths)
-    plain = spectral.base_model if spectral is not None else model
+    plain = predictor if predictor is not None else spectral.base_model if spectral is not None else model
     atomic_write_text(out / "model" / "README.md", render_training_card(args, metrics, spectral, mask))
     metrics = dict(metrics, args=redact_tokens(asdict(args)))  # --hub_token never written
     atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")

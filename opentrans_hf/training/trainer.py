@@ -34,6 +34,13 @@ from opentrans_hf.training.checkpoints import (
 )
 from opentrans_hf.training.divergence import TrainingDiverged, step_problem, weights_problem
 from opentrans_hf.training.evaluation import METRIC_UNITS, evaluate_splits, percent
+from opentrans_hf.training.fsdp import (
+    average_whole_gradients,
+    gathered_state_dict,
+    is_sharded,
+    keep_scalars_whole,
+    plain_copy,
+)
 from opentrans_hf.training.optim import make_optimizer as build_optimizer
 from opentrans_hf.training.optim import make_scheduler as build_scheduler
 from opentrans_hf.training.optim import resolve_solver
@@ -57,7 +64,7 @@ from opentrans_hf.training.warmup import (
     switch_to_spectral_tuning,
 )
 from opentrans_hf.utils import logging
-from opentrans_hf.utils.distributed import make_accelerator, on_main_process
+from opentrans_hf.utils.distributed import enable_fsdp2_on_cpu, make_accelerator, on_main_process
 from opentrans_hf.utils.hub import push_folder_to_hub
 from opentrans_hf.utils.io import read_json
 from opentrans_hf.utils.locking import output_dir_lock
@@ -137,6 +144,7 @@ def run_training(args) -> dict:
         project_config=ProjectConfiguration(project_dir=str(out), automatic_checkpoint_naming=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    enable_fsdp2_on_cpu(accelerator)
     with output_dir_lock(out, accelerator, "train"):
         try:
             return _train(accelerator, args, out)
@@ -159,6 +167,8 @@ class _Run:
     max_steps: int
     steps_per_epoch: int
     trainable: list = field(default_factory=list)
+    whole: list = field(default_factory=list)  # trainable parameters FSDP2 leaves unsharded (keep_scalars_whole)
+    mask: object = None
     step: int = 0
     history: dict = field(default_factory=lambda: {"step": [], "loss": [], "lr": [], "eval": []})
     last_checkpoint: Path | None = None
@@ -190,6 +200,7 @@ def _train(accelerator, args, out: Path) -> dict:
     train_split, eval_splits, holdout, model, mask, spectral, pending = _data_and_model(
         accelerator, args, spectral_state)
     run = _prepare(accelerator, args, train_split, model, spectral, pending)
+    run.mask = mask
     if resume is not None:
         _resume(accelerator, run, resume)
 
@@ -258,6 +269,7 @@ def _prepare(accelerator, args, train_split, model, spectral, pending) -> _Run:
                          f"(alpha is measured after the warm-up, then training continues)")
     run = _Run(model=model, optimizer=None, scheduler=None, loader=loader, spectral=spectral, pending=pending,
                solver=solver, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
+    run.whole = keep_scalars_whole(accelerator, model)
     optimizer = run.make_optimizer(model)
     scheduler = _make_scheduler(accelerator, run, optimizer)
     run.model, run.optimizer, run.loader, run.scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -325,12 +337,15 @@ def _micro_batch(accelerator, run: _Run, batch, class_prompts, running: list) ->
         running.append(outputs.loss.detach())
         run.throughput.count(batch["pixel_values"].shape[0])
         if accelerator.sync_gradients:  # the micro-batches' losses and the gradients, before the step
+            average_whole_gradients(accelerator, run.whole)
             problem = step_problem(accelerator, torch.stack(running), run.trainable,
                                    check_grads=accelerator.scaler is None)
             if problem is not None:
                 raise run.diverged(run.step + 1, problem)
             if run.solver.max_grad_norm is not None:
-                accelerator.clip_grad_norm_([p for _, p in run.trainable], run.solver.max_grad_norm)
+                # under FSDP all of the model's parameters: Accelerate's sharded norm (frozen ones have no gradient)
+                params = list(run.model.parameters()) if is_sharded(accelerator) else [p for _, p in run.trainable]
+                accelerator.clip_grad_norm_(params, run.solver.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad()
@@ -359,7 +374,7 @@ def _after_step(accelerator, args, out: Path, run: _Run, eval_splits, holdout, f
     periodic checkpoint (in that order: a checkpoint at the switch records the spectral config)."""
     step, warmup = run.step, args.spectral_warmup_steps
     if args.eval_steps and step % args.eval_steps == 0 and step < run.max_steps:
-        res = _evaluate_all(accelerator, run.model, eval_splits, args, holdout)
+        res = _evaluate_all(accelerator, run, eval_splits, args, holdout)
         run.history["eval"].append(eval_record(step, res))
         _report(accelerator, args, eval_scalars(res), step)
     if run.pending is not None and step == warmup:  # the paper's protocol: alpha after the warm-up
@@ -393,12 +408,15 @@ def _finish(accelerator, args, out: Path, run: _Run, mask, train_split, eval_spl
     model_dir = out / "model"
     history, spectral = run.history, run.spectral
     switched = history.get("spectral_switch")
+    state = gathered_state_dict(accelerator, run.model)  # under FSDP the gathered weights (a collective)
     paths = on_main_process(accelerator, lambda: write_model(out, plain, mask, spectral,
-                                                             switched["step"] if switched else 0))
+                                                             switched["step"] if switched else 0, state_dict=state))
+    state = None  # the gathered weights are written: free them before the evaluation
     logger.info(f"model saved to {model_dir}")
     stage = "the final evaluation"
     try:
-        final = _evaluate_all(accelerator, run.model, eval_splits, args, holdout)
+        evaluated = _eval_model(accelerator, run)
+        final = _evaluate_all(accelerator, run, eval_splits, args, holdout, model=evaluated)
         history["eval"].append(eval_record(run.step, final))
         _report(accelerator, args, eval_scalars(final), run.step)
         metrics = {
@@ -416,7 +434,8 @@ def _finish(accelerator, args, out: Path, run: _Run, mask, train_split, eval_spl
         }
         stage = "writing the model card, metrics and plots"
         on_main_process(accelerator, lambda: write_outputs(out, plain, args, metrics, history, mask, spectral,
-                                                           eval_splits, paths=paths))
+                                                           eval_splits, paths=paths,
+                                                           predictor=evaluated if is_sharded(accelerator) else None))
         if args.push_to_hub:
             stage = f"pushing it to the Hub ({args.hub_model_id})"
             private = True if args.hub_private_repo else None  # None: the visibility the account gives new repos
@@ -441,8 +460,17 @@ def eval_record(step: int, results: dict) -> dict:
     return record
 
 
-def _evaluate_all(accelerator, model, eval_splits, args, holdout) -> dict:
-    plain = accelerator.unwrap_model(model)
+def _eval_model(accelerator, run: _Run):
+    """What evaluation runs: the unwrapped model, or under FSDP a plain copy of it on every process (the
+    examples are sharded over the processes, so they do not run the same forwards that gather the
+    weights' shards); see :mod:`opentrans_hf.training.fsdp`."""
+    if is_sharded(accelerator):
+        return plain_copy(accelerator, run.model, run.spectral, run.mask)
+    return accelerator.unwrap_model(run.model)
+
+
+def _evaluate_all(accelerator, run: _Run, eval_splits, args, holdout, model=None) -> dict:
+    plain = model if model is not None else _eval_model(accelerator, run)
     seen = plain.config.seen_class_names if hasattr(plain, "config") else None
     results = evaluate_splits(plain, eval_splits, seen_classes=seen, batch_size=args.batch_size,
                               accelerator=accelerator, max_examples=args.max_eval_examples)

@@ -8,7 +8,7 @@ import os
 import psutil
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list
 
 
 def cpu_only_multiprocess() -> bool:
@@ -94,3 +94,29 @@ def on_main_process(state, fn):
     if error is not None:
         raise error
     return result
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (``distributed_type: FSDP`` in an ``accelerate launch`` config,
+    or ``--use_fsdp``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def enable_fsdp2_on_cpu(accelerator) -> bool:
+    """Make an FSDP launch on a machine without GPUs shard for real; returns whether it did.
+
+    Accelerate turns FSDP on only for accelerator devices: on CPU (``use_cpu: true``, or no CUDA) an FSDP
+    config silently becomes gloo DDP. FSDP2 (``fully_shard``) itself runs on CPU with gloo, so with
+    ``fsdp_version: 2`` this switches the accelerator to FSDP with the launcher's FSDP settings (what
+    ``configs/accelerate/fsdp_cpu_2proc.yaml`` and the tests rely on). FSDP1 cannot run on CPU (torch:
+    "FSDP needs a non-CPU accelerator device"): a ValueError says so instead of training unsharded."""
+    if accelerator.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested():
+        return False
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ValueError(f"FSDP with fsdp_version {plugin.fsdp_version} needs GPUs; on CPU only FSDP2 runs: set "
+                         "fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp_cpu_2proc.yaml)")
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
