@@ -17,7 +17,7 @@ from pathlib import Path
 from opentrans_hf.utils import logging
 from opentrans_hf.utils.distributed import on_main_process
 from opentrans_hf.utils.fingerprint import differences, fingerprint
-from opentrans_hf.utils.io import atomic_write_text, is_integer, read_json, replace_directory
+from opentrans_hf.utils.io import WriteError, atomic_write_text, is_integer, read_json, replace_directory, write_failure
 
 logger = logging.get_logger(__name__)
 
@@ -70,12 +70,13 @@ def save_checkpoint(accelerator, out: Path, step: int, history: dict, run_finger
                     spectral_config: dict | None = None) -> Path:
     """Save the full training state as ``out/step_{step}``, atomically (a collective: every process calls
     it). An existing ``step_{step}`` is replaced only once the new one is complete. ``spectral_config``
-    (a spectral tuning config applied during the run, as a dict) is recorded under :data:`SPECTRAL_KEY`."""
+    (a spectral tuning config applied during the run, as a dict) is recorded under :data:`SPECTRAL_KEY`.
+
+    A write that fails (disk full, no permission, a file in the way) removes the partial checkpoint and
+    raises :class:`~opentrans_hf.utils.io.WriteError`: one line naming the checkpoint, the reason and the
+    last complete checkpoint, which is kept."""
     out = Path(out)
     tmp, final = partial_path(out, step), out / f"step_{step}"
-    on_main_process(accelerator, lambda: shutil.rmtree(tmp, ignore_errors=True))
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
 
     def finish():
         atomic_write_text(tmp / "history.json", json.dumps(history))
@@ -85,8 +86,31 @@ def save_checkpoint(accelerator, out: Path, step: int, history: dict, run_finger
         atomic_write_text(tmp / CHECKPOINT_FILE, json.dumps(record, indent=2) + "\n")  # last: marks it complete
         replace_directory(tmp, final)
 
-    on_main_process(accelerator, finish)
+    try:
+        on_main_process(accelerator, lambda: shutil.rmtree(tmp, ignore_errors=True))
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        on_main_process(accelerator, finish)
+    except Exception as err:
+        found = write_failure(err, final, tmp)  # before the partial checkpoint goes: a short write is judged by the space left
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if found is None:
+            raise
+        reason, code = found
+        raise WriteError(final, reason, f"removed the partial checkpoint; {kept_checkpoint(out)}", code,
+                         what="checkpoint ") from err
     return final
+
+
+def kept_checkpoint(out: Path) -> str:
+    """What a failed write in ``out`` leaves to resume from, for its error message."""
+    try:
+        path, record, _ = find_checkpoint(out, "latest")
+    except (FileNotFoundError, ValueError, OSError):
+        return "no complete checkpoint is kept (none was written before)"
+    return (f"kept: the last complete checkpoint {path} (step {record['step']}), which "
+            "--resume_from_checkpoint latest resumes")
 
 
 def read_checkpoint(path: Path) -> dict:

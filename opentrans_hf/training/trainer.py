@@ -27,6 +27,7 @@ from opentrans_hf.training.checkpoints import (
     SPECTRAL_KEY,
     check_fingerprint,
     find_checkpoint,
+    kept_checkpoint,
     remove_partial_checkpoints,
     run_fingerprint,
     save_checkpoint,
@@ -58,7 +59,7 @@ from opentrans_hf.training.warmup import (
 from opentrans_hf.utils import logging
 from opentrans_hf.utils.distributed import make_accelerator, on_main_process
 from opentrans_hf.utils.hub import push_folder_to_hub
-from opentrans_hf.utils.io import read_json
+from opentrans_hf.utils.io import WriteError, read_json
 from opentrans_hf.utils.locking import output_dir_lock
 
 logger = logging.get_logger(__name__)
@@ -392,8 +393,11 @@ def _finish(accelerator, args, out: Path, run: _Run, mask, train_split, eval_spl
     model_dir = out / "model"
     history, spectral = run.history, run.spectral
     switched = history.get("spectral_switch")
-    paths = on_main_process(accelerator, lambda: write_model(out, plain, mask, spectral,
-                                                             switched["step"] if switched else 0))
+    try:
+        paths = on_main_process(accelerator, lambda: write_model(out, plain, mask, spectral,
+                                                                 switched["step"] if switched else 0))
+    except WriteError as err:  # disk full, no permission: say what is left to resume from
+        raise err.keeping(f"{err.kept}; {kept_checkpoint(out)}") from err
     logger.info(f"model saved to {model_dir}")
     stage = "the final evaluation"
     try:
