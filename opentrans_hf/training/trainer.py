@@ -28,6 +28,7 @@ from opentrans_hf.training.checkpoints import (
     check_fingerprint,
     find_checkpoint,
     kept_checkpoint,
+    read_history,
     remove_partial_checkpoints,
     run_fingerprint,
     save_checkpoint,
@@ -59,7 +60,7 @@ from opentrans_hf.training.warmup import (
 from opentrans_hf.utils import logging
 from opentrans_hf.utils.distributed import make_accelerator, on_main_process
 from opentrans_hf.utils.hub import push_folder_to_hub
-from opentrans_hf.utils.io import WriteError, read_json
+from opentrans_hf.utils.io import WriteError
 from opentrans_hf.utils.locking import output_dir_lock
 
 logger = logging.get_logger(__name__)
@@ -279,7 +280,7 @@ def _resume(accelerator, run: _Run, resume) -> None:
     accelerator.load_state(str(last_checkpoint))
     hist = last_checkpoint / "history.json"
     if hist.is_file():
-        run.history = read_json(hist, "training history")
+        run.history = read_history(hist, step)
     logger.info(f"resumed from {last_checkpoint} at step {step}")
     run.last_checkpoint, run.step = last_checkpoint, step
 
