@@ -189,6 +189,10 @@ def make_split(source: dict, image_size: int, *, train: bool = False, reduce_lab
     reduce_labels = bool(reduce_labels or source.get("reduce_labels", False))
     if ignore_index is None:
         ignore_index = source.get("ignore_index")
+    if ignore_index is not None and not (isinstance(ignore_index, int) and not isinstance(ignore_index, bool)
+                                         and ignore_index >= 0):
+        raise ValueError(f"dataset {source.get('dataset', '?')!r} split {source.get('split', '?')!r}: ignore_index "
+                         f"{ignore_index!r} is no label value (an integer >= 0)")
     void = None if ignore_index is None or ignore_index == SegmentationTransform.ignore_index else int(ignore_index)
     tf = SegmentationTransform(image_size, train=train, reduce_labels=reduce_labels, num_labels=len(names),
                                label_ignore_index=void)
