@@ -47,20 +47,27 @@ def files_under(root: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def datasets_on_disk(tmp_path_factory):
-    """``{kind: (path, class-name flags)}`` for the three file-backed layouts, each with only a train split."""
+    """``{kind: (path, class-name flags of the train job, the same for load_source)}`` for the file-backed
+    layouts, each with only a train split."""
     root = tmp_path_factory.mktemp("hold_out")
     examples().save_to_disk(root / "flat")
     DatasetDict({"train": examples()}).save_to_disk(root / "train_only")
+    DatasetDict({"train": examples()}).save_to_disk(root / "parent")
+    (root / "names.json").write_text(json.dumps(dict(enumerate(NAMES))))
     hub = root / "hub_copy"
     (hub / "data").mkdir(parents=True)
     examples().to_parquet(str(hub / "data" / "train-00000-of-00001.parquet"))
     (hub / "id2label.json").write_text(json.dumps(dict(enumerate(NAMES))))
-    return {"save_to_disk Dataset": (root / "flat", ["--class_names", *NAMES]),
-            "DatasetDict with only train": (root / "train_only", ["--class_names", *NAMES]),
-            "Hub-shaped parquet copy": (hub, [])}
+    names = (["--class_names", *NAMES], {"class_names": NAMES})
+    return {"save_to_disk Dataset": (root / "flat", *names),
+            "DatasetDict with only train": (root / "train_only", *names),
+            "split directory of a DatasetDict": (root / "parent" / "train", ["--id2label", str(root / "names.json")],
+                                                 {"id2label": str(root / "names.json")}),
+            "Hub-shaped parquet copy": (hub, [], {})}
 
 
-KINDS = ["save_to_disk Dataset", "DatasetDict with only train", "Hub-shaped parquet copy"]
+KINDS = ["save_to_disk Dataset", "DatasetDict with only train", "split directory of a DatasetDict",
+         "Hub-shaped parquet copy"]
 
 
 def label_pixels(ds) -> list:
@@ -70,9 +77,10 @@ def label_pixels(ds) -> list:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_hold_out_of_a_file_backed_dataset(datasets_on_disk, kind):
-    path, flags = datasets_on_disk[kind]
+    path, _, names = datasets_on_disk[kind]
     before = files_under(path)
-    source = load_source(str(path), "train", SIZE, class_names=NAMES if flags else None)
+    source = load_source(str(path), "train", SIZE, **names)
+    assert source["names"] == NAMES
     train, held = hold_out(source, 34, seed=0)
     assert (len(train["ds"]), len(held["ds"])) == (4, 2)
     assert held["split"] == "train[34% held out]" and train["split"] == "train"
@@ -119,7 +127,7 @@ def test_hold_out_refuses_a_percentage_outside_0_100(percentage):
 
 
 def test_distillation_leaves_out_the_held_out_part_of_a_file_backed_dataset(datasets_on_disk):
-    path, _ = datasets_on_disk["DatasetDict with only train"]
+    path, _, _ = datasets_on_disk["DatasetDict with only train"]
     distil = distillation_split(str(path), "train", SIZE, validation_split_percentage=34)
     _, held = hold_out(load_source(str(path), "train", SIZE, class_names=NAMES), 34)
     assert len(distil) == 4
@@ -134,7 +142,7 @@ def train_job(tiny_clip_dir, out, dataset, *extra):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_train_job_with_a_held_out_percentage(tiny_clip_dir, datasets_on_disk, tmp_path, kind):
-    path, flags = datasets_on_disk[kind]
+    path, flags, _ = datasets_on_disk[kind]
     before = files_under(path)
     assert train_job(tiny_clip_dir, tmp_path / "run", path, *flags) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
