@@ -16,6 +16,7 @@ import traceback
 from opentrans_hf.commands import COMMANDS, ArgumentError, command_module, parse_args
 from opentrans_hf.utils import logging
 from opentrans_hf.utils.distributed import check_launch
+from opentrans_hf.utils.io import WriteError
 from opentrans_hf.utils.version import __version__
 
 DEBUG_ENV = "OPENTRANS_HF_DEBUG"
@@ -47,7 +48,7 @@ def _one_line(err: BaseException) -> str:
     # keep one line: long multi-line messages (e.g. from a library) are cut to their first line
     more = " (more with --debug)" if len(text.splitlines()) > 1 else ""
     # our own errors read as sentences; anything else (TypeError, LinAlgError, ...) says what it is
-    plain = (ValueError, OSError, FileNotFoundError, NotADirectoryError, FileExistsError, ArgumentError)
+    plain = (ValueError, OSError, FileNotFoundError, NotADirectoryError, FileExistsError, ArgumentError, WriteError)
     kind = "" if type(err) in plain else f"{type(err).__name__}: "
     return f"{kind}{first}{more}"
 

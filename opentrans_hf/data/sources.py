@@ -19,7 +19,7 @@ from opentrans_hf.data.benchmarks.hub_copy import hub_copy_benchmark, is_hub_cop
 from opentrans_hf.data.benchmarks.registry import PREPARED_RECORD
 from opentrans_hf.embedded.dataset import HELD_OUT_CLASSES, embedded_dataset
 from opentrans_hf.utils.hub import load_or_explain
-from opentrans_hf.utils.io import read_json
+from opentrans_hf.utils.io import is_integer, read_json
 
 EMBEDDED = "embedded"
 IMAGE_COLUMNS = ("image", "pixel_values", "img")
@@ -151,9 +151,13 @@ def find_prepared_record(name_or_path) -> tuple[dict | None, Path | None]:
     for f in files_beside(name_or_path, PREPARED_RECORD):
         if f.is_file():
             record = read_json(f, "prepared benchmark record")
-            if not isinstance(record, dict) or not is_benchmark(record.get("benchmark", "")):
+            if not isinstance(record, dict) or not isinstance(record.get("benchmark"), str) \
+                    or not is_benchmark(record["benchmark"]):
                 raise ValueError(f"{f}: expected {{\"benchmark\": NAME, \"ignore_index\": ...}} naming a known benchmark "
                                  f"(opentrans-hf benchmarks), got {str(record)[:200]}")
+            ignore = record.get("ignore_index", 255)
+            if not (is_integer(ignore) and ignore >= 0):
+                raise ValueError(f"{f}: 'ignore_index' must be a label value (an integer >= 0), got {ignore!r}")
             return record, f
     return None, None
 
@@ -292,7 +296,14 @@ def _load_hub_copy(p: Path, split: str):
 def _dataset_dict_splits(path: Path) -> list[str]:
     """The splits listed by ``path/dataset_dict.json`` (a ``DatasetDict.save_to_disk`` directory), or []."""
     f = path / "dataset_dict.json"
-    return list(read_json(f, "dataset_dict.json").get("splits") or []) if f.is_file() else []
+    if not f.is_file():
+        return []
+    record = read_json(f, "dataset_dict.json")
+    splits = record.get("splits") if isinstance(record, dict) else None
+    if not (isinstance(splits, list) and all(isinstance(s, str) and s for s in splits)):
+        raise ValueError(f"{f} is not a DatasetDict.save_to_disk record: expected {{\"splits\": [names]}}, got "
+                         f"{str(record)[:200]}")
+    return list(splits)
 
 
 def _load_from_disk(path: Path, where: Path, split: str):
@@ -301,8 +312,13 @@ def _load_from_disk(path: Path, where: Path, split: str):
     import datasets
 
     state = path / "state.json"
-    if state.is_file() and not read_json(state, "save_to_disk state.json").get("_data_files"):
-        _nonempty([], where, split)
+    if state.is_file():
+        record = read_json(state, "save_to_disk state.json")
+        if not isinstance(record, dict):
+            raise ValueError(f"{state} is not a Dataset.save_to_disk state: expected a JSON object, got "
+                             f"{str(record)[:200]}")
+        if not record.get("_data_files"):
+            _nonempty([], where, split)
     try:
         return datasets.load_from_disk(str(path))
     except (OSError, ValueError, KeyError, IndexError) as err:

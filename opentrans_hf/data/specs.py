@@ -121,6 +121,11 @@ def read_spec_file(path: str | Path, default_split: str = DEFAULT_SPLIT) -> Data
         if value is not None and (not isinstance(value, kinds) or bad_bool):
             expected = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
             raise ValueError(f"{where}: {key!r} must be a {expected}, got {json.dumps(value)}")
+    if raw.get("ignore_index") is not None and raw["ignore_index"] < 0:
+        raise ValueError(f"{where}: 'ignore_index' must be a label value (an integer >= 0), got {raw['ignore_index']}")
+    for key in ("dataset", "split", "name", "benchmark", "vocabulary", "image_column", "label_column"):
+        if isinstance(raw.get(key), str) and not raw[key].strip():
+            raise ValueError(f"{where}: {key!r} is an empty string; leave it out for the default")
     if raw.get("benchmark"):
         try:
             raw["benchmark"] = get_benchmark(raw["benchmark"]).name

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -187,6 +189,10 @@ def make_split(source: dict, image_size: int, *, train: bool = False, reduce_lab
     reduce_labels = bool(reduce_labels or source.get("reduce_labels", False))
     if ignore_index is None:
         ignore_index = source.get("ignore_index")
+    if ignore_index is not None and not (isinstance(ignore_index, int) and not isinstance(ignore_index, bool)
+                                         and ignore_index >= 0):
+        raise ValueError(f"dataset {source.get('dataset', '?')!r} split {source.get('split', '?')!r}: ignore_index "
+                         f"{ignore_index!r} is no label value (an integer >= 0)")
     void = None if ignore_index is None or ignore_index == SegmentationTransform.ignore_index else int(ignore_index)
     tf = SegmentationTransform(image_size, train=train, reduce_labels=reduce_labels, num_labels=len(names),
                                label_ignore_index=void)
@@ -209,17 +215,29 @@ def make_split(source: dict, image_size: int, *, train: bool = False, reduce_lab
 def hold_out(source: dict, percentage: float, seed: int = 0) -> tuple[dict, dict]:
     """Split a source (a dict with ``ds``, ``dataset`` and ``split``) into (training part, held-out part):
     a fixed ``percentage`` of its examples, chosen by ``seed`` (the same on every run and process),
-    disjoint from the rest."""
+    disjoint from the rest.
+
+    The choice is ``datasets``' ``train_test_split(test_size=k, shuffle=True, seed=seed)`` (a numpy
+    ``default_rng(seed)`` permutation: its first k examples are held out), made here so that it works on
+    every dataset a job loads: one in memory, a ``save_to_disk`` directory (which may be read-only) or a
+    Hub-shaped parquet copy (backed by cache files). Both parts are index mappings kept in memory: nothing
+    is written beside the data."""
     ds = source["ds"]
     n = len(ds)
+    if not (isinstance(percentage, (int, float)) and not isinstance(percentage, bool)
+            and math.isfinite(percentage) and 0 < percentage < 100):
+        raise ValueError(f"dataset {source['dataset']!r} split {source['split']!r}: the held-out percentage must be "
+                         f"a number between 0 and 100 (exclusive), got {percentage!r}")
     k = round(n * percentage / 100)
     if k < 1 or k >= n:
         raise ValueError(f"dataset {source['dataset']!r} split {source['split']!r} has {n} example(s): holding out "
                          f"{percentage:g}% of it leaves {'no held-out' if k < 1 else 'no training'} example; "
                          "both parts need at least one")
-    parts = ds.train_test_split(test_size=k, shuffle=True, seed=seed, keep_in_memory=True)
+    permutation = np.random.default_rng(seed).permutation(n)
+    held_ids, train_ids = permutation[:k].tolist(), permutation[k:].tolist()
     held = f"{source['split']}[{percentage:g}% held out]"
-    return dict(source, ds=parts["train"]), dict(source, ds=parts["test"], split=held)
+    return (dict(source, ds=ds.select(train_ids, keep_in_memory=True)),
+            dict(source, ds=ds.select(held_ids, keep_in_memory=True), split=held))
 
 
 def held_out_classes(names: list[str], requested, default: list[str], dataset: str) -> tuple[list[str], list[str]]:

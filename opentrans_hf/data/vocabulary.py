@@ -106,7 +106,10 @@ def read_id2label(id2label: str | Path | dict, what: str = "id2label") -> tuple[
 def _check_names(names, what: str) -> tuple[str, ...]:
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise ValueError(f"{what}: expected a list of class names, got {names!r}")
-    out = tuple(str(n).strip() for n in names)
+    not_text = next(((i, n) for i, n in enumerate(names) if not isinstance(n, str)), None)
+    if not_text is not None:
+        raise ValueError(f"{what}: class {not_text[0]} has the name {not_text[1]!r}; class names are strings")
+    out = tuple(n.strip() for n in names)
     if not out:
         raise ValueError(f"{what}: no class names")
     empty = [i for i, n in enumerate(out) if not n]

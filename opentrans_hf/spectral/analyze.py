@@ -11,12 +11,11 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm.auto import tqdm
 
-from opentrans_hf.spectral.estimators import ESTIMATORS, TailFit, matrix_eigenvalues
+from opentrans_hf.spectral.estimators import ESTIMATORS, PRECISIONS, TailFit, matrix_eigenvalues
 from opentrans_hf.spectral.layers import LayerMatrices, iter_layer_matrices
 from opentrans_hf.spectral.report import LayerSpectrum, SpectralReport
 from opentrans_hf.utils.matching import Patterns, normalize_patterns
 
-PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 DEFAULT_MAX_BATCH_BYTES = 256 * 2**20
 CPU_THREAD_ENGINE = True  # False: CPU weights take the batched torch path too (what accelerators use)
 EIGENSOLVER_ERRORS = (np.linalg.LinAlgError, torch.linalg.LinAlgError)  # e.g. no convergence: that layer is "invalid"

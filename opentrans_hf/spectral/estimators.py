@@ -29,6 +29,9 @@ FLAT_RTOL = 1e-4
 """A spectrum whose largest eigenvalue is within this relative distance of its smallest has no tail
 (1e-4: an orthogonal float32 or float16 weight is flat to within its rounding, not exactly)."""
 
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+"""The dtypes eigenvalues are computed in (``analyze_spectra(precision=...)``, a report's ``precision``)."""
+
 _KS_BLOCK_ELEMENTS = 1 << 22  # at most 4M float64 (32 MiB) per block of the KS scan
 
 

@@ -9,7 +9,9 @@ and the run's fingerprint), all written into a hidden ``.step_N.partial`` direct
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import pickle
 import re
 import shutil
@@ -23,7 +25,15 @@ from opentrans_hf.utils import logging
 from opentrans_hf.utils.distributed import on_main_process
 from opentrans_hf.utils.fingerprint import differences, fingerprint
 from opentrans_hf.utils.hub import check_safetensors_file
-from opentrans_hf.utils.io import atomic_write_text, is_integer, read_json, replace_directory
+from opentrans_hf.utils.io import (
+    WriteError,
+    atomic_write_text,
+    is_integer,
+    is_number,
+    read_json,
+    replace_directory,
+    write_failure,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -77,12 +87,13 @@ def save_checkpoint(accelerator, out: Path, step: int, history: dict, run_finger
                     spectral_config: dict | None = None) -> Path:
     """Save the full training state as ``out/step_{step}``, atomically (a collective: every process calls
     it). An existing ``step_{step}`` is replaced only once the new one is complete. ``spectral_config``
-    (a spectral tuning config applied during the run, as a dict) is recorded under :data:`SPECTRAL_KEY`."""
+    (a spectral tuning config applied during the run, as a dict) is recorded under :data:`SPECTRAL_KEY`.
+
+    A write that fails (disk full, no permission, a file in the way) removes the partial checkpoint and
+    raises :class:`~opentrans_hf.utils.io.WriteError`: one line naming the checkpoint, the reason and the
+    last complete checkpoint, which is kept."""
     out = Path(out)
     tmp, final = partial_path(out, step), out / f"step_{step}"
-    on_main_process(accelerator, lambda: shutil.rmtree(tmp, ignore_errors=True))
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
 
     def finish():
         atomic_write_text(tmp / "history.json", json.dumps(history))
@@ -92,8 +103,31 @@ def save_checkpoint(accelerator, out: Path, step: int, history: dict, run_finger
         atomic_write_text(tmp / CHECKPOINT_FILE, json.dumps(record, indent=2) + "\n")  # last: marks it complete
         replace_directory(tmp, final)
 
-    on_main_process(accelerator, finish)
+    try:
+        on_main_process(accelerator, lambda: shutil.rmtree(tmp, ignore_errors=True))
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        on_main_process(accelerator, finish)
+    except Exception as err:
+        found = write_failure(err, final, tmp)  # before the partial checkpoint goes: a short write is judged by the space left
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if found is None:
+            raise
+        reason, code = found
+        raise WriteError(final, reason, f"removed the partial checkpoint; {kept_checkpoint(out)}", code,
+                         what="checkpoint ") from err
     return final
+
+
+def kept_checkpoint(out: Path) -> str:
+    """What a failed write in ``out`` leaves to resume from, for its error message."""
+    try:
+        path, record, _ = find_checkpoint(out, "latest")
+    except (FileNotFoundError, ValueError, OSError):
+        return "no complete checkpoint is kept (none was written before)"
+    return (f"kept: the last complete checkpoint {path} (step {record['step']}), which "
+            "--resume_from_checkpoint latest resumes")
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -111,6 +145,61 @@ def read_checkpoint(path: Path) -> dict:
         raise ValueError(f"{path / CHECKPOINT_FILE} is not a valid checkpoint record: expected an integer "
                          f"'step' >= 0, got {step!r}")
     return record
+
+
+HISTORY_KEYS = ("step", "loss", "lr", "eval", "spectral_switch")
+
+
+def read_history(path: Path, step: int) -> dict:
+    """The training history a checkpoint at ``step`` recorded (``history.json``), checked before a resumed run
+    appends to it: per optimizer step its number, loss and learning rate (increasing steps up to ``step``,
+    finite numbers, as many of each), evaluation points ``{"step": N, "<split>": mIoU, ...}`` with mIoU in
+    [0, 1] (or NaN/null: undefined) and the spectral switch record, if any. Errors name the file and the value."""
+    path = Path(path)
+    history = read_json(path, "training history")
+    where = f"training history {path}"
+    if not isinstance(history, dict):
+        raise ValueError(f"{where}: expected a JSON object with {list(HISTORY_KEYS[:4])}, got {type(history).__name__}")
+    unknown = sorted(set(history) - set(HISTORY_KEYS))
+    missing = [k for k in ("step", "loss", "eval") if k not in history]
+    if unknown or missing:
+        raise ValueError(f"{where}: " + "; ".join(
+            ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else [])))
+    history.setdefault("lr", None)
+    for key in ("step", "loss", "lr", "eval"):
+        if history[key] is not None and not isinstance(history[key], list):
+            raise ValueError(f"{where}: {key!r} must be a list, got {history[key]!r}"[:500])
+    steps = history["step"]
+    bad = next((s for s in steps if not (is_integer(s) and 1 <= s <= step)), None)
+    if bad is not None or any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"{where}: 'step' must list increasing optimizer steps from 1 to the checkpoint's {step}"
+                         + (f", got {bad!r}" if bad is not None else f", got {steps[:10]}"))
+    if history["lr"] is None:
+        history["lr"] = []  # written before the learning rate was recorded
+    for key in ("loss", "lr"):
+        values = history[key]
+        if key == "lr" and not values:
+            continue
+        if len(values) != len(steps):
+            raise ValueError(f"{where}: {len(values)} {key!r} value(s) for {len(steps)} steps")
+        bad = next((v for v in values if not (is_number(v) and math.isfinite(v) and (key == "loss" or v >= 0))), None)
+        if bad is not None:
+            raise ValueError(f"{where}: {key!r} must hold finite numbers{' >= 0' if key == 'lr' else ''}, got {bad!r}")
+    for point in history["eval"]:
+        if not (isinstance(point, dict) and is_integer(point.get("step")) and 0 <= point["step"] <= step):
+            raise ValueError(f"{where}: an 'eval' point must be {{\"step\": N <= {step}, \"<split>\": mIoU, ...}}, "
+                             f"got {point!r}"[:500])
+        bad = next((f"{k!r}: {v!r}" for k, v in point.items() if k != "step" and not (
+            v is None or (is_number(v) and (math.isnan(v) or 0 <= v <= 1)))), None)
+        if bad is not None:
+            raise ValueError(f"{where}: the 'eval' point of step {point['step']} has {bad}; an mIoU is in [0, 1] "
+                             "(NaN or null: undefined)")
+    switch = history.get("spectral_switch")
+    if switch is not None and not (isinstance(switch, dict) and is_integer(switch.get("step"))
+                                   and 0 <= switch["step"] <= step):
+        raise ValueError(f"{where}: 'spectral_switch' must be the switch's record {{\"step\": N <= {step}, ...}}, "
+                         f"got {switch!r}"[:500])
+    return history
 
 
 def find_checkpoint(out: Path, spec: str) -> tuple[Path, dict, list[str]]:

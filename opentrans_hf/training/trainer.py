@@ -27,7 +27,9 @@ from opentrans_hf.training.checkpoints import (
     SPECTRAL_KEY,
     check_fingerprint,
     find_checkpoint,
+    kept_checkpoint,
     load_checkpoint_state,
+    read_history,
     remove_partial_checkpoints,
     run_fingerprint,
     save_checkpoint,
@@ -66,7 +68,7 @@ from opentrans_hf.training.warmup import (
 from opentrans_hf.utils import logging
 from opentrans_hf.utils.distributed import enable_fsdp2_on_cpu, make_accelerator, on_main_process
 from opentrans_hf.utils.hub import push_folder_to_hub
-from opentrans_hf.utils.io import read_json
+from opentrans_hf.utils.io import WriteError
 from opentrans_hf.utils.locking import output_dir_lock
 
 logger = logging.get_logger(__name__)
@@ -291,7 +293,7 @@ def _resume(accelerator, run: _Run, resume) -> None:
     load_checkpoint_state(accelerator, last_checkpoint)
     hist = last_checkpoint / "history.json"
     if hist.is_file():
-        run.history = read_json(hist, "training history")
+        run.history = read_history(hist, step)
     logger.info(f"resumed from {last_checkpoint} at step {step}")
     run.last_checkpoint, run.step = last_checkpoint, step
 
@@ -409,8 +411,11 @@ def _finish(accelerator, args, out: Path, run: _Run, mask, train_split, eval_spl
     history, spectral = run.history, run.spectral
     switched = history.get("spectral_switch")
     state = gathered_state_dict(accelerator, run.model)  # under FSDP the gathered weights (a collective)
-    paths = on_main_process(accelerator, lambda: write_model(out, plain, mask, spectral,
-                                                             switched["step"] if switched else 0, state_dict=state))
+    try:
+        paths = on_main_process(accelerator, lambda: write_model(out, plain, mask, spectral,
+                                                                 switched["step"] if switched else 0, state_dict=state))
+    except WriteError as err:  # disk full, no permission: say what is left to resume from
+        raise err.keeping(f"{err.kept}; {kept_checkpoint(out)}") from err
     state = None  # the gathered weights are written: free them before the evaluation
     logger.info(f"model saved to {model_dir}")
     stage = "the final evaluation"
