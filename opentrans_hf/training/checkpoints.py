@@ -22,7 +22,7 @@ from pathlib import Path
 from accelerate.utils import load as accelerate_load
 
 from opentrans_hf.utils import logging
-from opentrans_hf.utils.distributed import on_main_process
+from opentrans_hf.utils.distributed import on_every_process, on_main_process
 from opentrans_hf.utils.fingerprint import differences, fingerprint
 from opentrans_hf.utils.hub import check_safetensors_file
 from opentrans_hf.utils.io import (
@@ -105,8 +105,7 @@ def save_checkpoint(accelerator, out: Path, step: int, history: dict, run_finger
 
     try:
         on_main_process(accelerator, lambda: shutil.rmtree(tmp, ignore_errors=True))
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
+        on_every_process(accelerator, lambda: accelerator.save_state(str(tmp)))  # one failing stops them all
         on_main_process(accelerator, finish)
     except Exception as err:
         found = write_failure(err, final, tmp)  # before the partial checkpoint goes: a short write is judged by the space left

@@ -8,7 +8,7 @@ import os
 import psutil
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list, gather_object
 
 
 def cpu_only_multiprocess() -> bool:
@@ -91,6 +91,27 @@ def on_main_process(state, fn):
         broadcast_object_list(message, from_process=0)
         if error is None and message[0] is not None:
             raise RuntimeError(f"the main process failed: {message[0]}")
+    if error is not None:
+        raise error
+    return result
+
+
+def on_every_process(state, fn):
+    """Run ``fn()`` on every process and share the outcomes: every process returns its own result, or every
+    process raises (its own error, or, where it succeeded, which process failed and why), so no process goes
+    on to a barrier that a failed one will never reach. ``state``: an ``Accelerator``, a ``PartialState`` or
+    None. A collective: every process must call it."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - re-raised below, after the others have heard of it
+        error = err
+    if state is not None and state.num_processes > 1:
+        messages = gather_object([None if error is None else f"{type(error).__name__}: {error}"])
+        failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+        if error is None and failed:
+            rank, message = failed[0]
+            raise RuntimeError(f"process {rank} failed: {message}")
     if error is not None:
         raise error
     return result

@@ -3,6 +3,8 @@ arguments given. Each rank writes what happened to it (rank{r}.json: ok, or the 
 
 FAKE_NONFINITE_STEP=N makes process 1 alone see a NaN loss at optimizer step N (its gradients and
 weights stay finite), to check that both processes stop together at that step.
+FAKE_SAVE_FAILURE=N makes process 1 alone fail writing its part of the N-th checkpoint (disk full), to check
+that the main process hears of it instead of waiting for process 1 at a barrier.
 """
 
 import json
@@ -32,6 +34,20 @@ if fake_step:
         return real_step_problem(accelerator, losses, named_params, check_grads)
 
     divergence.step_problem = trainer.step_problem = step_problem  # the trainer's own reference too
+
+fake_save = int(os.environ.get("FAKE_SAVE_FAILURE", "0"))
+if fake_save:
+    from accelerate import Accelerator
+
+    real_save_state, saves = Accelerator.save_state, []
+
+    def save_state(self, output_dir=None, **kwargs):
+        saves.append(1)
+        if state.process_index == 1 and len(saves) == fake_save:
+            raise OSError(28, "No space left on device", str(output_dir))
+        return real_save_state(self, output_dir, **kwargs)
+
+    Accelerator.save_state = save_state
 
 report = Path(args.output_dir).parent / f"rank{state.process_index}.json"
 try:

@@ -86,6 +86,23 @@ def test_two_processes_stop_together_when_one_diverges(tiny_clip_dir, tmp_path):
     assert not (out / "model").exists() and not (out / ".opentrans-hf.lock").exists()
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_stop_together_when_one_fails_writing_a_checkpoint(tiny_clip_dir, tmp_path):
+    """Process 1 alone fails writing its part of the 2nd checkpoint (disk full): both stop, naming it, the partial
+    checkpoint is removed and the first is kept; no process waits at a barrier for the failed one."""
+    out = tmp_path / "run"
+    res = launch_two_processes(HELPERS / "ddp_train_args.py", *train_argv(tiny_clip_dir, out, "--max_steps", "4",
+                                                                         "--batch_size", "2", "--checkpointing_steps", "1"),
+                               port=29633, env=dict(_env(), FAKE_SAVE_FAILURE="2"), timeout=300)
+    assert res.returncode != 0
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert "No space left on device" in reports[1]["error"], reports
+    assert "process 1 failed" in reports[0]["error"] and "No space left on device" in reports[0]["error"], reports
+    assert (out / "step_1" / "checkpoint.json").is_file() and not (out / "step_2").exists()
+    assert not list(out.glob(".step_*.partial")) and not (out / ".opentrans-hf.lock").exists()
+
+
 def test_evaluate_refuses_non_finite_weights_naming_the_parameter(tiny_clip_dir, tmp_path):
     from opentrans_hf.commands import evaluate
     from opentrans_hf.models import CLIPDeepLabV3ForOVS
