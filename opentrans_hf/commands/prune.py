@@ -44,7 +44,7 @@ from opentrans_hf.methods.sparse_mask.magnitude import check_max_layer_sparsity
 from opentrans_hf.training.outputs import OutputLayout
 from opentrans_hf.training.pretraining import default_clip, zero_shot_evaluation
 from opentrans_hf.utils.distributed import make_accelerator, on_main_process
-from opentrans_hf.utils.hub import load_or_explain, quiet_loading
+from opentrans_hf.utils.hub import is_offline, load_or_explain, quiet_loading
 from opentrans_hf.utils.io import atomic_write_text
 from opentrans_hf.utils.locking import output_dir_lock
 
@@ -74,6 +74,9 @@ class PruneArguments(RunArguments, ClipArguments):
     def __post_init__(self):
         if self.push_to_hub and not self.hub_model_id:
             raise ArgumentError("--push_to_hub needs --hub_model_id")
+        if self.push_to_hub and is_offline():
+            raise ArgumentError(f"--push_to_hub {self.hub_model_id}: HF_HUB_OFFLINE is set, so nothing can be pushed; "
+                                "unset it, or prune without --push_to_hub and push the mask adapter later")
         check_at_least_one(self, "batch_size", "num_rounds", "embedded_size")
         check_non_negative(self, "steps_per_round")
         check_fraction("rate", self.rate)

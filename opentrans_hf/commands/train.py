@@ -130,6 +130,7 @@ class TrainArguments(RunArguments, DatasetArguments, FrameworkArguments, ClipArg
         check_hub_arguments(self)
         if self.spectral_config and self.freeze_rule:
             raise ArgumentError("give either --spectral_config or --freeze_rule, not both")
+        check_spectral_config(self)
         check_spectral_warmup(self)
         check_config_overrides(self)
         check_local_paths(self, "model_name_or_path", "mask", "spectral_config")
@@ -184,6 +185,17 @@ def check_config_overrides(args) -> None:
             config_overrides(framework_class(args.framework), args.config_overrides)
         except ValueError as err:
             raise ArgumentError(str(err)) from None
+
+
+def check_spectral_config(args) -> None:
+    """A local --spectral_config (a JSON file or a saved adapter) is read and checked now, before anything
+    loads: its fields, and for an adapter the file against the tensors its config lists (a Hub id is
+    checked when it is downloaded)."""
+    if args.spectral_config and Path(args.spectral_config).exists():
+        try:
+            spectral_config_of(args, None)
+        except (ValueError, OSError) as err:
+            raise ArgumentError(f"--spectral_config {args.spectral_config}: {err}") from err
 
 
 def check_spectral_warmup(args) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from opentrans_hf.data.transforms import load_image, to_rgb  # noqa: F401 - load_image/to_rgb: public here since 0.1
 from opentrans_hf.models.classifier import check_class_names, display_name

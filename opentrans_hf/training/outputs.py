@@ -41,8 +41,8 @@ class IncompleteOutputs(RuntimeError):
 
     def __init__(self, model_dir: Path, what: str, error: BaseException):
         self.model_dir, self.what = Path(model_dir), what
-        super().__init__(f"the trained model is saved at {model_dir}, but {what} failed: "
-                         f"{type(error).__name__}: {error}")
+        kind = "" if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: "  # ours read as sentences
+        super().__init__(f"the trained model is saved at {model_dir}, but {what} failed: {kind}{error}")
 
 
 def write_model(out: Path, model, mask, spectral, spectral_warmup_steps: int = 0,

@@ -139,3 +139,30 @@ def test_mask_adapter_given_as_the_model_says_pass_it_as_mask(argv, mask_adapter
     image.write_bytes(b"")
     subst = {"MASK": str(mask_adapter_dir), "OUT": str(tmp_path / "out"), "IMAGE": str(image)}
     _refused([subst.get(a, a) for a in argv], capsys, str(mask_adapter_dir), "mask adapter", "SPARSE_MASK", "--mask")
+
+
+
+@pytest.mark.parametrize("probe", ["lacks a tensor", "prune --push_to_hub offline"])
+def test_an_adapter_or_a_push_that_cannot_work_is_refused_before_loading(probe, nothing_loads, tiny_clip_dir,
+                                                                          tmp_path, capsys, monkeypatch):
+    """`train --spectral_config <adapter>` whose file lacks a tensor its config lists, and `prune --push_to_hub`
+    with HF_HUB_OFFLINE set: exit 2 at the arguments, naming the flag, before anything loads."""
+    from safetensors.torch import load_file, save_file
+
+    from opentrans_hf import CLIPDeepLabV3ForOVS, SpectralTuningConfig, get_spectral_model
+
+    if probe == "lacks a tensor":
+        model = CLIPDeepLabV3ForOVS.from_clip(str(tiny_clip_dir), image_size=30, seen_class_names=["sky", "grass"])
+        spectral = get_spectral_model(model, SpectralTuningConfig(freeze_rule="median",
+                                                                  target_modules=model.encoder_target_modules()))
+        spectral.save_pretrained(tmp_path / "adapter")
+        weights = tmp_path / "adapter" / "adapter_model.safetensors"
+        save_file(dict(list(load_file(str(weights)).items())[1:]), str(weights))
+        capsys.readouterr()  # the setup's own output
+        _refused(["train", "--output_dir", str(tmp_path / "run"), "--spectral_config", str(tmp_path / "adapter")],
+                 capsys, "--spectral_config", "adapter_model.safetensors", "lacks 1 tensor")
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        _refused(["prune", "--output_dir", str(tmp_path / "run"), "--push_to_hub", "--hub_model_id", "me/mask"],
+                 capsys, "--push_to_hub", "HF_HUB_OFFLINE")
+    assert not (tmp_path / "run").exists()

@@ -157,14 +157,15 @@ class SpectralTuningConfig:
                 setattr(self, name, list(value))
 
     def _check_layer_maps(self) -> None:
-        """``layer_alphas`` maps names to finite numbers, ``invalid_layers`` names to reasons."""
+        """``layer_alphas`` maps names to finite positive numbers (an alpha is > 0), ``invalid_layers`` names
+        to reasons."""
         if self.layer_alphas is not None:
             if not isinstance(self.layer_alphas, dict):
                 _bad("layer_alphas", "a mapping of layer names to alphas, or None", self.layer_alphas)
             bad = [f"{k!r}: {v!r}" for k, v in self.layer_alphas.items()
-                   if not (isinstance(k, str) and is_number(v) and math.isfinite(v))]
+                   if not (isinstance(k, str) and is_number(v) and math.isfinite(v) and v > 0)]
             if bad:
-                raise ValueError(f"SpectralTuningConfig.layer_alphas must map layer names to finite numbers; "
+                raise ValueError(f"SpectralTuningConfig.layer_alphas must map layer names to finite numbers > 0; "
                                  f"{len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not: {', '.join(bad[:3])}"
                                  + (", ..." if len(bad) > 3 else ""))
         if self.invalid_layers is not None and not (
