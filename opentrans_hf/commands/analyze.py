@@ -83,7 +83,7 @@ def load_model_for_analysis(name: str, tower: str = "vision", revision: str | No
     else:
         cls = AutoModel
     with quiet_loading():  # one tower of a CLIPModel checkpoint: the other tower's keys are expected to be unused
-        return load_or_explain(name, lambda: cls.from_pretrained(name, revision=revision), "model")
+        return load_or_explain(name, lambda: cls.from_pretrained(name, revision=revision, use_safetensors=True), "model")
 
 
 def run(args: AnalyzeArguments):

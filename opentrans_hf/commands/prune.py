@@ -132,7 +132,7 @@ def _prune(accelerator, args: PruneArguments) -> dict:
     out = Path(args.output_dir)
     clip_path = default_clip(args.model_name_or_path, accelerator)
     with quiet_loading():
-        model = load_or_explain(clip_path, lambda: CLIPVisionModel.from_pretrained(clip_path), "CLIP model")
+        model = load_or_explain(clip_path, lambda: CLIPVisionModel.from_pretrained(clip_path, use_safetensors=True), "CLIP model")
     split = distillation_split(args.dataset, args.split, model.config.image_size, seed=args.seed,
                                embedded_size=args.embedded_size, image_column=args.image_column,
                                label_column=args.label_column, with_labels=not args.no_region_loss,
@@ -210,7 +210,7 @@ def pruned_zero_shot(clip_path: str, mask, args: PruneArguments, accelerator=Non
         return {"skipped": f"{clip_path} is a {kind!r} checkpoint, not a full CLIP (no text tower to score class "
                            "prompts with)"}
     with quiet_loading():
-        clip = load_or_explain(clip_path, lambda: CLIPModel.from_pretrained(clip_path), "CLIP model").eval()
+        clip = load_or_explain(clip_path, lambda: CLIPModel.from_pretrained(clip_path, use_safetensors=True), "CLIP model").eval()
     if accelerator is not None:
         clip.to(accelerator.device)
     common = dict(embedded_size=args.embedded_size, seed=args.seed, accelerator=accelerator)

@@ -368,7 +368,7 @@ def _table1_masks(args, clip, out, seeds, state, say):
         no_resume=args.no_resume, overwrite_output_dir=args.no_resume, scope=args.prune_scope))
     ours = SparseMask.from_pretrained(pruned["mask"])
     with quiet_loading():
-        vision = CLIPVisionModel.from_pretrained(clip)
+        vision = CLIPVisionModel.from_pretrained(clip, use_safetensors=True)
 
     def random_masks():  # the main process draws and saves them; every process then reads the same files
         made = {}
