@@ -463,12 +463,15 @@ def test_pruning_leaves_the_held_out_percentage_out_too(tiny_clip_dir, tmp_path)
     key = lambda ds: sorted(np.asarray(im).tobytes() for im in ds["image"])  # noqa: E731
     assert key(distil.ds) == key(train_part["ds"]) and len(distil) == 9
     assert not set(key(distil.ds)) & set(key(held["ds"]))
-    # the demo passes it on, and a re-run with other pruning settings needs --no_resume (said in the error)
+    # the demo passes it on; a finished demo's directory is its own: a re-run with other pruning settings there
+    # is refused at the arguments (exit 2) unless --overwrite_output_dir removes the earlier run first
     common = ["demo", "--model_name_or_path", str(tiny_clip_dir), "--output_dir", str(tmp_path / "demo"),
               "--prune_steps_per_round", "1", "--max_steps", "1", "--embedded_size", "8", "--max_eval_examples", "2",
               "--batch_size", "2", "--validation_split_percentage", "25"]
     assert cli_main([*common, "--target_sparsity", "0.2", "--prune_rate", "0.2"]) == 0
     state = json.loads((tmp_path / "demo" / "prune" / "state.json").read_text())
     assert "validation_split_percentage" in json.dumps(state)
-    assert cli_main([*common, "--target_sparsity", "0.3", "--prune_rate", "0.3"]) == 1
-    assert cli_main([*common, "--target_sparsity", "0.3", "--prune_rate", "0.3", "--no_resume"]) == 0
+    assert cli_main([*common, "--target_sparsity", "0.3", "--prune_rate", "0.3"]) == 2
+    assert cli_main([*common, "--target_sparsity", "0.3", "--prune_rate", "0.3", "--overwrite_output_dir"]) == 0
+    state = json.loads((tmp_path / "demo" / "prune" / "state.json").read_text())
+    assert "validation_split_percentage" in json.dumps(state) and "0.3" in json.dumps(state)

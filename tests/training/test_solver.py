@@ -35,7 +35,7 @@ def test_flags_override_field_by_field():
     s = resolve_solver(FRAMEWORKS["mask2former"], args("mask2former", "--learning_rate", "3e-4",
                                                        "--backbone_lr_multiplier", "0.5", "--max_grad_norm", "0"))
     assert (s.learning_rate, s.backbone_multiplier, s.max_grad_norm, s.weight_decay) == (3e-4, 0.5, None, 0.05)
-    for bad, match in ((["--learning_rate", "0"], "learning_rate must be > 0"),
+    for bad, match in ((["--learning_rate", "0"], "learning_rate must be a finite number > 0"),
                        (["--backbone_lr_multiplier", "-1"], "backbone_multiplier must be >= 0"),
                        (["--warmup_steps", "-2"], "warmup_steps must be an integer >= 0"),
                        (["--max_grad_norm", "-1"], "max_grad_norm must be > 0")):
