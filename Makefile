@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 # Main job on the embedded default: the whole pipeline (spectral analysis, IMP mask, spectral fine-tuning
 # of a DeepLabV3-style OVS model with the mask, zero-shot evaluation) with a random small CLIP.
 demo: install
-	$(BIN)/opentrans-hf demo --output_dir runs/demo
+	$(BIN)/opentrans-hf demo --output_dir runs/demo --overwrite_output_dir
 
 test: install
 	$(BIN)/lint-imports --no-cache
