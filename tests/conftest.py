@@ -143,3 +143,27 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(load_card))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return hub
+
+
+def kill_when(cmd, ready, *, env: dict, what: str, timeout: float = 300, poll: float = 0.01) -> int:
+    """Run ``cmd`` and SIGKILL it as soon as ``ready()`` is true (failing the test if it exits first or ``what``
+    never happens within ``timeout`` seconds); returns the killed process's pid."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, f"the run never {what}"
+            time.sleep(poll)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return proc.pid

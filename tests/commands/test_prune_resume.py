@@ -4,14 +4,12 @@ the RNGs and the distillation's state of the round it resumes after are restored
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, launch_two_processes
+from conftest import ROOT, kill_when, launch_two_processes
 from safetensors.torch import load_file
 
 from opentrans_hf import SparseMask
@@ -47,20 +45,7 @@ def saved_round(out) -> int:
 
 def kill_after_round(cmd, out, round_: int) -> int:
     """Run ``cmd``, SIGKILL it as soon as round ``round_`` is saved (state.json, written last); the round saved."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300
-        while saved_round(out) < round_:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.time() < deadline, "the run never finished round 2"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    kill_when(cmd, lambda: saved_round(out) >= round_, env=_env(), what=f"finished round {round_}")
     return saved_round(out)
 
 

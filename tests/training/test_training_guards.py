@@ -9,14 +9,11 @@ found by their recorded step, and resumed only under the arguments they were mad
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import HELPERS, ROOT, launch_two_processes
+from conftest import HELPERS, ROOT, kill_when, launch_two_processes
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
@@ -187,25 +184,13 @@ def test_killed_checkpoint_write_leaves_no_step_and_resume_continues(tiny_clip_d
     out, marker = tmp_path / "run", tmp_path / "saving"
     env = dict(_env(), SLOW_CHECKPOINT_STEP="4", SLOW_CHECKPOINT_MARKER=str(marker))
     args = train_argv(tiny_clip_dir, out, "--max_steps", "6", "--checkpointing_steps", "2")
-    proc = subprocess.Popen([sys.executable, str(HELPERS / "train_slow_checkpoint.py"), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while not marker.exists():  # the state of step 4 is being written
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.time() < deadline, "the run never reached its step-4 checkpoint"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    pid = kill_when([sys.executable, str(HELPERS / "train_slow_checkpoint.py"), *args],
+                    marker.exists,  # the state of step 4 is being written
+                    env=env, what="reached its step-4 checkpoint", timeout=180, poll=0.2)
     assert not (out / "step_4").exists()  # the killed write left nothing that looks like a checkpoint
     assert (out / "step_2" / "checkpoint.json").is_file()
     # resume: the dead run's lock is taken over, the partial write removed, training continues from step 2
-    with pytest.warns(StaleLockWarning, match=rf"pid {proc.pid} .*is no longer running"):
+    with pytest.warns(StaleLockWarning, match=rf"pid {pid} .*is no longer running"):
         metrics = train(tiny_clip_dir, out, "--max_steps", "6", "--checkpointing_steps", "2",
                         "--resume_from_checkpoint", "latest")
     assert metrics["steps"] == 6
